@@ -1,0 +1,1 @@
+"""Attention sampling core (filled in by the core issue)."""

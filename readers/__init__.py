@@ -1,0 +1,1 @@
+"""Lazy pyramidal slide readers (filled in by the readers issue)."""
