@@ -1,0 +1,107 @@
+"""Argument validation shared by the estimator core.
+
+Each helper raises ``ValueError`` (wrong value or shape) or ``TypeError`` (wrong kind)
+naming the argument, what was expected and what was given. Checks that need the
+values of a tensor synchronise once per call, not once per condition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def positive_int(value: object, name: str) -> int:
+    """``value`` as an ``int`` >= 1 (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def size_tuple(size: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+    """A size per spatial axis; a single int is used for every axis."""
+    sizes = (size,) * ndim if isinstance(size, int) else tuple(size)
+    if len(sizes) != ndim:
+        raise ValueError(f"{name} must have {ndim} entries (one per spatial axis), got {size!r}")
+    for s in sizes:
+        positive_int(s, name)
+    return sizes
+
+
+def fits(patch_size: Sequence[int], image_size: Sequence[int], name: str) -> None:
+    """A patch may not be larger than the image it is cut from, on any axis."""
+    if any(p > s for p, s in zip(patch_size, image_size, strict=True)):
+        raise ValueError(
+            f"patch size {tuple(patch_size)} is larger than {name} {tuple(image_size)}"
+        )
+
+
+def same_batch(expected: int, actual: int, name: str) -> None:
+    if expected != actual:
+        raise ValueError(f"{name} has batch size {actual}, expected {expected}")
+
+
+def tensor(value: object, name: str, min_dim: int = 0) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}"
+        )
+    return value
+
+
+def floating(value: Tensor, name: str) -> None:
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+
+def probabilities(flat: Tensor, name: str) -> None:
+    """``flat [B, P]`` must hold a probability distribution per row.
+
+    The tolerance on the row sums covers float32 rounding over maps of millions of
+    positions (and the coarser half-precision types through their epsilon).
+    """
+    floating(flat, name)
+    tolerance = max(1e-3, 10 * torch.finfo(flat.dtype).eps)
+    with torch.no_grad():
+        sums = flat.sum(dim=1, dtype=torch.float64)
+        _first_failure(
+            (flat.isnan().any(), lambda: f"{name} contains NaN"),
+            (
+                (flat < 0).any(),
+                lambda: f"{name} contains negative probabilities (min {flat.min().item():g})",
+            ),
+            (
+                ((sums - 1).abs() > tolerance).any(),
+                lambda: f"{name} must sum to 1 over its positions (tolerance {tolerance:g}), "
+                f"got sums {[round(s, 6) for s in sums.tolist()]}; "
+                "pass use_logits=True for logits",
+            ),
+        )
+
+
+def logits(flat: Tensor, name: str) -> None:
+    """``flat [B, P]`` must be usable as logits: no NaN, no +inf, not all -inf in a row."""
+    floating(flat, name)
+    with torch.no_grad():
+        _first_failure(
+            (flat.isnan().any(), lambda: f"{name} (logits) contains NaN"),
+            ((flat == float("inf")).any(), lambda: f"{name} (logits) contains +inf"),
+            (
+                (flat == float("-inf")).all(1).any(),
+                lambda: f"{name} (logits) has a batch item where every logit is -inf",
+            ),
+        )
+
+
+def _first_failure(*checks: tuple[Tensor, Callable[[], str]]) -> None:
+    """Raise ``ValueError`` for the first true flag; one device sync for all flags."""
+    flags = torch.stack([flag for flag, _ in checks]).tolist()
+    for failed, (_, message) in zip(flags, checks, strict=True):
+        if failed:
+            raise ValueError(message())

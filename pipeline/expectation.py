@@ -1,0 +1,174 @@
+"""Monte-Carlo estimate of ``sum_k a_k f_k`` from sampled features, with unbiased gradients.
+
+Notation (DESIGN section 4): draws ``i_0 .. i_{N-1}``, ``a_m`` the probability of draw
+``m`` and ``f_m`` its feature; without replacement ``pm_m = 1 - sum_{j<m} a_j`` is the
+mass still available at draw ``m``.
+
+- With replacement: ``F = mean_m f_m``; ``dF/df_m = 1/N``, ``dF/da_m = f_m / (N a_m)``.
+- Without replacement: ``E_m = sum_{j<m} a_j f_j + pm_m f_m`` is unbiased for every
+  ``m``; ``F = mean_m E_m = sum_m w_m f_m`` with ``w_m = (pm_m + (N-1-m) a_m) / N``, so
+  ``dF/df_m = w_m``. The default (``"unbiased"``) attention gradient is
+  ``dF/da_m = f_m (pm_m / a_m + N-1-m) / N``: its expectation over the draws is ``f_k``
+  at every position of positive probability. ``"reference"`` selects the formula of
+  the original TensorFlow library (``ats/core/expectation.py``),
+  ``dF/da_m = (E_m pm_m / a_m + sum_{j<m} f_j - m f_m) / N``, which is biased; it is
+  kept for comparison.
+
+Exhausted support: a draw of probability zero means every position of positive
+probability was drawn before it (Gumbel top-k draws them last), and from there on
+every ``E_m`` is the exact sum. Such a batch item returns the exact sum
+``sum_m a_m f_m`` outright, with its exact gradients (``a_m`` for the features,
+``f_m`` for the attention), for both estimators; ``pm_m / a_m`` is never formed as
+``0/0``. Whether this happens depends only on the map (its support has at most ``N``
+positions), so the estimator stays unbiased.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from . import _checks
+
+ESTIMATORS = ("unbiased", "reference")
+
+
+def expectation(
+    features: Tensor,
+    sampled_attention: Tensor,
+    replace: bool = False,
+    estimator: str = "unbiased",
+) -> Tensor:
+    """Estimate the attention-weighted mean of all features from ``N`` sampled ones.
+
+    Args:
+        features (Tensor[B, N, ...]): features of the sampled positions, in draw order;
+            any trailing shape.
+        sampled_attention (Tensor[B, N]): the probabilities of those positions (the
+            second output of ``sample``).
+        replace: whether the positions were drawn with replacement.
+        estimator: ``"unbiased"`` (default) or ``"reference"``, the attention gradient
+            used without replacement (see the module docstring); with replacement both
+            are the same.
+
+    Returns:
+        Tensor[B, ...]: the estimate. Its gradient w.r.t. ``features`` and
+        ``sampled_attention`` is, in expectation over the draws, the gradient of the
+        exact ``sum_k a_k f_k``.
+    """
+    _checks.tensor(features, "features", min_dim=2)
+    _checks.tensor(sampled_attention, "sampled_attention", min_dim=2)
+    _checks.floating(features, "features")
+    _checks.floating(sampled_attention, "sampled_attention")
+    if sampled_attention.dim() != 2 or sampled_attention.shape != features.shape[:2]:
+        raise ValueError(
+            f"sampled_attention must have shape [B, N] = {tuple(features.shape[:2])} "
+            f"(the first two axes of features), got {tuple(sampled_attention.shape)}"
+        )
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if replace:
+        return _WithReplacement.apply(features, sampled_attention)
+    return _WithoutReplacement.apply(features, sampled_attention, estimator == "reference")
+
+
+class Expectation(nn.Module):
+    """Module form of :func:`expectation`; ``forward(features, sampled_attention)``."""
+
+    def __init__(self, replace: bool = False, estimator: str = "unbiased") -> None:
+        super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.replace = replace
+        self.estimator = estimator
+
+    def forward(self, features: Tensor, sampled_attention: Tensor) -> Tensor:
+        return expectation(features, sampled_attention, self.replace, self.estimator)
+
+    def extra_repr(self) -> str:
+        return f"replace={self.replace}, estimator={self.estimator!r}"
+
+
+def _per_draw(values: Tensor, like: Tensor) -> Tensor:
+    """``values [B, N]`` viewed to broadcast against ``like [B, N, ...]``."""
+    return values.view(*values.shape, *([1] * (like.dim() - 2)))
+
+
+def _dot(grad: Tensor, features: Tensor) -> Tensor:
+    """``<grad, f_m>`` for every draw: ``grad [B, ...]``, ``features [B, N, ...]`` -> ``[B, N]``."""
+    return (grad.unsqueeze(1) * features).flatten(2).sum(-1)
+
+
+def _inverse(attention: Tensor) -> Tensor:
+    """``1 / a`` where ``a > 0`` and 0 where a zero-probability position was drawn."""
+    positive = attention > 0
+    return torch.where(positive, 1 / torch.where(positive, attention, 1), 0)
+
+
+class _WithReplacement(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, features: Tensor, attention: Tensor) -> Tensor:
+        ctx.save_for_backward(features, attention)
+        return features.mean(dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        features, attention = ctx.saved_tensors
+        n = features.shape[1]
+        grad_features = grad_attention = None
+        if ctx.needs_input_grad[0]:
+            grad_features = (grad.unsqueeze(1) / n).expand_as(features)
+        if ctx.needs_input_grad[1]:
+            inverse = _inverse(attention.to(features.dtype))
+            grad_attention = (_dot(grad, features) * inverse / n).to(attention.dtype)
+        return grad_features, grad_attention
+
+
+class _WithoutReplacement(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, features: Tensor, attention: Tensor, reference: bool) -> Tensor:
+        n = features.shape[1]
+        # The remaining mass 1 - cumsum is computed in float64: late draws of a peaked
+        # map leave little mass and float32 cancellation would distort pm / a.
+        a = attention.detach().to(torch.float64)
+        positive = a > 0
+        remaining = 1 - (a.cumsum(dim=1) - a)
+        # pm_m >= a_m always holds exactly; rounding must not break it, and after the
+        # support is exhausted the remaining mass is exactly 0.
+        remaining = torch.where(positive, torch.maximum(remaining, a), 0)
+        later = torch.arange(n - 1, -1, -1, device=a.device, dtype=a.dtype)  # N-1-m
+        exhausted = (~positive).any(dim=1, keepdim=True)  # [B, 1]
+        weights = torch.where(exhausted, a, (remaining + later * a) / n)  # [B, N]
+        ctx.reference = reference
+        ctx.attention_dtype = attention.dtype
+        ctx.save_for_backward(features, a, remaining, weights, exhausted)
+        weights = weights.to(features.dtype)
+        return (_per_draw(weights, features) * features).sum(dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        features, a, remaining, weights, exhausted = ctx.saved_tensors
+        n = features.shape[1]
+        grad_features = grad_attention = None
+        if ctx.needs_input_grad[0]:
+            grad_features = _per_draw(weights.to(features.dtype), features) * grad.unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            g_f = _dot(grad, features).to(torch.float64)  # <grad, f_m>, [B, N]
+            ratio = remaining * _inverse(a)  # pm_m / a_m, 0 for zero-probability draws
+            if ctx.reference:
+                # <grad, E_m> = sum_{j<m} a_j <grad, f_j> + pm_m <grad, f_m>
+                g_estimate = _exclusive_cumsum(a * g_f) + remaining * g_f
+                m = torch.arange(n, device=a.device, dtype=a.dtype)
+                per_draw = g_estimate * ratio + _exclusive_cumsum(g_f) - m * g_f
+            else:
+                later = torch.arange(n - 1, -1, -1, device=a.device, dtype=a.dtype)
+                per_draw = g_f * (ratio + later)
+            grad_attention = torch.where(exhausted, g_f, per_draw / n).to(ctx.attention_dtype)
+        return grad_features, grad_attention, None
+
+
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    return x.cumsum(dim=1) - x
