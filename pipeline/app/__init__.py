@@ -1,0 +1,46 @@
+"""The slide application: attention sampling on whole-slide images, end to end.
+
+Sits above the torch-only estimator core (``pipeline``) and ``readers``::
+
+    from pipeline.app import train, predict, load_model
+
+    result = train("slides/", "labels.csv", "run/")                 # -> TrainResult
+    summary = predict("run/", ["more_slides/"], "out/")             # -> PredictSummary
+    model, config = load_model("run/")
+    one = predict_slide(model, "slide.svs", seed=0)                 # -> SlideResult
+
+Names are imported on first use, so ``import pipeline.app`` (and ``ats-wsi --help``)
+stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ModelConfig": "pipeline.app.config",
+    "TrainConfig": "pipeline.app.config",
+    "RunConfig": "pipeline.app.config",
+    "SlideClassifier": "pipeline.app.models",
+    "load_model": "pipeline.app.checkpoint",
+    "save_model": "pipeline.app.checkpoint",
+    "tissue_mask": "pipeline.app.tissue",
+    "open_view": "pipeline.app.slides",
+    "train": "pipeline.app.train",
+    "TrainResult": "pipeline.app.train",
+    "predict": "pipeline.app.predict",
+    "predict_slide": "pipeline.app.predict",
+    "slide_seed": "pipeline.app.predict",
+    "SlideResult": "pipeline.app.predict",
+    "PredictSummary": "pipeline.app.predict",
+    "write_dataset": "pipeline.app.synth",
+    "run_demo": "pipeline.app.demo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline.app' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,212 @@
+"""``ats-wsi``: the command line. Each subcommand parses its arguments and calls one
+library function; torch, readers and the rest are imported inside the commands so
+``ats-wsi --help`` is instant.
+
+Exit status: 0 success; 1 some slides failed in ``predict`` (all others were
+processed) or some files failed in ``info``; 2 usage or input errors, reported as
+``ats-wsi: error: ...`` without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+PROG = "ats-wsi"
+
+
+class UserError(Exception):
+    """An error in the user's input, reported in one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    import readers
+
+    return (UserError, ValueError, FileNotFoundError, NotADirectoryError, readers.SlideError)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from pipeline.app.slides import slide_info
+
+    failed = 0
+    infos = []
+    for path in args.slides:
+        try:
+            infos.append(slide_info(path))
+        except _user_errors() as e:
+            failed += 1
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(infos, indent=2))
+    for info in [] if args.json else infos:
+        mpp = "unknown" if info["mpp"] is None else "{:.4g} x {:.4g}".format(*info["mpp"])
+        print(f"{info['path']}  ({info['backend']}, mpp {mpp})")
+        for level in info["levels"]:
+            h, w, c = level["shape"]
+            th, tw = level["tile_shape"]
+            print(
+                f"  level {level['index']}: {h} x {w} x {c}  "
+                f"downsample {level['downsample']:.4g}  tiles {th} x {tw}"
+            )
+    return 1 if failed else 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.app.synth import write_dataset
+
+    labels = write_dataset(args.out_dir, n=args.n, size=args.size, seed=args.seed, progress=True)
+    print(f"wrote {args.n} slides and {labels}")
+    return 0
+
+
+def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
+    """ModelConfig from the options given; the others keep the dataclass defaults."""
+    from pipeline.app.config import ModelConfig
+
+    given = {
+        "n_patches": args.n_patches,
+        "patch_size": None if args.patch_size is None else (args.patch_size, args.patch_size),
+        "low_res_max_side": args.low_res_max_side,
+        "patch_level": args.patch_level,
+        "patch_mpp": args.patch_mpp,
+        "entropy_strength": args.entropy,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    return ModelConfig(class_names=class_names, tissue_mask=not args.no_tissue_mask, **options)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.app.config import TrainConfig
+    from pipeline.app.train import read_labels, train
+
+    classes = tuple(sorted({label for _, label in read_labels(args.labels, args.slides)}))
+    if len(classes) < 2:
+        raise UserError(f"{args.labels}: need at least two classes, found {list(classes)}")
+    result = train(
+        args.slides,
+        args.labels,
+        args.out,
+        model_config=_model_config(args, classes),
+        train_config=TrainConfig(
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+        ),
+        device=args.device,
+    )
+    print(f"model saved in {result.run_dir} ({len(result.skipped)} slides skipped)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.app.predict import predict
+
+    if args.scheduler or args.workers:
+        raise UserError("--scheduler/--workers: distributed prediction is not available yet")
+    summary = predict(
+        args.model, args.slides, args.out, seed=args.seed, overwrite=args.overwrite,
+        device=args.device,
+    )  # fmt: skip
+    for result in summary.failed:
+        print(f"{PROG}: failed: {result.error}", file=sys.stderr)
+    ok = len(summary.results) - len(summary.failed)
+    print(
+        f"{ok} slides predicted, {len(summary.failed)} failed, "
+        f"{len(summary.skipped)} already done; outputs in {summary.out_dir}"
+    )
+    return 1 if summary.failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.app.demo import run_demo
+
+    run_demo(args.out, n_train=args.n_train, n_test=args.n_test, size=args.size,
+             epochs=args.epochs, seed=args.seed)  # fmt: skip
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (new runs only; a resumed run keeps its own)")
+    g.add_argument("--n-patches", type=int, help="patches sampled per slide")
+    g.add_argument("--patch-size", type=int, help="patch side in patch-level pixels")
+    g.add_argument("--low-res-max-side", type=int, help="longer side of the attention view")
+    g.add_argument("--patch-level", type=int, help="pyramid level of the patches (default 0)")
+    g.add_argument("--patch-mpp", type=float, help="microns per pixel of the patches")
+    g.add_argument("--no-tissue-mask", action="store_true", help="sample outside tissue too")
+    g.add_argument("--entropy", type=float, help="entropy regularizer strength")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Attention sampling for gigapixel whole-slide images."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="levels, sizes, mpp and backend of slides")
+    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("synth", help="write a labelled synthetic slide dataset")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--n", type=int, default=40, help="number of slides")
+    p.add_argument("--size", type=int, default=2048, help="slide side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_synth)
+
+    p = sub.add_parser("train", help="train a classifier (resumes an existing run directory)")
+    p.add_argument("--slides", required=True, metavar="DIR")
+    p.add_argument("--labels", required=True, metavar="CSV", help="columns slide,label")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=4, help="slides per optimizer step")
+    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    _add_model_options(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("predict", help="classify slides into CSV, heatmaps and GeoJSON")
+    p.add_argument("--model", required=True, metavar="RUN_DIR")
+    p.add_argument("--slides", required=True, nargs="+", metavar="DIR_OR_FILE")
+    p.add_argument("--out", required=True, metavar="OUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="redo slides already done")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    cluster = p.add_mutually_exclusive_group()
+    cluster.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler (not yet)")
+    cluster.add_argument("--workers", type=int, metavar="N", help="local Dask workers (not yet)")
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("demo", help="synthetic data, train, predict and a baseline, in minutes")
+    p.add_argument("--out", default="ats-demo", metavar="DIR")
+    p.add_argument("--n-train", type=int, default=48)
+    p.add_argument("--n-test", type=int, default=24)
+    p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

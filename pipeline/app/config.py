@@ -1,0 +1,149 @@
+"""Typed configuration of a slide classifier and of its training, stored as JSON.
+
+A run directory holds ``config.json`` (``RunConfig`` below) beside the weights in
+safetensors; these dataclasses are the only schema of that file. Sizes are
+``(height, width)`` in pixels of the level they refer to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT = "ats-wsi-run"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the model is and which view of a slide it reads.
+
+    Attributes:
+        class_names: label of each output class, in output order.
+        attention_net / feature_net: names in ``models.ATTENTION_NETS`` /
+            ``models.FEATURE_NETS``.
+        width: channel width of the default networks.
+        patch_size: ``(h, w)`` of each patch in pixels of the patch level.
+        n_patches: patches sampled per slide.
+        replace: sample with replacement.
+        receptive_field: of the attention network, for mapping attention cells to
+            the patch level (0 for "same" padding).
+        entropy_strength: weight of the attention entropy regularizer (0 disables it).
+        low_res_max_side: the attention view is the slide's thumbnail whose longer
+            side is at most this many pixels (e.g. 512 turns a 40,000 x 30,000
+            slide into a 512 x 384 view, downsample 78.1).
+        patch_level: index of the pyramid level patches are read from (0 = full
+            resolution), used when ``patch_mpp`` is None.
+        patch_mpp: microns per pixel wanted for patches; the closest level at least
+            as fine is used (slides without mpp fall back to ``patch_level``).
+        tissue_mask: restrict sampling to tissue (Otsu on saturation of the view).
+    """
+
+    class_names: tuple[str, ...]
+    attention_net: str = "small"
+    feature_net: str = "small"
+    width: int = 16
+    patch_size: tuple[int, int] = (32, 32)
+    n_patches: int = 12
+    replace: bool = False
+    receptive_field: int = 0
+    entropy_strength: float = 0.01
+    low_res_max_side: int = 256
+    patch_level: int = 0
+    patch_mpp: float | None = None
+    tissue_mask: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) < 2:
+            raise ValueError(f"class_names: need at least 2 classes, got {list(self.class_names)}")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names: duplicates in {list(self.class_names)}")
+        _check_positive(
+            width=self.width, n_patches=self.n_patches, low_res_max_side=self.low_res_max_side
+        )
+        if len(self.patch_size) != 2 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size: expected (height, width) >= 1, got {self.patch_size}")
+        if self.patch_level < 0:
+            raise ValueError(f"patch_level: expected >= 0, got {self.patch_level}")
+        if self.entropy_strength < 0:
+            raise ValueError(f"entropy_strength: expected >= 0, got {self.entropy_strength}")
+        # JSON gives lists; the dataclass is hashable and compares equal either way.
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "patch_size", tuple(int(s) for s in self.patch_size))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained.
+
+    Attributes:
+        epochs: passes over the training slides.
+        lr / weight_decay: AdamW parameters.
+        batch_size: slides whose gradients are accumulated per optimizer step (each
+            slide runs alone through the network, so slides of any size mix).
+        val_fraction: share of the labelled slides held out for validation
+            (stratified by class, chosen by ``seed``).
+        seed: fixes the split, the slide order and the patch sampling of each epoch.
+    """
+
+    epochs: int = 10
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 4
+    val_fraction: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction: expected in [0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Contents of a run directory's ``config.json``."""
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_json(self) -> str:
+        body = {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        return json.dumps(body, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config.json") -> RunConfig:
+        """Parse ``text``; ``source`` names the file in error messages."""
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise ValueError(f"{source}: not an ats-wsi run config (expected format {FORMAT!r})")
+        if body.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{source}: config version {body.get('version')!r}, "
+                f"this ats-wsi reads version {FORMAT_VERSION}"
+            )
+        try:
+            return cls(
+                model=ModelConfig(**_known_fields(ModelConfig, body["model"])),
+                train=TrainConfig(**_known_fields(TrainConfig, body.get("train", {}))),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{source}: malformed config ({e})") from None
+
+
+def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    return values
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name}: expected > 0, got {value}")

@@ -1,0 +1,167 @@
+"""A slide made ready for the classifier: its attention view and its patch level.
+
+The attention view is the slide's thumbnail (``Slide.thumbnail``, bounded memory
+for any slide) plus its tissue mask; patches come from one pyramid level chosen by
+index or microns per pixel. The mapping of attention cells to that level is the
+core's (``x_low`` size vs the level's size), so any aspect ratio and any level
+downsample work.
+
+``prefetch`` reads the next slide's view in a background thread while the caller
+computes on the current one: thumbnails are mostly file reads and JPEG decoding,
+which release the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from pipeline.app.config import ModelConfig
+from pipeline.app.tissue import tissue_mask
+
+T = TypeVar("T")
+
+
+@dataclass
+class SlideView:
+    """What the classifier needs from one open slide.
+
+    Attributes:
+        path: the slide file.
+        slide: the open ``readers.Slide`` (closed by ``close`` / the context manager).
+        thumbnail: uint8 [h, w, 3], the attention view.
+        tissue: bool [h, w], True on tissue (all True when the mask is off).
+        patch_level: the ``readers.Level`` patches are read from.
+    """
+
+    path: Path
+    slide: object
+    thumbnail: np.ndarray
+    tissue: np.ndarray
+    patch_level: object
+
+    def x_low(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``float [1, 4, h, w]`` on ``device``: RGB in [0, 1] and the tissue channel."""
+        return low_res_tensor(self.thumbnail, self.tissue, device)
+
+    @property
+    def level0_scale(self) -> float:
+        """Level-0 pixels per pixel of the patch level."""
+        return float(self.patch_level.downsample)
+
+    def close(self) -> None:
+        self.slide.close()
+
+    def __enter__(self) -> SlideView:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def low_res_tensor(
+    thumbnail: np.ndarray, tissue: np.ndarray, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """uint8 [h, w, 3] thumbnail and bool [h, w] mask -> ``float [1, 4, h, w]``."""
+    rgb = torch.from_numpy(np.ascontiguousarray(thumbnail[..., :3])).to(device)
+    mask = torch.from_numpy(np.ascontiguousarray(tissue)).to(device)
+    x = torch.cat([rgb.permute(2, 0, 1).float() / 255.0, mask[None].float()], dim=0)
+    return x[None]  # [1, 4, h, w]
+
+
+def choose_patch_level(slide, config: ModelConfig):
+    """The level patches are read from: by ``patch_mpp`` when both it and the
+    slide's mpp are known, else ``patch_level`` (which must exist)."""
+    if config.patch_mpp is not None and slide.mpp is not None:
+        return slide.levels[slide.level_for_mpp(config.patch_mpp)]
+    if config.patch_level >= len(slide.levels):
+        raise ValueError(
+            f"{slide.path}: patch_level {config.patch_level} requested, "
+            f"the slide has levels 0..{len(slide.levels) - 1}"
+        )
+    return slide.levels[config.patch_level]
+
+
+def open_view(path: str | os.PathLike, config: ModelConfig) -> SlideView:
+    """Open ``path`` and read its attention view; the caller closes the view.
+
+    Raises what ``readers.open_slide`` raises (``FileNotFoundError``,
+    ``readers.SlideError``) for files that cannot be read.
+    """
+    import readers
+
+    slide = readers.open_slide(path)
+    try:
+        side = config.low_res_max_side
+        thumbnail = slide.thumbnail((side, side))
+        tissue = (
+            tissue_mask(thumbnail) if config.tissue_mask else np.ones(thumbnail.shape[:2], bool)
+        )
+        return SlideView(Path(path), slide, thumbnail, tissue, choose_patch_level(slide, config))
+    except BaseException:
+        slide.close()
+        raise
+
+
+def prefetch(
+    items: Iterable[T], load: Callable[[T], object], ahead: int = 1
+) -> Iterator[tuple[T, object, BaseException | None]]:
+    """Yield ``(item, load(item), None)`` in order, loading up to ``ahead`` items
+    in a background thread while the consumer works on the current one.
+
+    A failed load yields ``(item, None, exception)`` instead, so one unreadable
+    slide does not stop a batch. Results the consumer never takes (it stopped
+    early) are closed if they have a ``close`` method.
+    """
+    items = list(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ats-prefetch") as pool:
+        futures = [pool.submit(load, item) for item in items[: ahead + 1]]
+        next_index = len(futures)
+        try:
+            for item in items:
+                future = futures.pop(0)
+                try:
+                    result = future.result()
+                except Exception as e:  # reported per item, the batch goes on
+                    yield item, None, e
+                else:
+                    yield item, result, None
+                if next_index < len(items):
+                    futures.append(pool.submit(load, items[next_index]))
+                    next_index += 1
+        finally:
+            for future in futures:
+                if future.cancel() or future.exception() is not None:
+                    continue
+                close = getattr(future.result(), "close", None)
+                if close is not None:
+                    close()
+
+
+def slide_info(path: str | os.PathLike) -> dict:
+    """Metadata of a slide as plain JSON-able values (``ats-wsi info``)."""
+    import readers
+
+    with readers.open_slide(path) as slide:
+        return {
+            "path": str(path),
+            "backend": slide.backend,
+            "shape": list(slide.shape),
+            "mpp": list(slide.mpp) if slide.mpp is not None else None,
+            "levels": [
+                {
+                    "index": i,
+                    "shape": list(level.shape),
+                    "downsample": float(level.downsample),
+                    "tile_shape": list(level.tile_shape),
+                }
+                for i, level in enumerate(slide.levels)
+            ],
+        }
