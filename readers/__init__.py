@@ -1,1 +1,23 @@
-"""Lazy pyramidal slide readers (filled in by the readers issue)."""
+"""Lazy pyramidal slide readers.
+
+``open_slide(path)`` returns a :class:`Slide` whose :class:`Level` s read only the
+stored tiles a request touches. Coordinates are ``(y, x)``, sizes ``(h, w)``,
+images ``uint8 [h, w, 3]`` RGB (``readers._types``). OpenSlide is imported when a
+slide is opened with it, not here.
+"""
+
+from readers.base import Level, Slide
+from readers.errors import SlideError
+from readers.registry import BACKENDS, open_slide
+from readers.synthetic import render_he, write_ome_zarr, write_tiff_pyramid
+
+__all__ = [
+    "BACKENDS",
+    "Level",
+    "Slide",
+    "SlideError",
+    "open_slide",
+    "render_he",
+    "write_ome_zarr",
+    "write_tiff_pyramid",
+]

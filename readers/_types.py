@@ -15,3 +15,14 @@ HW = tuple[int, int]
 
 HWC = tuple[int, int, int]
 """An image shape ``(height, width, channels)``."""
+
+
+def as_hw(value: object, name: str = "size") -> HW:
+    """``value`` as a positive ``(height, width)``; ``TypeError``/``ValueError`` naming ``name``."""
+    try:
+        h, w = (int(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair (height, width) of ints, got {value!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{name} must be positive (height, width), got {(h, w)}")
+    return h, w

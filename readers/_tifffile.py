@@ -1,0 +1,175 @@
+"""tifffile backend: TIFF, OME-TIFF, SVS, NDPI pyramids.
+
+Tiles are read with ``os.pread`` at the offsets the TIFF stores and decoded with
+the page's own decoder (imagecodecs): one read and one decode per stored tile, no
+shared file position, so threads need no lock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import tifffile
+
+from readers.base import Level, Slide
+from readers.errors import SlideError
+
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+_OME_UM_PER_UNIT = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4}
+_UM_PER_RESUNIT = {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.INCH: 25400.0}
+_BULKY_TAGS = {
+    "TileOffsets",
+    "TileByteCounts",
+    "StripOffsets",
+    "StripByteCounts",
+    "JPEGTables",
+    "ICCProfile",
+    "XMP",
+    "IPTC",
+    "Photoshop",
+}
+
+
+def is_tiff(path: str) -> bool:
+    """True when ``path`` is a file starting with a TIFF or BigTIFF header."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) in TIFF_MAGICS
+    except OSError:
+        return False
+
+
+class TifffileLevel(Level):
+    """A level backed by one TIFF page; tiles (or strips) decoded individually."""
+
+    def __init__(
+        self, slide: TifffileSlide, index: int, page: tifffile.TiffPage, level0: tifffile.TiffPage
+    ):
+        h, w = page.imagelength, page.imagewidth
+        tile = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, w)
+        downsample = (level0.imagelength / h + level0.imagewidth / w) / 2
+        super().__init__(slide, index, (h, w, 3), downsample, tile)
+        self._page = page
+        self._fd = slide._fd
+        self._decode = page.decode  # a closure over the page's codec settings
+        self._offsets = page.dataoffsets
+        self._counts = page.databytecounts
+        self._columns = self.grid_shape[1]
+
+    def _read_tile(self, ty: int, tx: int) -> np.ndarray | None:
+        index = ty * self._columns + tx
+        count = self._counts[index]
+        if count == 0:
+            return None
+        data = os.pread(self._fd, count, self._offsets[index])
+        if len(data) != count:
+            raise SlideError(
+                self.slide.path,
+                f"level {self.index} tile (y={ty}, x={tx}) is "
+                f"truncated: {len(data)} of {count} bytes",
+            )
+        pixels, _, _ = self._decode(data, index, jpegtables=self._page.jpegtables)
+        return pixels[0]  # [1, h, w, S] -> [h, w, S]
+
+
+class TifffileSlide(Slide):
+    """A TIFF-family slide read through tifffile; the first series is the image."""
+
+    backend = "tifffile"
+
+    @staticmethod
+    def accepts(path: str) -> bool:
+        """A file with a TIFF header."""
+        return is_tiff(path)
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        path = os.fspath(path)
+        if not is_tiff(path):
+            raise SlideError(path, f"not a TIFF file (first bytes {_head(path)!r})")
+        try:
+            self._tif = tifffile.TiffFile(path)
+            series = self._tif.series[0]
+            pages = [level.keyframe for level in series.levels]
+        except Exception as exc:
+            raise SlideError(path, f"cannot parse the TIFF structure: {exc}") from exc
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+            for page in pages:
+                _check_page(path, page, os.fstat(self._fd).st_size)
+            levels = [TifffileLevel(self, k, page, pages[0]) for k, page in enumerate(pages)]
+            super().__init__(
+                path, levels, _mpp(self._tif, pages[0]), _properties(self._tif), threads
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+        if getattr(self, "_tif", None) is not None:
+            self._tif.close()
+            self._tif = None
+
+
+def _head(path: str) -> bytes | str:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def _check_page(path: str, page: tifffile.TiffPage, file_size: int) -> None:
+    """Reject, at open time, what the tile reader could not decode."""
+    if page.dtype != np.uint8:
+        raise SlideError(path, f"unsupported sample type {page.dtype} (expected uint8)")
+    if page.samplesperpixel not in (1, 3, 4):
+        raise SlideError(path, f"unsupported samples per pixel {page.samplesperpixel}")
+    if page.samplesperpixel > 1 and page.planarconfig != tifffile.PLANARCONFIG.CONTIG:
+        raise SlideError(path, "unsupported planar (separate) sample layout")
+    if page.compression not in tifffile.TIFF.DECOMPRESSORS:
+        raise SlideError(path, f"unsupported compression {page.compression!r}")
+    ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+    if ends.size and int(ends.max()) > file_size:
+        raise SlideError(
+            path,
+            f"truncated: tile data extends to byte {int(ends.max())} "
+            f"but the file has {file_size} bytes",
+        )
+
+
+def _mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> tuple[float, float] | None:
+    """``(y, x)`` microns per pixel from Aperio, OME or TIFF resolution metadata."""
+    if tif.is_svs:
+        match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", page.description)
+        if match:
+            return float(match.group(1)), float(match.group(1))
+    if tif.is_ome:
+        pixels = ET.fromstring(tif.ome_metadata).find(".//{*}Pixels")
+        if pixels is not None and "PhysicalSizeX" in pixels.attrib:
+            return (_ome_um(pixels, "PhysicalSizeY"), _ome_um(pixels, "PhysicalSizeX"))
+    per_unit = _UM_PER_RESUNIT.get(page.resolutionunit)
+    xres, yres = page.resolution
+    if per_unit is None or not xres > 0 or not yres > 0:
+        return None
+    return per_unit / yres, per_unit / xres
+
+
+def _ome_um(pixels: ET.Element, name: str) -> float:
+    unit = pixels.attrib.get(name + "Unit", "µm")
+    return float(pixels.attrib.get(name, pixels.attrib["PhysicalSizeX"])) * _OME_UM_PER_UNIT[unit]
+
+
+def _properties(tif: tifffile.TiffFile) -> dict[str, str]:
+    page = tif.pages.first
+    props = {"tifffile.series": tif.series[0].kind}
+    for tag in page.tags:
+        if tag.name not in _BULKY_TAGS and isinstance(tag.value, (str, int, float, tuple)):
+            props[f"tiff.{tag.name}"] = str(tag.value)
+    return props

@@ -1,0 +1,448 @@
+"""``Slide`` and ``Level``: everything the backends share.
+
+A backend subclasses :class:`Slide` (open the file, build its levels, give the
+metadata, close) and :class:`Level` (decode one stored tile, ``_read_tile``).
+Validation, clipping, ``fill`` outside the image, tile bookkeeping, the Dask
+batching, the low-resolution view and pickling all live here, once.
+
+Conventions (``readers._types``): locations are ``(y, x)``, sizes ``(h, w)``,
+images are ``uint8 [h, w, 3]`` RGB.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from readers._types import HW, HWC, YX, as_hw
+from readers.errors import SlideError
+
+# A paste job: (patch index, patch rows, patch cols, tile rows, tile cols),
+# each a (start, stop) pair, copying tile[rows, cols] into patches[i, rows, cols].
+_Paste = tuple[int, int, int, int, int, int, int, int, int]
+
+_STREAM_BLOCK = 1024
+"""Side (level pixels, rounded down to whole tiles) of one block streamed by ``downsampled``."""
+
+
+def default_threads() -> int:
+    """Threads used to decode tiles when a slide is opened without ``threads=``."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _as_location(location: Any) -> YX:
+    try:
+        y, x = (int(v) for v in location)
+    except (TypeError, ValueError):
+        raise TypeError(f"location must be a pair (y, x) of ints, got {location!r}") from None
+    return y, x
+
+
+def _as_offsets(offsets: Any) -> np.ndarray:
+    arr = np.asarray(offsets)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"offsets must have shape [N, 2] (y, x), got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"offsets must be integers (y, x), got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _as_fill(fill: Any) -> int:
+    if not isinstance(fill, (int, np.integer)) or not 0 <= fill <= 255:
+        raise ValueError(f"fill must be an int in [0, 255], got {fill!r}")
+    return int(fill)
+
+
+def _as_rgb(tile: np.ndarray) -> np.ndarray:
+    """``uint8 [h, w, C]`` with C in 1, 3, 4 (or ``[h, w]``) -> ``uint8 [h, w, 3]``."""
+    if tile.ndim == 2:
+        tile = tile[:, :, None]
+    if tile.shape[2] == 1:
+        return np.repeat(tile, 3, axis=2)
+    # RGBA (OpenSlide): the alpha channel is dropped, as OpenSlide's own RGB
+    # conversion does for opaque pixels.
+    return tile[:, :, :3]
+
+
+def _grid(extent: int, tile: int) -> tuple[int, ...]:
+    return (tile,) * (extent // tile) + ((extent % tile,) if extent % tile else ())
+
+
+class Level(ABC):
+    """One resolution level of a slide.
+
+    Attributes:
+        shape: ``(H, W, C)`` of the level, ``C == 3`` (RGB).
+        downsample: level-0 pixels per pixel of this level, as the file stores it or,
+            when the file stores none, the mean of the height and width ratios to
+            level 0 (OpenSlide's rule). Never assumed to be a power of two.
+        tile_shape: ``(h, w)`` of the stored tiles (strips count as tiles).
+        index: position in ``slide.levels``.
+    """
+
+    def __init__(self, slide: Slide, index: int, shape: HWC, downsample: float, tile_shape: HW):
+        self.slide = slide
+        self.index = index
+        self.shape: HWC = (int(shape[0]), int(shape[1]), 3)
+        self.downsample = float(downsample)
+        self.tile_shape: HW = (int(tile_shape[0]), int(tile_shape[1]))
+
+    @abstractmethod
+    def _read_tile(self, ty: int, tx: int) -> np.ndarray | None:
+        """Decode stored tile ``(ty, tx)`` (row, column of the tile grid).
+
+        Returns ``uint8 [h, w, C]`` (C in 1, 3, 4) covering at least the part of
+        the tile inside the level (padding beyond it is cropped here), or ``None``
+        for a tile the file does not store (read as ``fill``).
+        """
+
+    def __repr__(self) -> str:
+        return (
+            f"Level({self.index}, shape={self.shape}, downsample={self.downsample:.6g}, "
+            f"tile_shape={self.tile_shape})"
+        )
+
+    def __reduce__(self):
+        return (_level_of, (self.slide, self.index))
+
+    @property
+    def grid_shape(self) -> HW:
+        """Number of stored tiles ``(rows, cols)``."""
+        return (
+            math.ceil(self.shape[0] / self.tile_shape[0]),
+            math.ceil(self.shape[1] / self.tile_shape[1]),
+        )
+
+    def tile(self, ty: int, tx: int) -> np.ndarray | None:
+        """Stored tile ``(ty, tx)`` as ``uint8 [h, w, 3]`` cropped to the level, or ``None``.
+
+        Any decoding failure becomes a :class:`SlideError` naming the level and tile.
+        """
+        th, tw = self.tile_shape
+        h = min(th, self.shape[0] - ty * th)
+        w = min(tw, self.shape[1] - tx * tw)
+        try:
+            data = self._read_tile(ty, tx)
+        except SlideError:
+            raise
+        except Exception as exc:  # decoders raise anything: name the file, level, tile
+            raise SlideError(
+                self.slide.path,
+                f"cannot decode level {self.index} tile (y={ty}, x={tx}): "
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
+        if data is None:
+            return None
+        if data.ndim not in (2, 3) or data.shape[0] < h or data.shape[1] < w:
+            raise SlideError(
+                self.slide.path,
+                f"level {self.index} tile (y={ty}, x={tx}) decoded to shape {data.shape}, "
+                f"expected at least ({h}, {w}, C)",
+            )
+        return _as_rgb(np.asarray(data, dtype=np.uint8)[:h, :w])
+
+    def read_patches(self, offsets: Any, size: HW, fill: int = 0) -> np.ndarray:
+        """Patches of this level, decoding only the stored tiles they touch.
+
+        Args:
+            offsets: ``int [N, 2]`` top-left corners ``(y, x)`` in this level's pixel
+                grid; may lie partly or wholly outside the level.
+            size: ``(h, w)`` of every patch, any size (larger than a tile is fine).
+            fill: value of the pixels outside the level.
+
+        Returns:
+            ``uint8 [N, h, w, 3]`` RGB.
+
+        Each touched tile is decoded once per call, whatever the number of patches
+        sharing it; the tiles are split into about ``slide.threads`` batches, one
+        Dask task per batch, computed with the local threaded scheduler (so a call
+        inside a Dask worker or with a distributed Client active stays in-process).
+        """
+        offsets = _as_offsets(offsets)
+        h, w = as_hw(size)
+        out = np.full((len(offsets), h, w, 3), _as_fill(fill), dtype=np.uint8)
+        jobs = self._paste_jobs(offsets, h, w)
+        if not jobs:
+            return out
+        tiles = sorted(jobs)  # row-major: neighbouring tiles share file pages
+        n_batches = min(len(tiles), self.slide.threads)
+        batches = [b.tolist() for b in np.array_split(np.arange(len(tiles)), n_batches)]
+
+        def paste(batch: list[int]) -> None:
+            # Threads write disjoint (patch, rows, cols) regions of `out`.
+            for j in batch:
+                key = tiles[j]
+                data = self.tile(*key)
+                if data is None:
+                    continue
+                for i, py0, py1, px0, px1, ty0, ty1, tx0, tx1 in jobs[key]:
+                    out[i, py0:py1, px0:px1] = data[ty0:ty1, tx0:tx1]
+
+        _run_threaded([(paste, batch) for batch in batches], self.slide.threads)
+        return out
+
+    def _paste_jobs(self, offsets: np.ndarray, h: int, w: int) -> dict[YX, list[_Paste]]:
+        """For each touched tile, where its pixels go in which patches."""
+        th, tw = self.tile_shape
+        H, W = self.shape[:2]
+        y0 = np.clip(offsets[:, 0], 0, H)
+        y1 = np.clip(offsets[:, 0] + h, 0, H)
+        x0 = np.clip(offsets[:, 1], 0, W)
+        x1 = np.clip(offsets[:, 1] + w, 0, W)
+        jobs: dict[YX, list[_Paste]] = defaultdict(list)
+        for i in np.flatnonzero((y1 > y0) & (x1 > x0)).tolist():
+            oy, ox = int(offsets[i, 0]), int(offsets[i, 1])
+            for ty in range(int(y0[i]) // th, (int(y1[i]) - 1) // th + 1):
+                ry0, ry1 = max(int(y0[i]), ty * th), min(int(y1[i]), (ty + 1) * th)
+                for tx in range(int(x0[i]) // tw, (int(x1[i]) - 1) // tw + 1):
+                    rx0, rx1 = max(int(x0[i]), tx * tw), min(int(x1[i]), (tx + 1) * tw)
+                    jobs[(ty, tx)].append(
+                        (
+                            i,
+                            ry0 - oy,
+                            ry1 - oy,
+                            rx0 - ox,
+                            rx1 - ox,
+                            ry0 - ty * th,
+                            ry1 - ty * th,
+                            rx0 - tx * tw,
+                            rx1 - tx * tw,
+                        )
+                    )
+        return jobs
+
+    def to_dask(self):
+        """The whole level as a lazy ``dask.array`` ``uint8 [H, W, 3]``, one chunk per tile.
+
+        Nothing is decoded until computed; the graph is blockwise (not
+        materialised per tile), so building it costs nothing for huge levels.
+        """
+        import dask.array as da
+
+        chunks = (
+            _grid(self.shape[0], self.tile_shape[0]),
+            _grid(self.shape[1], self.tile_shape[1]),
+            (3,),
+        )
+        return da.map_blocks(
+            _TileBlock(self),
+            dtype=np.uint8,
+            chunks=chunks,
+            meta=np.empty((0, 0, 0), np.uint8),
+            name=f"level-{self.index}-{uuid.uuid4().hex}",
+        )
+
+    def downsampled(self, factor: int) -> np.ndarray:
+        """The level reduced by an integer ``factor`` (mean of ``factor x factor`` blocks).
+
+        Returns ``uint8 [ceil(H / factor), ceil(W / factor), 3]``; blocks at the
+        right and bottom edges average only the pixels inside the level. Streamed:
+        the level is read in tile-aligned blocks of about ``1024 x 1024`` pixels,
+        each tile decoded once, summed into the output; memory is bounded by the
+        output and one block, never by the level.
+        """
+        if not isinstance(factor, (int, np.integer)) or factor < 1:
+            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+        H, W = self.shape[:2]
+        th, tw = self.tile_shape
+        sums = np.zeros((math.ceil(H / factor), math.ceil(W / factor), 3), np.uint64)
+        bh, bw = th * max(1, _STREAM_BLOCK // th), tw * max(1, _STREAM_BLOCK // tw)
+        for y in range(0, H, bh):
+            for x in range(0, W, bw):
+                block = self.read_patches([[y, x]], (min(bh, H - y), min(bw, W - x)))[0]
+                rows, cols = (
+                    _bin_starts(y, block.shape[0], factor),
+                    _bin_starts(x, block.shape[1], factor),
+                )
+                part = np.add.reduceat(np.add.reduceat(block.astype(np.uint64), rows, 0), cols, 1)
+                r0, c0 = (y + rows[0]) // factor, (x + cols[0]) // factor
+                sums[r0 : r0 + len(rows), c0 : c0 + len(cols)] += part
+        rows = np.minimum(factor, H - factor * np.arange(sums.shape[0]))
+        cols = np.minimum(factor, W - factor * np.arange(sums.shape[1]))
+        return np.rint(sums / (rows[:, None, None] * cols[None, :, None])).astype(np.uint8)
+
+
+def _bin_starts(start: int, length: int, factor: int) -> np.ndarray:
+    """Indices in ``[0, length)`` where pixel ``start + i`` begins a new ``factor``-bin."""
+    return np.unique(np.r_[0, np.arange((-start) % factor, length, factor)])
+
+
+class _TileBlock:
+    """The ``map_blocks`` function of ``Level.to_dask``: chunk ``block_id`` = tile."""
+
+    def __init__(self, level: Level):
+        self.level = level
+
+    def __call__(self, block_id: tuple[int, int, int]) -> np.ndarray:
+        ty, tx = block_id[0], block_id[1]
+        th, tw = self.level.tile_shape
+        data = self.level.tile(ty, tx)
+        if data is None:
+            h = min(th, self.level.shape[0] - ty * th)
+            w = min(tw, self.level.shape[1] - tx * tw)
+            return np.zeros((h, w, 3), np.uint8)
+        return data
+
+
+def _run_threaded(calls: list[tuple[Any, Any]], threads: int) -> None:
+    """Run ``f(arg)`` for each pair, one Dask task each, on the local thread pool."""
+    import dask
+
+    tasks = [dask.delayed(f, pure=False, traverse=False)(arg) for f, arg in calls]
+    # Explicit local threads: never ship tile reads to a distributed cluster.
+    dask.compute(*tasks, scheduler="threads", num_workers=threads)
+
+
+def _level_of(slide: Slide, index: int) -> Level:
+    return slide.levels[index]
+
+
+def _reopen(cls: type[Slide], path: str, options: dict[str, Any]) -> Slide:
+    return cls(path, **options)
+
+
+class Slide(ABC):
+    """A whole-slide image opened lazily; nothing is decoded until asked for.
+
+    Attributes:
+        path: the file or directory.
+        backend: name of the backend that opened it (``"openslide"``, ``"tifffile"``,
+            ``"zarr"``).
+        levels: the resolution levels, level 0 (full resolution) first.
+        mpp: ``(y, x)`` microns per level-0 pixel, or ``None`` when the file does not say.
+        properties: ``dict[str, str]`` of the file's metadata.
+        threads: threads used to decode the tiles of one ``read_patches`` call.
+
+    A slide is a context manager; it pickles as ``(backend class, path, options)``
+    and reopens the file when unpickled (file handles are never pickled), so it
+    can be sent to Dask workers.
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        levels: Sequence[Level],
+        mpp: tuple[float, float] | None,
+        properties: dict[str, str],
+        threads: int | None = None,
+    ):
+        self.path = os.fspath(path)
+        self.levels: tuple[Level, ...] = tuple(levels)
+        self.mpp = mpp
+        self.properties = properties
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.threads = threads or default_threads()
+        self._options: dict[str, Any] = {"threads": threads}
+        if not self.levels:
+            raise SlideError(self.path, "the file holds no image level")
+
+    @staticmethod
+    @abstractmethod
+    def accepts(path: str) -> bool:
+        """Cheap check that this backend may read ``path`` (for ``backend="auto"``)."""
+
+    def close(self) -> None:  # noqa: B027 - backends without handles keep the no-op
+        """Release the file handles (idempotent)."""
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __reduce__(self):
+        return (_reopen, (type(self), self.path, self._options))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.path!r}, backend={self.backend!r}, shape={self.shape}, "
+            f"levels={len(self.levels)}, mpp={self.mpp})"
+        )
+
+    @property
+    def shape(self) -> HWC:
+        """Level-0 ``(H, W, C)``."""
+        return self.levels[0].shape
+
+    def read_patches(self, offsets: Any, size: HW, fill: int = 0) -> np.ndarray:
+        """``levels[0].read_patches``: lets a slide serve as a high-resolution input."""
+        return self.levels[0].read_patches(offsets, size, fill)
+
+    def _level(self, level: int) -> Level:
+        if not isinstance(level, (int, np.integer)) or not 0 <= level < len(self.levels):
+            raise ValueError(f"level must be an int in [0, {len(self.levels) - 1}], got {level!r}")
+        return self.levels[level]
+
+    def read_region(self, location: YX, level: int, size: HW) -> np.ndarray:
+        """A region, OpenSlide's convention in ``(y, x)`` order.
+
+        Args:
+            location: ``(y, x)`` top-left in **level-0** pixels; the level's pixel
+                is ``floor(location / level.downsample)``. Example: at a level of
+                downsample 4.0, ``location=(4000, 800)`` starts at level pixel (1000, 200).
+            level: index into ``levels``.
+            size: ``(h, w)`` in **the level's** pixels.
+
+        Returns:
+            ``uint8 [h, w, 3]`` RGB, 0 outside the slide.
+        """
+        lvl = self._level(level)
+        y, x = _as_location(location)
+        origin = [[math.floor(y / lvl.downsample), math.floor(x / lvl.downsample)]]
+        return lvl.read_patches(origin, size)[0]
+
+    def level_for_downsample(self, downsample: float) -> int:
+        """Index of the coarsest level whose downsample is at most ``downsample``.
+
+        (OpenSlide's ``get_best_level_for_downsample``; level 0 when none is.)
+        """
+        if not downsample > 0:
+            raise ValueError(f"downsample must be > 0, got {downsample!r}")
+        best = 0
+        for level in self.levels:
+            if level.downsample <= downsample * (1 + 1e-9):
+                best = level.index
+        return best
+
+    def level_for_mpp(self, mpp: float) -> int:
+        """Index of the coarsest level whose pixels are at most ``mpp`` microns wide.
+
+        Raises ``ValueError`` when the slide does not state its microns per pixel.
+        """
+        if self.mpp is None:
+            raise ValueError(f"{self.path}: the file states no microns per pixel")
+        return self.level_for_downsample(mpp / (sum(self.mpp) / 2))
+
+    def thumbnail(self, max_size: HW) -> np.ndarray:
+        """A low-resolution view of the whole slide fitting in ``max_size``.
+
+        Returns ``uint8 [h, w, 3]`` with ``h <= max_size[0]``, ``w <= max_size[1]``
+        and the slide's aspect ratio (``h, w = round(H / d), round(W / d)`` for one
+        downsample ``d >= 1``). It is reduced from the coarsest stored level that is
+        at least as fine; when that level is much larger (a slide without a pyramid),
+        it is first block-averaged in streamed blocks (``Level.downsampled``), so
+        memory stays bounded by the output, never by the level.
+        """
+        mh, mw = as_hw(max_size, "max_size")
+        H, W = self.shape[:2]
+        d = max(H / mh, W / mw, 1.0)
+        out_hw = (max(1, min(mh, round(H / d))), max(1, min(mw, round(W / d))))
+        level = self.levels[self.level_for_downsample(d)]
+        factor = max(1, int(d / level.downsample))
+        small = level.downsampled(factor)
+        if small.shape[:2] == out_hw:
+            return small
+        from PIL import Image
+
+        resized = Image.fromarray(small).resize(out_hw[::-1], Image.Resampling.BOX)
+        return np.asarray(resized)

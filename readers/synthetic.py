@@ -1,0 +1,198 @@
+"""Writers of synthetic pyramidal slides, for tests, scripts, ``ats-wsi synth`` and the demo.
+
+A *renderer* draws any region of any level directly at that level's scale, so a
+pyramid of any size is written tile by tile in bounded memory::
+
+    render(y0, x0, h, w, downsample) -> uint8 [h, w, 3]
+
+renders the ``h x w`` region whose top-left is ``(y0, x0)`` in the pixel grid of
+a level whose pixels are ``downsample`` level-0 pixels wide (level pixel ``(i, j)``
+covers level-0 ``[(y0 + i) * downsample, (y0 + i + 1) * downsample)`` in y).
+
+Level ``k`` is ``(ceil(H / 2**k), ceil(W / 2**k))``, so with odd sizes the
+downsamples are not powers of two; they are the mean of the height and width
+ratios to level 0, which is what every backend reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from readers._types import as_hw
+
+Renderer = Callable[[int, int, int, int, float], np.ndarray]
+
+# Optical densities (R, G, B) of haematoxylin and eosin (Ruifrok & Johnston).
+_OD_HAEMATOXYLIN = np.array([0.65, 0.70, 0.29])
+_OD_EOSIN = np.array([0.07, 0.99, 0.11])
+
+
+def render_he(y0: int, x0: int, h: int, w: int, downsample: float) -> np.ndarray:
+    """A smooth pink H&E-like texture: eosin-stained tissue with purple nuclei dots.
+
+    Deterministic, defined everywhere (no random state), cheap, and with detail at
+    a few level-0 pixels so that misplaced reads show.
+    """
+    y = (y0 + np.arange(h) + 0.5)[:, None] * downsample
+    x = (x0 + np.arange(w) + 0.5)[None, :] * downsample
+    tissue = np.clip(
+        0.55 + 0.3 * (np.sin(y / 211 + np.cos(x / 157)) + np.sin(x / 97 - y / 131)), 0, 1
+    )
+    nuclei = np.clip(np.sin(y / 9.0) * np.sin(x / 11.0) * np.sin((x + y) / 37.0), 0, 1) ** 2
+    hema = tissue * (0.25 + 1.2 * nuclei)
+    eosin = 0.6 * tissue
+    od = hema[..., None] * _OD_HAEMATOXYLIN + eosin[..., None] * _OD_EOSIN  # [h, w, 3]
+    return np.rint(255 * np.exp(-od)).astype(np.uint8)
+
+
+def pyramid_shapes(
+    shape_hw: tuple[int, int], tile: int, n_levels: int | None
+) -> list[tuple[int, int]]:
+    """Level sizes ``(ceil(H / 2**k), ceil(W / 2**k))``; by default down to one tile."""
+    H, W = as_hw(shape_hw, "shape_hw")
+    if n_levels is None:
+        n_levels = 1 + max(0, math.ceil(math.log2(max(H, W) / tile)))
+    if not isinstance(n_levels, int) or n_levels < 1:
+        raise ValueError(f"n_levels must be a positive int or None, got {n_levels!r}")
+    return [(math.ceil(H / 2**k), math.ceil(W / 2**k)) for k in range(n_levels)]
+
+
+def _mpp_pair(mpp) -> tuple[float, float]:
+    y, x = (mpp, mpp) if isinstance(mpp, (int, float)) else mpp
+    if not (y > 0 and x > 0):
+        raise ValueError(f"mpp must be positive (y, x) microns per pixel, got {mpp!r}")
+    return float(y), float(x)
+
+
+def _level_downsample(level0: tuple[int, int], level: tuple[int, int]) -> float:
+    return (level0[0] / level[0] + level0[1] / level[1]) / 2
+
+
+def _tiles(
+    render: Renderer, shape: tuple[int, int], tile: int, downsample: float, pad: bool
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Row-major ``(y, x, pixels)`` of a level's tiles; edge tiles padded to full if ``pad``."""
+    H, W = shape
+    for y in range(0, H, tile):
+        for x in range(0, W, tile):
+            h, w = min(tile, H - y), min(tile, W - x)
+            pixels = render(y, x, h, w, downsample)
+            if pixels.shape != (h, w, 3) or pixels.dtype != np.uint8:
+                raise ValueError(
+                    f"render must return uint8 [{h}, {w}, 3], got {pixels.dtype} {pixels.shape}"
+                )
+            if pad and (h, w) != (tile, tile):
+                pixels = np.pad(pixels, ((0, tile - h), (0, tile - w), (0, 0)), mode="edge")
+            yield y, x, pixels
+
+
+def write_tiff_pyramid(
+    path: str | os.PathLike,
+    shape_hw: tuple[int, int],
+    render: Renderer = render_he,
+    *,
+    tile: int = 256,
+    n_levels: int | None = None,
+    mpp: float | tuple[float, float] = 0.5,
+    compression: str = "jpeg",
+    quality: int = 90,
+    description: str = "ats-wsi synthetic slide",
+) -> None:
+    """Write a tiled pyramidal TIFF that OpenSlide ("generic-tiff") and tifffile both read.
+
+    Args:
+        path: output file (``.tif``); BigTIFF when the raw pixels exceed 2 GiB.
+        shape_hw: level-0 ``(H, W)``; up to 100k x 100k is fine (written tile by tile).
+        render: the renderer (module docstring); default :func:`render_he`.
+        tile: tile side in pixels (a multiple of 16, as TIFF requires).
+        n_levels: number of levels (default: down to a level of about one tile).
+        mpp: microns per level-0 pixel, one number or ``(y, x)``; stored in the
+            resolution tags (unit centimeter), scaled per level.
+        compression: ``"jpeg"`` (YCbCr, ``quality``) or ``"deflate"`` (lossless).
+        description: ImageDescription of level 0 (OpenSlide's ``openslide.comment``).
+
+    Levels are successive top-level pages, reduced ones flagged ``subfiletype=1``
+    (not SubIFDs): the layout OpenSlide's generic TIFF reader takes as a pyramid.
+    """
+    import tifffile
+
+    if tile <= 0 or tile % 16:
+        raise ValueError(f"tile must be a positive multiple of 16, got {tile!r}")
+    if compression not in ("jpeg", "deflate"):
+        raise ValueError(f"compression must be 'jpeg' or 'deflate', got {compression!r}")
+    shapes = pyramid_shapes(shape_hw, tile, n_levels)
+    mpp_y, mpp_x = _mpp_pair(mpp)
+    args = {"level": quality} if compression == "jpeg" else None
+    bigtiff = shapes[0][0] * shapes[0][1] * 3 * 4 // 3 > 2**31
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
+        for k, (h, w) in enumerate(shapes):
+            ds = _level_downsample(shapes[0], (h, w))
+            tif.write(
+                (pixels for _, _, pixels in _tiles(render, (h, w), tile, ds, pad=True)),
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression=compression,
+                compressionargs=args,
+                subfiletype=0 if k == 0 else 1,
+                # pixels per centimeter (x, y) at this level
+                resolution=(1e4 * w / (mpp_x * shapes[0][1]), 1e4 * h / (mpp_y * shapes[0][0])),
+                resolutionunit="CENTIMETER",
+                description=description if k == 0 else None,
+                metadata=None,
+            )
+
+
+def write_ome_zarr(
+    path: str | os.PathLike,
+    shape_hw: tuple[int, int],
+    render: Renderer = render_he,
+    *,
+    tile: int = 256,
+    n_levels: int | None = None,
+    mpp: float | tuple[float, float] = 0.5,
+    name: str = "ats-wsi synthetic slide",
+) -> None:
+    """Write an OME-Zarr multiscale pyramid (Zarr format 3, NGFF 0.5).
+
+    Arrays ``"0"``, ``"1"``, ... are ``uint8 [3, H_k, W_k]`` with axes ``c, y, x``
+    (NGFF puts channels before space), chunks ``(3, tile, tile)``, zstd-compressed;
+    the ``scale`` transforms give microns per pixel per level, from the level sizes.
+    Written one chunk at a time, in bounded memory.
+    """
+    import zarr
+
+    shapes = pyramid_shapes(shape_hw, tile, n_levels)
+    mpp_y, mpp_x = _mpp_pair(mpp)
+    group = zarr.open_group(os.fspath(path), mode="w", zarr_format=3)
+    datasets = []
+    for k, (h, w) in enumerate(shapes):
+        array = group.create_array(
+            str(k), shape=(3, h, w), chunks=(3, tile, tile), dtype=np.uint8, fill_value=0
+        )
+        ds = _level_downsample(shapes[0], (h, w))
+        for y, x, pixels in _tiles(render, (h, w), tile, ds, pad=False):
+            array[:, y : y + pixels.shape[0], x : x + pixels.shape[1]] = pixels.transpose(2, 0, 1)
+        scale = [1.0, mpp_y * shapes[0][0] / h, mpp_x * shapes[0][1] / w]
+        datasets.append(
+            {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        )
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": name,
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space", "unit": "micrometer"},
+                    {"name": "x", "type": "space", "unit": "micrometer"},
+                ],
+                "datasets": datasets,
+            }
+        ],
+    }
