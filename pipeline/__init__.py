@@ -2,10 +2,36 @@
 
 Public API (DESIGN section 3): ``sample``, ``expectation``, ``Expectation``,
 ``extract_patches``, ``SamplePatches``, ``attention_sampling``, ``SampleSoftmax``,
-``MultinomialEntropy``, and the ``PatchSource`` protocol that lazy slide levels satisfy.
+``MultinomialEntropy``; plus the ``PatchSource`` protocol that lazy slide levels
+satisfy, the cell-to-patch mapping ``patch_offsets``, ``sample_patches`` (the
+function behind ``SamplePatches``) and ``mask_attention`` (restrict sampling to a mask).
 """
 
 from .expectation import Expectation, expectation
+from .layers import (
+    AttentionSampling,
+    SamplePatches,
+    SampleSoftmax,
+    attention_sampling,
+    sample_patches,
+)
+from .patches import PatchSource, extract_patches, gather_patches, patch_offsets
+from .regularizers import MultinomialEntropy
 from .sampling import mask_attention, sample
 
-__all__ = ["Expectation", "expectation", "mask_attention", "sample"]
+__all__ = [
+    "AttentionSampling",
+    "Expectation",
+    "MultinomialEntropy",
+    "PatchSource",
+    "SamplePatches",
+    "SampleSoftmax",
+    "attention_sampling",
+    "expectation",
+    "extract_patches",
+    "gather_patches",
+    "mask_attention",
+    "patch_offsets",
+    "sample",
+    "sample_patches",
+]

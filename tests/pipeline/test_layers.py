@@ -1,0 +1,133 @@
+"""attention_sampling, SampleSoftmax and MultinomialEntropy."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import (
+    MultinomialEntropy,
+    SampleSoftmax,
+    attention_sampling,
+    extract_patches,
+    patch_offsets,
+)
+
+
+class _Recording(nn.Module):
+    """A real feature network (flatten + linear) that records the shapes it is called on."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.calls = []
+
+    def forward(self, patches):
+        self.calls.append(tuple(patches.shape))
+        return self.linear(patches.flatten(1))
+
+
+def _model(regularizer=None, patch_size=(6, 5), keep_channel=False, **kwargs):
+    attention = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), SampleSoftmax(not keep_channel))
+    feature = _Recording(3 * patch_size[0] * patch_size[1], 4)
+    return attention_sampling(attention, feature, patch_size, n_patches=5,
+                              attention_regularizer=regularizer, **kwargs)
+
+
+def test_forward_shapes_and_one_feature_call():
+    torch.manual_seed(0)
+    model = _model(generator=torch.Generator().manual_seed(1))
+    x_low, x_high = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 40, 40)
+    features, attention, patches = model(x_low, x_high)
+    assert features.shape == (2, 4) and attention.shape == (2, 8, 8)
+    assert patches.shape == (2, 5, 3, 6, 5)
+    assert model.feature.calls == [(10, 3, 6, 5)]
+    assert model.regularizer_loss.shape == () and model.regularizer_loss.item() == 0
+    features.sum().backward()
+    # Gradients reach the attention network through the estimator.
+    assert model.attention[0].weight.grad.abs().sum() > 0
+    assert model.feature.linear.weight.grad.abs().sum() > 0
+
+
+def test_attention_with_a_channel_axis_and_default_patch_size():
+    torch.manual_seed(0)
+    attention = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), SampleSoftmax())  # [B, 1, h, w]
+    model = attention_sampling(attention, _Recording(3 * 8 * 8, 2), n_patches=3)
+    features, att, patches = model(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 32, 32))
+    assert att.shape == (1, 8, 8) and patches.shape == (1, 3, 3, 8, 8)
+
+
+def test_regularizer_value_is_reachable_and_trains():
+    torch.manual_seed(0)
+    regularizer = MultinomialEntropy(strength=0.5)
+    model = _model(regularizer)
+    x_low = torch.rand(2, 3, 8, 8)
+    _, attention, _ = model(x_low, torch.rand(2, 3, 40, 40))
+    torch.testing.assert_close(model.regularizer_loss, regularizer(attention))
+    model.regularizer_loss.backward()
+    assert model.attention[0].weight.grad.abs().sum() > 0
+
+
+def test_mask_restricts_the_sampled_cells():
+    torch.manual_seed(0)
+    model = _model(receptive_field=2, generator=torch.Generator().manual_seed(2))
+    x_high = torch.rand(2, 3, 40, 40)
+    mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+    mask[0, 1, 6] = True
+    mask[1, 7, 0] = True
+    _, attention, patches = model(torch.rand(2, 3, 8, 8), x_high, mask=mask)
+    assert (attention[~mask] == 0).all() and (attention[mask] == 1).all()
+    # Only one cell is allowed: the first patch is that cell's patch; later draws are
+    # zero-probability cells and the estimate is the exact (single-cell) one.
+    cells = torch.tensor([[[1, 6]], [[7, 0]]])
+    offsets = patch_offsets(cells, (8, 8), (8, 8), (40, 40), (6, 5), receptive_field=2)
+    assert torch.equal(patches[:, :1], extract_patches(x_high, offsets, (6, 5)))
+    features = model.feature.linear(patches[:, 0].flatten(1))
+    torch.testing.assert_close(model(torch.rand(2, 3, 8, 8), x_high, mask=mask)[0], features)
+
+
+def test_reference_estimator_pass_through_and_validation():
+    model = _model(estimator="reference")
+    assert model.estimator == "reference"
+    with pytest.raises(ValueError, match="estimator"):
+        _model(estimator="other")
+    with pytest.raises(ValueError, match="n_patches must be >= 1"):
+        attention_sampling(nn.Identity(), nn.Identity(), n_patches=0)
+
+
+def test_sample_softmax():
+    x = torch.randn(2, 1, 3, 4, dtype=torch.float64)
+    out = SampleSoftmax()(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out.sum((1, 2, 3)), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(out.flatten(1), torch.softmax(x.flatten(1), 1))
+    smooth = SampleSoftmax(squeeze_channels=True, smooth=0.2)(x)
+    assert smooth.shape == (2, 3, 4)
+    torch.testing.assert_close(smooth, 0.8 * out.squeeze(1) + 0.2 / 12)
+    assert smooth.min() >= 0.2 / 12
+    with pytest.raises(ValueError, match="smooth"):
+        SampleSoftmax(smooth=1.0)
+    with pytest.raises(ValueError, match=r"\[B, 1, \.\.\.\]"):
+        SampleSoftmax(squeeze_channels=True)(torch.randn(2, 3, 4, 4))
+
+
+def test_multinomial_entropy_value_and_direction():
+    p = torch.tensor([[0.5, 0.25, 0.25, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    entropy = torch.tensor([1.5 * math.log(2), 0.0], dtype=torch.float64)
+    value = MultinomialEntropy(strength=2.0, eps=1e-12)(p)
+    torch.testing.assert_close(value, -2.0 * entropy.mean(), atol=1e-9, rtol=0)
+    # Minimising it with a positive strength raises the entropy; negative lowers it.
+    for strength, direction in [(1.0, 1), (-1.0, -1)]:
+        logits = torch.tensor([[2.0, 0.5, -1.0, 0.0]], requires_grad=True)
+        start = _entropy(torch.softmax(logits, 1))
+        optimizer = torch.optim.SGD([logits], lr=0.5)
+        for _ in range(10):
+            optimizer.zero_grad()
+            MultinomialEntropy(strength)(torch.softmax(logits, 1)).backward()
+            optimizer.step()
+        assert direction * (_entropy(torch.softmax(logits, 1)) - start) > 0.1
+
+
+def _entropy(p):
+    return -(p * p.log()).sum().item()
