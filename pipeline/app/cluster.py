@@ -1,0 +1,247 @@
+"""Prediction on a Dask distributed cluster: one task per slide, results as they come.
+
+::
+
+    from pipeline.app.cluster import connect, predict_on_client
+
+    with connect(workers=4) as client:                      # or scheduler="tcp://host:8786"
+        for result in predict_on_client(client, model, paths, seed=0):
+            store.add(result)                               # SlideResult, in completion order
+
+How the work is laid out:
+
+- **Weights once.** The model travels as one ``ModelPayload`` (its JSON config and
+  its weights as safetensors bytes, so nothing of it is unpickled into code) held by
+  a single task that every slide task depends on. Each worker fetches it once and
+  rebuilds the model once per process (cached by the payload's hash). It is a task
+  rather than ``client.scatter`` data because a task can be recomputed: scattered
+  data dies with the last worker holding it, and every later slide task with it.
+- **Slides opened in the worker.** Only paths travel; each worker must see the
+  slides at the same paths (a shared filesystem). Relative paths are resolved
+  against the client's working directory.
+- **Same result anywhere.** A slide's sampling is seeded by ``slide_seed(seed,
+  file name)`` inside ``predict_slide``, so which worker runs it does not matter.
+  Worker tasks run torch on one thread (parallelism comes from workers x threads);
+  a different float summation order than a multi-threaded local run can move class
+  probabilities in the last digits, never labels or sampled boxes in practice.
+- **Faults.** A failure inside ``predict_slide`` is already an ``error`` result. A
+  worker process that dies has its slides rescheduled by Dask (up to
+  ``distributed.scheduler.allowed-failures`` deaths per task, 3 by default); a task
+  that still fails (``KilledWorker`` or any exception outside ``predict_slide``)
+  becomes an ``error`` result naming the reason. Each slide is yielded exactly
+  once, however often its task ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.app.config import RunConfig
+from pipeline.app.models import SlideClassifier
+from pipeline.app.prediction import (
+    SlideResult,
+    default_device,
+    error_result,
+    predict_slide,
+    slide_name,
+)
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds to wait for an existing scheduler before giving up."""
+
+TASK_PREFIX = "ats-predict"
+"""Prefix of the slide tasks' keys (what the Dask dashboard groups them by)."""
+
+_MODEL_CACHE_SIZE = 2
+
+
+@contextlib.contextmanager
+def connect(
+    scheduler: str | None = None,
+    workers: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Iterator[object]:
+    """A ``distributed.Client`` for the duration of the ``with`` block, or ``None``.
+
+    Args:
+        scheduler: address of a running scheduler (``"tcp://10.0.0.5:8786"``, or the
+            one a dask-jobqueue / dask-gateway / Kubernetes cluster reports).
+        workers: start a ``LocalCluster`` of this many worker processes, one thread
+            each, on loopback; closed on exit.
+        timeout: seconds to wait for ``scheduler``.
+
+    Neither argument yields ``None``: run in the current process. An unreachable
+    ``scheduler`` raises ``ConnectionError`` naming it after ``timeout`` seconds.
+    """
+    if scheduler is not None and workers is not None:
+        raise ValueError(
+            f"give either scheduler or workers, not both (got scheduler={scheduler!r}, "
+            f"workers={workers!r})"
+        )
+    if scheduler is None and workers is None:
+        yield None
+        return
+
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        if not isinstance(scheduler, str) or not scheduler.strip():
+            raise ValueError(
+                f"scheduler: expected an address like 'tcp://host:8786', got {scheduler!r}"
+            )
+        try:
+            client = Client(scheduler, timeout=timeout)
+        except OSError as e:  # distributed reports a timeout as a bare OSError
+            raise ConnectionError(
+                f"cannot reach the Dask scheduler at {scheduler} within {timeout:g} s ({e}); "
+                "is it running, and is its address reachable from this machine?"
+            ) from None
+        with client:
+            yield client
+        return
+
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",  # a free port: never clashes with other clusters
+    )
+    with cluster, Client(cluster, timeout=timeout) as client:
+        yield client
+
+
+@dataclass(frozen=True)
+class ModelPayload:
+    """A model as it travels to the workers.
+
+    Attributes:
+        config_json: ``RunConfig`` JSON holding the model's ``ModelConfig``.
+        weights: the state dict as safetensors bytes.
+        token: hash of both; names the payload and the model cached on each worker.
+    """
+
+    config_json: str
+    weights: bytes
+    token: str
+
+    @classmethod
+    def from_model(cls, model: SlideClassifier) -> ModelPayload:
+        from safetensors.torch import save
+
+        config_json = RunConfig(model=model.config).to_json()
+        # clone(): safetensors refuses tensors sharing storage.
+        weights = save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        token = hashlib.sha256(config_json.encode() + weights).hexdigest()[:16]
+        return cls(config_json, weights, token)
+
+    def build(self, device: torch.device | str = "cpu") -> SlideClassifier:
+        """The model, in eval mode on ``device``."""
+        from safetensors.torch import load
+
+        config = RunConfig.from_json(self.config_json, source=f"model payload {self.token}")
+        model = SlideClassifier(config.model)
+        model.load_state_dict(load(self.weights), strict=True)
+        return model.to(device).eval()
+
+
+_models: OrderedDict[tuple[str, str], SlideClassifier] = OrderedDict()
+_models_lock = threading.Lock()
+
+
+def worker_model(payload: ModelPayload, device: str | None = None) -> SlideClassifier:
+    """The model of ``payload`` in this process, built on first use and cached (the
+    last ``_MODEL_CACHE_SIZE`` payloads)."""
+    device = str(device or default_device())
+    key = (payload.token, device)
+    with _models_lock:
+        model = _models.get(key)
+        if model is None:
+            model = _models[key] = payload.build(device)
+            while len(_models) > _MODEL_CACHE_SIZE:
+                _models.popitem(last=False)
+        _models.move_to_end(key)
+        return model
+
+
+def _load_payload(payload: ModelPayload) -> ModelPayload:
+    """The weights task: its result is what the slide tasks receive."""
+    return payload
+
+
+def _predict_task(payload: ModelPayload, path: str, seed: int, device: str | None) -> SlideResult:
+    # Parallelism comes from workers x threads; torch's own threads would oversubscribe.
+    torch.set_num_threads(1)
+    return predict_slide(worker_model(payload, device), path, seed)
+
+
+def predict_on_client(
+    client,
+    model: SlideClassifier,
+    paths: Iterable[str | os.PathLike],
+    seed: int = 0,
+    device: str | None = None,
+) -> Iterator[SlideResult]:
+    """Classify ``paths`` on ``client``'s cluster, yielding each slide's ``SlideResult``
+    as soon as it completes (completion order, each path exactly once).
+
+    Args:
+        client: a connected ``distributed.Client`` (see ``connect``).
+        model: the classifier; its weights are sent to the workers once.
+        paths: slide files, readable at the same paths on every worker.
+        seed: run seed, as for ``predict_slide``; results equal a local run's.
+        device: torch device on the workers; default CUDA where a worker has it.
+
+    ``result.path`` is the path as given. Stopping the iteration early cancels the
+    slides not yet yielded.
+    """
+    from distributed import as_completed
+
+    paths = [Path(p) for p in paths]
+    run = uuid.uuid4().hex[:8]
+    payload = ModelPayload.from_model(model)
+    weights = client.submit(
+        _load_payload, payload, key=f"ats-model-{payload.token}-{run}", pure=False
+    )
+    pending = {
+        client.submit(
+            _predict_task, weights, os.path.abspath(path), int(seed), device,
+            key=f"{TASK_PREFIX}-{slide_name(path)}-{run}-{i}",
+        ): path
+        for i, path in enumerate(paths)
+    }  # fmt: skip
+    try:
+        for future in as_completed(pending):
+            path = pending.pop(future)
+            result = _result_of(future, path)
+            future.release()  # a finished slide is never recomputed after a worker loss
+            yield result
+    finally:
+        client.cancel([*pending, weights])
+
+
+def _result_of(future, path: Path) -> SlideResult:
+    """The ``SlideResult`` of a finished or failed slide task."""
+    if future.status == "finished":
+        return dataclasses.replace(future.result(), path=str(path))
+    if future.status == "error":
+        return error_result(path, future.exception())
+    # Cancelled: the client lost its scheduler, or someone cancelled the key. Not a
+    # property of the slide, so no error row: a rerun will do it.
+    raise RuntimeError(
+        f"{path}: the Dask task {future.key!r} was {future.status}; "
+        "finished slides are saved, run again to do the rest"
+    )
