@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pipeline.app.config import ModelConfig, TrainConfig
 from pipeline.app.models import LowResClassifier
 from pipeline.app.slides import low_res_tensor
-from pipeline.app.train import LabelledSlide
+from pipeline.app.training import LabelledSlide
 
 
 def train_low_res(

@@ -79,7 +79,7 @@ def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.app.config import TrainConfig
-    from pipeline.app.train import read_labels, train
+    from pipeline.app.training import read_labels, train
 
     classes = tuple(sorted({label for _, label in read_labels(args.labels, args.slides)}))
     if len(classes) < 2:
@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.app.predict import predict
+    from pipeline.app.prediction import predict
 
     if args.scheduler or args.workers:
         raise UserError("--scheduler/--workers: distributed prediction is not available yet")

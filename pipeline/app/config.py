@@ -44,7 +44,7 @@ class ModelConfig:
     class_names: tuple[str, ...]
     attention_net: str = "small"
     feature_net: str = "small"
-    width: int = 16
+    width: int = 8
     patch_size: tuple[int, int] = (32, 32)
     n_patches: int = 12
     replace: bool = False

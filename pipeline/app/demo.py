@@ -14,11 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipeline.app import outputs, synth
 from pipeline.app.baseline import low_res_accuracy, train_low_res
 from pipeline.app.config import ModelConfig, TrainConfig
-from pipeline.app.predict import predict, slide_name
-from pipeline.app.train import load_slides, read_labels, train
+from pipeline.app.prediction import predict, slide_name
+from pipeline.app.training import load_slides, read_labels, train
 
 
 @dataclass
@@ -48,6 +50,9 @@ def run_demo(
     """
     began = time.perf_counter()
     out = Path(out_dir)
+    # The networks are small: one intra-op thread is faster than two fighting
+    # over the cores with the tile decoders.
+    torch.set_num_threads(1)
     train_dir, test_dir = out / "train_slides", out / "test_slides"
     log(f"writing {n_train} + {n_test} synthetic {size}x{size} slides to {out}")
     train_labels = synth.write_dataset(

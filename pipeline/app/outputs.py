@@ -85,22 +85,25 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def write_heatmap_png(
-    path: str | os.PathLike, thumbnail: np.ndarray, attention: np.ndarray, alpha: float = 0.5
+    path: str | os.PathLike, thumbnail: np.ndarray, attention: np.ndarray, alpha: float = 0.7
 ) -> None:
     """Blend an attention map over a thumbnail and save it as PNG.
 
     Args:
         thumbnail: uint8 [H, W, 3], the low-resolution view.
         attention: float [h', w'] (any positive scale), stretched over the
-            thumbnail; shown in a white-yellow-red ramp normalised to its maximum.
+            thumbnail; shown in a yellow-red ramp scaled to its 99th percentile.
     """
     from PIL import Image
 
     if attention.ndim != 2:
         raise ValueError(f"attention: expected [h, w], got shape {attention.shape}")
     h, w = thumbnail.shape[:2]
-    peak = float(attention.max())
-    level = attention / peak if peak > 0 else np.zeros_like(attention)
+    # Scaled to a high percentile rather than the maximum, so one sharp peak does
+    # not wash out the rest of the map.
+    positive = attention[attention > 0]
+    peak = float(np.percentile(positive, 99)) if positive.size else 0.0
+    level = np.clip(attention / peak, 0, 1) if peak > 0 else np.zeros_like(attention)
     level_img = Image.fromarray((255 * level).astype(np.uint8)).resize((w, h), Image.BILINEAR)
     t = np.asarray(level_img, dtype=np.float32)[..., None] / 255.0
     # Ramp: 0 -> thumbnail untouched, 1 -> red, through yellow.

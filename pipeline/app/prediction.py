@@ -94,9 +94,9 @@ def slide_seed(seed: int, path: str | os.PathLike) -> int:
 def classify_view(model: SlideClassifier, view: SlideView, seed: int) -> SlideResult:
     """Classify an open slide view with the sampling fixed by ``seed`` (the run seed)."""
     device = next(model.parameters()).device
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(slide_seed(seed, view.path))
-        out = model.sample(view.x_low(device), view.patch_level)
+    generator = torch.Generator(device).manual_seed(slide_seed(seed, view.path))
+    with torch.no_grad():
+        out = model.sample(view.x_low(device), view.patch_level, generator)
     probs = torch.softmax(out.logits[0], dim=0).cpu().numpy()
     scale = view.level0_scale
     ph, pw = model.config.patch_size

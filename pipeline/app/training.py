@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pipeline.app import checkpoint, outputs
 from pipeline.app.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.app.models import SlideClassifier
-from pipeline.app.predict import default_device, slide_seed
+from pipeline.app.prediction import default_device, slide_seed
 from pipeline.app.slides import low_res_tensor, open_view
 
 METRICS_FILE = "metrics.csv"
@@ -138,7 +138,8 @@ def run_slide(
         total = loss + out.regularizer
         if backward:
             (total * scale).backward()
-    return StepResult(float(loss), float(out.regularizer), int(out.logits.argmax(1)) == slide.label)
+    correct = int(out.logits.argmax(1)) == slide.label
+    return StepResult(float(loss.detach()), float(out.regularizer.detach()), correct)
 
 
 @dataclass

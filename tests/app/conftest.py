@@ -24,13 +24,23 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def n_slides() -> int:
+    return N_SLIDES
+
+
+@pytest.fixture(scope="session")
+def slide_side() -> int:
+    return SLIDE_SIDE
+
+
+@pytest.fixture(scope="session")
 def small_model_config() -> ModelConfig:
     return ModelConfig(
         class_names=CLASS_NAMES, width=8, n_patches=6, patch_size=(32, 32), low_res_max_side=128
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def quick_train_config() -> TrainConfig:
     return TrainConfig(epochs=2, batch_size=2, val_fraction=0.25, seed=0)

@@ -1,0 +1,223 @@
+"""Training and prediction through the Python API on real synthetic TIFF slides."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from pipeline.app import outputs, prediction
+from pipeline.app.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
+from pipeline.app.config import RunConfig
+from pipeline.app.prediction import predict, predict_slide
+from pipeline.app.training import METRIC_COLUMNS, METRICS_FILE, STATE_FILE, train
+
+
+@pytest.fixture(scope="module")
+def run(dataset, tmp_path_factory, small_model_config, quick_train_config):
+    small, quick = small_model_config, quick_train_config
+    out = tmp_path_factory.mktemp("run")
+    return train(dataset, dataset / "labels.csv", out, small, quick, device="cpu", progress=False,
+                 log=lambda _: None)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def predicted(run, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pred")
+    return predict(run.run_dir, [dataset], out, seed=0, progress=False)
+
+
+def test_run_directory_contents(run, n_slides, slide_side):
+    d = run.run_dir
+    assert RunConfig.from_json((d / CONFIG_FILE).read_text()) == run.config
+    metrics = outputs.read_csv(d / METRICS_FILE)
+    assert [int(r["epoch"]) for r in metrics] == [1, 2]
+    assert list(metrics[0]) == list(METRIC_COLUMNS)
+    state = json.loads((d / STATE_FILE).read_text())
+    assert state["epochs_done"] == 2 and state["skipped"] == []
+    assert len(state["val_slides"]) == 2 and len(state["train_slides"]) == n_slides - 2
+
+
+def test_model_files_load_without_pickle(run, dataset, monkeypatch):
+    with safe_open(str(run.run_dir / MODEL_FILE), "pt") as f:
+        assert any(k.startswith("attention_net.") for k in f.keys())
+
+    def refuse(*args, **kwargs):  # injected: any unpickling attempt fails the test
+        raise AssertionError("a model file was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    model, config = load_model(run.run_dir)
+    assert config == run.config
+    for name, tensor in run.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor.cpu(), rtol=0, atol=0)
+    slide = dataset / "slide_001.tiff"
+    a, b = predict_slide(model, slide, seed=4), predict_slide(run.model, slide, seed=4)
+    np.testing.assert_array_equal(a.probs, b.probs)
+
+
+def test_resumed_training_equals_uninterrupted(run, dataset, tmp_path, small_model_config):
+    one = train(dataset, dataset / "labels.csv", tmp_path, small_model_config,
+                run.config.train.__class__(**{**run.config.train.__dict__, "epochs": 1}),
+                device="cpu", progress=False, log=lambda _: None)  # fmt: skip
+    assert len(one.history) == 1
+    lines = []
+    two = train(dataset, dataset / "labels.csv", tmp_path, train_config=run.config.train,
+                device="cpu", progress=False, log=lines.append)  # fmt: skip
+    assert any("resuming" in line and "after epoch 1" in line for line in lines)
+    assert [h["epoch"] for h in two.history] == [1, 2]
+    for name, tensor in run.model.state_dict().items():
+        torch.testing.assert_close(two.model.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_bad_label_rows_are_reported_and_skipped(dataset, tmp_path, small_model_config):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("slide_000.tiff", "slide_001.tiff", "slide_002.tiff", "slide_003.tiff"):
+        shutil.copy(dataset / name, slides / name)
+    (slides / "notes.tiff").write_text("not a slide\n")
+    rows = [
+        {"slide": f"slide_00{i}.tiff", "label": ["negative", "positive"][i % 2]} for i in range(4)
+    ]
+    rows += [
+        {"slide": "gone.tiff", "label": "positive"},
+        {"slide": "notes.tiff", "label": "negative"},
+    ]
+    outputs.write_csv(slides / "labels.csv", ["slide", "label"], rows)
+    lines = []
+    result = train(slides, slides / "labels.csv", tmp_path / "run", small_model_config,
+                   run_config_epochs(1), device="cpu", progress=False,
+                   log=lines.append)  # fmt: skip
+    assert len(result.skipped) == 2
+    assert "gone.tiff" in result.skipped[0] and "FileNotFoundError" in result.skipped[0]
+    assert "notes.tiff" in result.skipped[1]
+    assert sum("skipping" in line for line in lines) == 2
+
+
+def run_config_epochs(epochs):
+    from pipeline.app.config import TrainConfig
+
+    return TrainConfig(epochs=epochs, batch_size=2, val_fraction=0.0)
+
+
+def test_predictions_csv(predicted, dataset, n_slides, slide_side):
+    rows = outputs.read_csv(predicted.out_dir / outputs.PREDICTIONS)
+    assert list(rows[0]) == outputs.prediction_columns(["negative", "positive"])
+    assert [r["slide"] for r in rows] == [f"slide_{i:03d}" for i in range(n_slides)]
+    for r in rows:
+        assert r["status"] == "ok" and r["error"] == ""
+        assert r["label"] in ("negative", "positive")
+        probs = [float(r["prob_negative"]), float(r["prob_positive"])]
+        assert abs(sum(probs) - 1) < 1e-5
+        assert r["label"] == ("negative", "positive")[int(np.argmax(probs))]
+
+
+def test_heatmap_and_geojson(predicted, n_slides, slide_side):
+    for result in predicted.results:
+        img = Image.open(outputs.heatmap_path(predicted.out_dir, result.slide))
+        img.load()
+        assert img.size == (128, 128)  # the thumbnail, (w, h)
+        data = json.loads(outputs.geojson_path(predicted.out_dir, result.slide).read_text())
+        features = data["features"]
+        assert len(features) == 6
+        for f in features:
+            ring = f["geometry"]["coordinates"][0]
+            assert ring[0] == ring[-1] and len(ring) == 5
+            xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+            assert 0 <= min(xs) < max(xs) <= slide_side and 0 <= min(ys) < max(ys) <= slide_side
+            assert 0 < f["properties"]["attention"] <= 1
+            assert f["properties"]["classification"]["name"] == result.label
+
+
+def test_patches_are_in_tissue(predicted, dataset, n_slides, slide_side):
+    # The tissue mask on by default: every sampled patch centre lies on tissue
+    # (up to the thumbnail's resolution at the tissue's edge).
+    from pipeline.app.synth import make_layout
+
+    result = predicted.results[3]
+    layout = make_layout((slide_side, slide_side), seed=3 * 100_003 + 3, positive=True)
+    y = result.boxes[:, 0] + result.boxes[:, 2] / 2
+    x = result.boxes[:, 1] + result.boxes[:, 3] / 2
+    near = [layout.tissue_inside(y + dy, x + dx) for dy in (-12, 0, 12) for dx in (-12, 0, 12)]
+    assert np.any(near, axis=0).all()
+
+
+def test_same_seed_same_predictions_any_order(run, dataset, predicted, tmp_path):
+    shuffled = [dataset / f"slide_{i:03d}.tiff" for i in (5, 2, 7, 0, 1, 3, 6, 4)]
+    again = predict(run.model, shuffled, tmp_path / "again", seed=0, progress=False)
+    first = (predicted.out_dir / outputs.PREDICTIONS).read_text()
+    assert (again.out_dir / outputs.PREDICTIONS).read_text() == first
+    one = predict_slide(run.model, dataset / "slide_005.tiff", seed=0)
+    row = {r["slide"]: r for r in outputs.read_csv(predicted.out_dir / outputs.PREDICTIONS)}
+    assert one.row(("negative", "positive")) == row["slide_005"]
+    other = predict_slide(run.model, dataset / "slide_005.tiff", seed=1)
+    assert not np.array_equal(other.boxes, one.boxes)
+
+
+def test_rerun_skips_finished_slides(run, dataset, tmp_path, monkeypatch, n_slides, slide_side):
+    calls = []
+    real = prediction.classify_view
+
+    def counting(model, view, seed):  # counts, then does the real work
+        calls.append(view.path.name)
+        return real(model, view, seed)
+
+    monkeypatch.setattr(prediction, "classify_view", counting)
+    predict(run.model, [dataset], tmp_path, progress=False)
+    assert len(calls) == n_slides
+    calls.clear()
+    summary = predict(run.model, [dataset], tmp_path, progress=False)
+    assert calls == [] and len(summary.skipped) == n_slides
+    outputs.heatmap_path(tmp_path, "slide_004").unlink()
+    predict(run.model, [dataset], tmp_path, progress=False)
+    assert calls == ["slide_004.tiff"]
+    calls.clear()
+    predict(run.model, [dataset], tmp_path, overwrite=True, progress=False)
+    assert len(calls) == n_slides
+
+
+def test_crash_keeps_finished_rows(run, dataset, tmp_path, monkeypatch, n_slides, slide_side):
+    real = prediction.classify_view
+    done = []
+
+    def crash_on_third(model, view, seed):  # injected fault: the process dies mid-run
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(view.path.name)
+        return real(model, view, seed)
+
+    monkeypatch.setattr(prediction, "classify_view", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        predict(run.model, [dataset], tmp_path, progress=False)
+    rows = outputs.read_csv(tmp_path / outputs.PREDICTIONS)
+    assert [r["slide"] + ".tiff" for r in rows] == done
+    monkeypatch.setattr(prediction, "classify_view", real)
+    summary = predict(run.model, [dataset], tmp_path, progress=False)
+    assert len(summary.results) == n_slides - 2 and len(summary.skipped) == 2
+    assert len(outputs.read_csv(tmp_path / outputs.PREDICTIONS)) == n_slides
+
+
+def test_bad_files_get_error_rows(run, dataset, tmp_path):
+    slides = tmp_path / "mixed"
+    slides.mkdir()
+    shutil.copy(dataset / "slide_000.tiff", slides / "good_a.tiff")
+    shutil.copy(dataset / "slide_001.tiff", slides / "good_b.tiff")
+    data = (dataset / "slide_002.tiff").read_bytes()
+    (slides / "truncated.tiff").write_bytes(data[: len(data) // 3])
+    (slides / "notes.svs").write_text("this is a text file\n")
+    (slides / "readme.txt").write_text("not a slide suffix: not listed\n")
+    summary = predict(run.model, [slides], tmp_path / "out", progress=False)
+    rows = {r["slide"]: r for r in outputs.read_csv(tmp_path / "out" / outputs.PREDICTIONS)}
+    assert sorted(rows) == ["good_a", "good_b", "notes", "truncated"]
+    assert rows["good_a"]["status"] == rows["good_b"]["status"] == "ok"
+    for name, suffix in (("notes", ".svs"), ("truncated", ".tiff")):
+        assert rows[name]["status"] == "error" and rows[name]["label"] == ""
+        assert f"{name}{suffix}" in rows[name]["error"]
+    assert sorted(r.slide for r in summary.failed) == ["notes", "truncated"]
