@@ -3,7 +3,8 @@ library function; torch, readers and the rest are imported inside the commands s
 ``ats-wsi --help`` is instant.
 
 Exit status: 0 success; 1 some slides failed in ``predict`` (all others were
-processed) or some files failed in ``info``; 2 usage or input errors, reported as
+processed and have their outputs); 2 usage or input errors (including a file
+``info`` cannot read, after the others are shown), reported as
 ``ats-wsi: error: ...`` without a traceback.
 """
 
@@ -50,7 +51,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 f"  level {level['index']}: {h} x {w} x {c}  "
                 f"downsample {level['downsample']:.4g}  tiles {th} x {tw}"
             )
-    return 1 if failed else 0
+    return 2 if failed else 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

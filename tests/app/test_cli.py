@@ -1,0 +1,102 @@
+"""The ``ats-wsi`` command: entry point, subcommands, exit codes, error messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.app import outputs
+from pipeline.app.cli import main
+
+SMALL = ["--n-patches", "4", "--patch-size", "32", "--low-res-max-side", "128"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Through the installed console script, as a user runs it."""
+    exe = shutil.which("ats-wsi") or pytest.fail("ats-wsi is not installed (pip install -e .)")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_subcommands():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in ("info", "synth", "train", "predict", "demo"):
+        assert command in out.stdout
+
+
+def test_info_text_and_json(dataset):
+    slide = str(dataset / "slide_000.tiff")
+    out = run_cli("info", slide, "--json")
+    assert out.returncode == 0, out.stderr
+    (info,) = json.loads(out.stdout)
+    assert info["shape"] == [1024, 1024, 3] and info["mpp"] == [0.5, 0.5]
+    assert [lv["downsample"] for lv in info["levels"]] == [1.0, 2.0, 4.0]
+    assert main(["info", slide]) == 0
+
+
+def test_user_errors_exit_2_without_traceback(dataset, tmp_path, capsys):
+    (tmp_path / "fake.svs").write_text("hello\n")
+    cases = [
+        (["info", str(tmp_path / "missing.svs")], "missing.svs"),
+        (["info", str(tmp_path / "fake.svs")], "fake.svs"),
+        (["train", "--slides", str(dataset), "--labels", str(tmp_path / "nope.csv"),
+          "--out", str(tmp_path / "run")], "nope.csv"),
+        (["predict", "--model", str(tmp_path / "norun"), "--slides", str(dataset),
+          "--out", str(tmp_path / "o")], "norun"),
+        (["predict", "--model", str(tmp_path), "--slides", str(dataset), "--out",
+          str(tmp_path / "o"), "--workers", "2"], "--scheduler/--workers"),
+    ]  # fmt: skip
+    for argv, name in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("ats-wsi: error: ") and name in err and "Traceback" not in err
+
+
+def test_bad_option_values_are_usage_errors(dataset, tmp_path, capsys):
+    argv = ["train", "--slides", str(dataset), "--labels", str(dataset / "labels.csv"),
+            "--out", str(tmp_path / "run"), "--n-patches", "0"]  # fmt: skip
+    assert main(argv) == 2
+    assert "n_patches: expected > 0, got 0" in capsys.readouterr().err
+
+
+def test_synth_train_predict(tmp_path):
+    data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "out"
+    synth = run_cli("synth", str(data), "--n", "4", "--size", "512", "--seed", "1")
+    assert synth.returncode == 0, synth.stderr
+    assert len(outputs.read_csv(data / "labels.csv")) == 4
+    argv = [
+        "train",
+        "--slides",
+        str(data),
+        "--labels",
+        str(data / "labels.csv"),
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0",
+    ]
+    assert main([*argv, *SMALL]) == 0  # fmt: skip
+    assert (run / "model.safetensors").is_file()
+    (data / "broken.svs").write_text("not a slide\n")
+    result = run_cli("predict", "--model", str(run), "--slides", str(data), "--out", str(out))
+    assert result.returncode == 1  # one slide failed, after the others were done
+    assert "broken.svs" in result.stderr and "Traceback" not in result.stderr
+    rows = {r["slide"]: r["status"] for r in outputs.read_csv(out / outputs.PREDICTIONS)}
+    assert rows == {"broken": "error", **{f"slide_{i:03d}": "ok" for i in range(4)}}
+    (data / "broken.svs").unlink()
+    again = run_cli("predict", "--model", str(run), "--slides", str(data), "--out", str(out))
+    assert again.returncode == 0 and "4 already done" in again.stdout
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "--help"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "ats-wsi" in out.stdout
