@@ -63,7 +63,12 @@ def sample_patches(
         attention = mask_attention(attention, mask, use_logits)
     samples, sampled_attention = sample(n_patches, attention, replace, use_logits, generator)
     patches, offsets = gather_patches(
-        x_high, samples, attention.shape[1:], low_size, patch_size, receptive_field,
+        x_high,
+        samples,
+        attention.shape[1:],
+        low_size,
+        patch_size,
+        receptive_field,
         device=x_low.device,
     )
     return patches, sampled_attention, offsets
@@ -104,11 +109,22 @@ class SamplePatches(nn.Module):
         mask: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         patches, sampled_attention, offsets = sample_patches(
-            x_low, x_high, attention, self.n_patches, self.patch_size, self.receptive_field,
-            self.replace, self.use_logits, self.generator, mask,
+            x_low,
+            x_high,
+            attention,
+            self.n_patches,
+            self.patch_size,
+            self.receptive_field,
+            self.replace,
+            self.use_logits,
+            self.generator,
+            mask,
         )
-        return (patches, sampled_attention, offsets) if return_offsets else (patches,
-                                                                             sampled_attention)
+        return (
+            (patches, sampled_attention, offsets)
+            if return_offsets
+            else (patches, sampled_attention)
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -174,8 +190,14 @@ class AttentionSampling(nn.Module):
             self.regularizer_loss = self.attention_regularizer(attention)
         patch_size = x_low.shape[2:] if self.patch_size is None else self.patch_size
         patches, sampled_attention, _ = sample_patches(
-            x_low, x_high, attention, self.n_patches, patch_size, self.receptive_field,
-            self.replace, generator=self.generator,
+            x_low,
+            x_high,
+            attention,
+            self.n_patches,
+            patch_size,
+            self.receptive_field,
+            self.replace,
+            generator=self.generator,
         )
         batch, n = sampled_attention.shape
         features = self.feature(patches.flatten(0, 1))  # [B * N, ...]
@@ -219,8 +241,17 @@ def attention_sampling(
         ``AttentionSampling``: ``forward(x_low, x_high, mask=None)`` ->
         ``(features [B, D], attention [B, *att], patches [B, N, C, *patch_size])``.
     """
-    return AttentionSampling(attention, feature, patch_size, n_patches, replace,
-                             attention_regularizer, receptive_field, estimator, generator)
+    return AttentionSampling(
+        attention,
+        feature,
+        patch_size,
+        n_patches,
+        replace,
+        attention_regularizer,
+        receptive_field,
+        estimator,
+        generator,
+    )
 
 
 class SampleSoftmax(nn.Module):

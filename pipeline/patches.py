@@ -60,9 +60,11 @@ def extract_patches(
     Returns:
         Tensor[B, N, C, *size] of ``x``'s dtype on ``x``'s device.
 
-    One gather with clamped index grids and a mask: nothing image-sized is copied or
-    padded. Example: ``offsets = [[[-2, 5]]]``, ``size = (4, 4)`` gives rows -2..1
-    (the first two are ``fill``) and columns 5..8.
+    Nothing image-sized is copied or padded: patches that lie inside ``x`` are read in
+    one indexing of a sliding-window view of ``x`` (whole rows at a time), and only the
+    patches that leave ``x`` go through a per-pixel gather with clamped index grids and
+    a mask. Example: ``offsets = [[[-2, 5]]]``, ``size = (4, 4)`` gives rows -2..1 (the
+    first two are ``fill``) and columns 5..8.
     """
     _checks.tensor(x, "x", min_dim=3)
     _checks.tensor(offsets, "offsets")
@@ -78,24 +80,45 @@ def extract_patches(
     _checks.same_batch(x.shape[0], offsets.shape[0], "offsets")
     size = _checks.size_tuple(size, ndim, "size")
     _checks.fits(size, spatial, "the image x")
-    batch, n = offsets.shape[:2]
     offsets = offsets.to(device=x.device, dtype=torch.long)
 
-    # Element offsets from x[b, c, 0, ...] through x's own strides, so any layout
-    # is read in place; per axis a [B, N, 1.., length, 1..] grid broadcasts.
-    index = torch.zeros((), dtype=torch.long, device=x.device)
+    # windows[b, c, *start] is the patch at `start`; the view shares x's memory.
+    last_start = torch.tensor([e - s for e, s in zip(spatial, size, strict=True)], device=x.device)
+    windows = x.as_strided(
+        (*x.shape[:2], *(e - s + 1 for e, s in zip(spatial, size, strict=True)), *size),
+        (*x.stride(), *x.stride()[2:]),
+    )
+    start = torch.minimum(offsets.clamp_min(0), last_start)  # [B, N, ndim], patch inside x
+    batch = torch.arange(x.shape[0], device=x.device).view(-1, 1)
+    patches = windows[(batch, slice(None), *start.unbind(-1))]  # [B, N, C, *size]
+    leaving = (start != offsets).any(-1)  # [B, N]
+    if leaving.any():
+        b, n = leaving.nonzero(as_tuple=True)
+        patches[b, n] = _gather_with_fill(x, b, offsets[b, n], size, fill)
+    return patches
+
+
+def _gather_with_fill(
+    x: Tensor, batch: Tensor, offsets: Tensor, size: tuple[int, ...], fill: float
+) -> Tensor:
+    """Patches ``[M, C, *size]`` of ``x [B, C, *spatial]`` at ``offsets [M, ndim]`` of
+    batch items ``batch [M]``, with ``fill`` outside: one gather through x's strides."""
+    m, ndim = offsets.shape
+    index = batch.view(m, *([1] * ndim)) * x.stride(0)  # element offsets, [M, *size]
     inside = torch.ones((), dtype=torch.bool, device=x.device)
-    for axis, (extent, length) in enumerate(zip(spatial, size, strict=True)):
-        shape = [batch, n] + [1] * ndim
-        shape[2 + axis] = length
-        coords = (offsets[..., axis, None] + torch.arange(length, device=x.device)).view(shape)
+    for axis, (extent, length) in enumerate(zip(x.shape[2:], size, strict=True)):
+        shape = [m] + [1] * ndim
+        shape[1 + axis] = length
+        coords = (offsets[:, axis, None] + torch.arange(length, device=x.device)).view(shape)
         inside = inside & (coords >= 0) & (coords < extent)
-        index = index + coords.clamp(0, extent - 1) * x.stride(2 + axis)  # [B, N, *size]
-    span = 1 + sum((e - 1) * s for e, s in zip(spatial, x.stride()[2:], strict=True))
-    planes = x.as_strided((batch, x.shape[1], span), (*x.stride()[:2], 1))  # no copy
-    patches = planes.gather(2, index.view(batch, 1, -1).expand(-1, x.shape[1], -1))
-    patches = patches.view(batch, x.shape[1], n, *size).transpose(1, 2)  # [B, N, C, *size]
-    return patches.masked_fill(~inside.unsqueeze(2), fill)
+        index = index + coords.clamp(0, extent - 1) * x.stride(2 + axis)
+    last = (x.shape[0] - 1) * x.stride(0) + sum(
+        (e - 1) * s for e, s in zip(x.shape[2:], x.stride()[2:], strict=True)
+    )
+    planes = x.as_strided((x.shape[1], last + 1), (x.stride(1), 1))  # [C, span], no copy
+    patches = planes.gather(1, index.view(1, -1).expand(x.shape[1], -1))
+    patches = patches.view(x.shape[1], m, *size).transpose(0, 1)  # [M, C, *size]
+    return patches.masked_fill(~inside.unsqueeze(1), fill)
 
 
 def patch_offsets(
@@ -192,14 +215,14 @@ def gather_patches(
             f"(H, W, C) and .read_patches) or a list of those, got {type(x_high).__name__}"
         )
     if items is None:
-        offsets = patch_offsets(samples, attention_size, low_size, x_high.shape[2:],
-                                patch_size, receptive_field)
+        offsets = patch_offsets(
+            samples, attention_size, low_size, x_high.shape[2:], patch_size, receptive_field
+        )
         patches = extract_patches(x_high, offsets, patch_size)
         return patches.to(device), offsets
     _checks.same_batch(batch, len(items), "x_high (number of images)")
     read = [
-        _read_item(item, samples[b], attention_size, low_size, patch_size, receptive_field,
-                   device)
+        _read_item(item, samples[b], attention_size, low_size, patch_size, receptive_field, device)
         for b, item in enumerate(items)
     ]
     patches, offsets = zip(*read, strict=True)
@@ -225,8 +248,9 @@ def _read_item(
             f"each x_high item must be a tensor [C, *spatial] or a PatchSource, "
             f"got {type(item).__name__}"
         )
-    offsets = patch_offsets(samples, attention_size, low_size, high_size, patch_size,
-                            receptive_field)
+    offsets = patch_offsets(
+        samples, attention_size, low_size, high_size, patch_size, receptive_field
+    )
     if isinstance(item, Tensor):
         patches = extract_patches(item[None], offsets[None].to(item.device), patch_size)[0]
         return patches.to(device), offsets

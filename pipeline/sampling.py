@@ -75,11 +75,15 @@ def sample(
 def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
     """Indices ``[B, k]`` of ``k`` draws without replacement, in draw order.
 
-    The Gumbel noise is ``-log(E)`` with ``E ~ Exp(1)``; ``E`` is kept above the
-    smallest normal float so that the noise is finite and ``-inf`` logits (zero
-    probability) stay ``-inf`` instead of turning into NaN.
+    The Gumbel noise is ``-log(E)`` with ``E = -log(1 - U) ~ Exp(1)`` (``U`` uniform in
+    ``[0, 1)``; several times faster than ``Tensor.exponential_`` on CPU). ``E`` is kept
+    above the smallest normal float so that the noise is finite and ``-inf`` logits
+    (zero probability) stay ``-inf`` instead of turning into NaN.
     """
-    exponential = torch.empty_like(logits).exponential_(generator=generator)
+    uniform = torch.rand(
+        logits.shape, dtype=logits.dtype, device=logits.device, generator=generator
+    )
+    exponential = uniform.neg_().log1p_().neg_()
     keys = logits - exponential.clamp_min_(torch.finfo(logits.dtype).tiny).log_()
     return keys.topk(k, dim=1, sorted=True).indices
 

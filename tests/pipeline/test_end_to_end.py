@@ -26,23 +26,35 @@ def _images(labels, generator):
     stripes = (torch.arange(SQUARE) % 2).float()
     horizontal = stripes.view(SQUARE, 1).expand(SQUARE, SQUARE)
     corners = torch.randint(0, (HIGH - SQUARE) // SCALE + 1, (batch, 2), generator=generator)
-    for b, (label, (y, x)) in enumerate(zip(labels.tolist(), (corners * SCALE).tolist(),
-                                            strict=True)):
-        x_high[b, 0, y:y + SQUARE, x:x + SQUARE] = horizontal.T if label else horizontal
+    for b, (label, (y, x)) in enumerate(
+        zip(labels.tolist(), (corners * SCALE).tolist(), strict=True)
+    ):
+        x_high[b, 0, y : y + SQUARE, x : x + SQUARE] = horizontal.T if label else horizontal
     return nn.functional.avg_pool2d(x_high, SCALE), x_high, corners
 
 
 def _model():
     attention = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 1, 3, padding=1),
         SampleSoftmax(squeeze_channels=True),
     )
     feature = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
     )
-    sampler = attention_sampling(attention, feature, patch_size=PATCH, n_patches=4,
-                                 generator=torch.Generator().manual_seed(1))
+    sampler = attention_sampling(
+        attention,
+        feature,
+        patch_size=PATCH,
+        n_patches=4,
+        generator=torch.Generator().manual_seed(1),
+    )
     return sampler, nn.Linear(8, 2)
 
 
@@ -82,7 +94,7 @@ def test_learns_above_chance_from_sampled_patches(one_thread):
         accuracy = (head(features).argmax(1) == labels).float().mean()
     # Chance is 0.5 with a standard deviation of 0.031 over 256 images: 0.75 is 8 sigma.
     assert accuracy >= 0.75, accuracy
-    on_square = torch.stack([
-        attention[b, y:y + 2, x:x + 2].sum() for b, (y, x) in enumerate(corners.tolist())
-    ])
+    on_square = torch.stack(
+        [attention[b, y : y + 2, x : x + 2].sum() for b, (y, x) in enumerate(corners.tolist())]
+    )
     assert on_square.mean() > 0.25, on_square.mean()  # uniform attention: 4 / 1024

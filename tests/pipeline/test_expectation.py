@@ -17,8 +17,9 @@ def _problem(n_positions, seed):
     return logits, features, cotangent
 
 
-def _expected_over_draws(logits, features, cotangent, n, replace, estimator, use_logits,
-                         probabilities=None):
+def _expected_over_draws(
+    logits, features, cotangent, n, replace, estimator, use_logits, probabilities=None
+):
     """E[F] and E[gradients] of ``<c, F>`` over every ordered draw sequence, exactly.
 
     The loss is ``sum_s P(s) <c, F_s>`` over all sequences ``s`` (weights detached),
@@ -52,8 +53,9 @@ def _exact(logits, features, cotangent, use_logits, probabilities=None):
 def test_value_and_gradients_are_unbiased(replace, n_positions, n, use_logits):
     logits, features, c = _problem(n_positions, seed=n_positions * 10 + n)
     probabilities = torch.softmax(logits, 0)
-    got = _expected_over_draws(logits, features, c, n, replace, "unbiased", use_logits,
-                               probabilities)
+    got = _expected_over_draws(
+        logits, features, c, n, replace, "unbiased", use_logits, probabilities
+    )
     exact = _exact(logits, features, c, use_logits, probabilities)
     for g, e in zip(got, exact, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
@@ -62,8 +64,9 @@ def test_value_and_gradients_are_unbiased(replace, n_positions, n, use_logits):
 def test_reference_estimator_is_biased_for_the_attention_only():
     logits, features, c = _problem(6, seed=3)
     probabilities = torch.softmax(logits, 0)
-    value, grad_a, grad_f = _expected_over_draws(logits, features, c, 3, False, "reference",
-                                                 False, probabilities)
+    value, grad_a, grad_f = _expected_over_draws(
+        logits, features, c, 3, False, "reference", False, probabilities
+    )
     exact_value, exact_a, exact_f = _exact(logits, features, c, False, probabilities)
     torch.testing.assert_close(value, exact_value)
     torch.testing.assert_close(grad_f, exact_f)
@@ -124,8 +127,13 @@ def test_sample_then_expectation_is_unbiased_by_monte_carlo(replace, use_logits)
     logits, features, c = _problem(n_positions, seed=5)
     leaf = logits.expand(rows, -1).clone().requires_grad_()
     a = torch.softmax(leaf, 1)
-    samples, sampled = sample(n, leaf if use_logits else a, replace=replace,
-                              use_logits=use_logits, generator=torch.Generator().manual_seed(6))
+    samples, sampled = sample(
+        n,
+        leaf if use_logits else a,
+        replace=replace,
+        use_logits=use_logits,
+        generator=torch.Generator().manual_seed(6),
+    )
     estimate = expectation(features[samples[..., 0]], sampled, replace=replace)  # [R, D]
     (estimate @ c).sum().backward()
     _, exact_grad, _ = _exact(logits, features, c, use_logits=True)

@@ -31,8 +31,9 @@ class _Recording(nn.Module):
 def _model(regularizer=None, patch_size=(6, 5), keep_channel=False, **kwargs):
     attention = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), SampleSoftmax(not keep_channel))
     feature = _Recording(3 * patch_size[0] * patch_size[1], 4)
-    return attention_sampling(attention, feature, patch_size, n_patches=5,
-                              attention_regularizer=regularizer, **kwargs)
+    return attention_sampling(
+        attention, feature, patch_size, n_patches=5, attention_regularizer=regularizer, **kwargs
+    )
 
 
 def test_forward_shapes_and_one_feature_call():

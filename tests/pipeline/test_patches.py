@@ -1,6 +1,7 @@
 """Patch geometry: extract_patches, the cell-to-patch mapping, PatchSource inputs."""
 
 import itertools
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -31,15 +32,14 @@ def _coordinate_image(batch, height, width):
     """x[b] = (row index, column index, b): every pixel says where it is."""
     rows = torch.arange(height, dtype=torch.float64).view(height, 1).expand(height, width)
     cols = torch.arange(width, dtype=torch.float64).view(1, width).expand(height, width)
-    return torch.stack(
-        [torch.stack([rows, cols, torch.full_like(rows, b)]) for b in range(batch)]
-    )
+    return torch.stack([torch.stack([rows, cols, torch.full_like(rows, b)]) for b in range(batch)])
 
 
 def _centre_minus_half(i, h_att, h_low, h_high, p, rf):
     """DESIGN section 3's ``centre - p/2`` in exact rational arithmetic."""
-    centre = (Fraction(rf, 2) + (i + Fraction(1, 2)) * Fraction(h_low - rf, h_att)) \
-        * Fraction(h_high, h_low)
+    centre = (Fraction(rf, 2) + (i + Fraction(1, 2)) * Fraction(h_low - rf, h_att)) * Fraction(
+        h_high, h_low
+    )
     return centre - Fraction(p, 2)
 
 
@@ -176,7 +176,9 @@ class ArrayPatchSource:
             top, left = max(y, 0), max(x, 0)
             bottom, right = min(y + h, height), min(x + w, width)
             if top < bottom and left < right:
-                out[n, top - y:bottom - y, left - x:right - x] = self.image[top:bottom, left:right]
+                out[n, top - y : bottom - y, left - x : right - x] = self.image[
+                    top:bottom, left:right
+                ]
         return out
 
 
@@ -192,8 +194,9 @@ def test_patch_source_gives_the_tensor_path_patches():
     attention = torch.softmax(torch.randn(1, 63), 1).view(1, 7, 9)
     results = []
     for source in (x_high, ArrayPatchSource(image), [ArrayPatchSource(image)]):
-        layer = SamplePatches(20, (24, 20), receptive_field=1,
-                              generator=torch.Generator().manual_seed(3))
+        layer = SamplePatches(
+            20, (24, 20), receptive_field=1, generator=torch.Generator().manual_seed(3)
+        )
         results.append(layer(x_low, source, attention, return_offsets=True))
     for patches, sampled, offsets in results[1:]:
         assert patches.dtype == torch.float32
@@ -214,8 +217,9 @@ def test_list_of_sources_maps_each_item_with_its_own_size():
     for b, size in enumerate(sizes):
         expected = patch_offsets(samples[b], (4, 4), (8, 8), size, (10, 10))
         assert torch.equal(offsets[b], expected)
-        naive = _naive_patches(torch.from_numpy(images[b]).permute(2, 0, 1)[None].double(),
-                               expected[None], (10, 10), 0)[0]
+        naive = _naive_patches(
+            torch.from_numpy(images[b]).permute(2, 0, 1)[None].double(), expected[None], (10, 10), 0
+        )[0]
         scale = 255 if b == 0 else 1  # source -> [0, 1] floats; tensor item keeps uint8
         assert torch.equal((patches[b].double() * scale).round(), naive)
 
@@ -245,3 +249,18 @@ def test_sample_patches_errors():
         layer(x_low[:1], _WrongShapeSource(_random_image(0, 32, 32)), attention[:1])
     with pytest.raises(ValueError, match="one axis per spatial axis"):
         layer(x_low, torch.zeros(2, 3, 32, 32), attention.flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "patch"), [((6,), (40,), (7,)), ((3, 4, 5), (9, 12, 15), (4, 3, 2))]
+)
+def test_sample_patches_on_1d_and_3d_tensors(low, high, patch):
+    # Volumes and signals go through the same mapping, axis by axis.
+    g = torch.Generator().manual_seed(5)
+    x_high = torch.rand(2, 2, *high, generator=g)
+    attention = torch.softmax(torch.randn(2, math.prod(low), generator=g), 1).view(2, *low)
+    layer = SamplePatches(4, patch, generator=torch.Generator().manual_seed(6))
+    patches, _, offsets = layer(torch.zeros(2, 1, *low), x_high, attention, return_offsets=True)
+    samples, _ = sample(4, attention, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(offsets, patch_offsets(samples, low, low, high, patch))
+    assert torch.equal(patches, _naive_patches(x_high, offsets, patch, 0))

@@ -143,8 +143,9 @@ def test_gradient_is_a_gather_without_dense_buffers(use_logits):
     (sampled * weights).sum().backward()
     assert max(saved) <= batch * side * side
     # Same gradient as plain indexing of the (softmax of the) map.
-    probabilities = torch.softmax(attention.flatten(1), 1).view_as(attention) if use_logits \
-        else attention
+    probabilities = (
+        torch.softmax(attention.flatten(1), 1).view_as(attention) if use_logits else attention
+    )
     indexed = probabilities[(torch.arange(batch).view(-1, 1), *samples.unbind(-1))]
     expected = torch.autograd.grad((indexed * weights).sum(), attention)[0]
     torch.testing.assert_close(attention.grad, expected)
@@ -198,9 +199,7 @@ def test_mask_restricts_and_renormalises():
     restricted = mask_attention(attention, mask)
     torch.testing.assert_close(restricted.sum((1, 2)), torch.ones(2, dtype=torch.float64))
     assert (restricted[~mask] == 0).all()
-    torch.testing.assert_close(
-        restricted[0, 0], attention[0, 0] / attention[0, 0].sum()
-    )
+    torch.testing.assert_close(restricted[0, 0], attention[0, 0] / attention[0, 0].sum())
     samples, sampled = sample(3, restricted, generator=_seeded(20))
     assert mask[torch.arange(2).view(2, 1), samples[..., 0], samples[..., 1]].all()
     sampled.sum().backward()  # differentiable through the renormalisation
