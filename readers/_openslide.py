@@ -1,9 +1,10 @@
 """OpenSlide backend: SVS, NDPI, MRXS, SCN, BIF, generic tiled TIFF, DICOM.
 
 ``openslide`` is imported when a slide is opened, not with ``readers``.
-OpenSlide has no raw-tile call, so a "tile" here is one ``read_region`` over the
-level's stored tile grid (``openslide.level[k].tile-height/width``), which
-OpenSlide serves by decoding that stored tile alone.
+OpenSlide has no raw-tile call, so reading a tile is one ``read_region`` inside
+one cell of the level's stored tile grid (``openslide.level[k].tile-height/width``),
+limited to the box the patches need: OpenSlide decodes that stored tile and its
+cost grows with the pixels it paints.
 
 OpenSlide takes level-0 ``(x, y)``; the conversion happens in ``_read_tile`` only.
 At a level whose downsample is not an integer, a tile's level-0 origin is not an
@@ -19,7 +20,7 @@ import os
 
 import numpy as np
 
-from readers.base import Level, Slide
+from readers.base import Box, Level, Slide
 from readers.errors import SlideError
 
 _FALLBACK_TILE = 256
@@ -38,13 +39,19 @@ class OpenSlideLevel(Level):
         super().__init__(slide, index, (h, w, 3), osr.level_downsamples[index], tile)
         self._osr = osr
 
-    def _read_tile(self, ty: int, tx: int) -> np.ndarray:
-        th, tw = self.tile_shape
-        h, w = min(th, self.shape[0] - ty * th), min(tw, self.shape[1] - tx * tw)
-        x0 = round(tx * tw * self.downsample)
-        y0 = round(ty * th * self.downsample)
-        region = self._osr.read_region((x0, y0), self.index, (w, h))  # (x, y), (w, h)
-        return np.asarray(region)
+    def _read_tile(self, ty: int, tx: int, box: Box) -> np.ndarray:
+        y0, x0 = ty * self.tile_shape[0], tx * self.tile_shape[1]
+        by, bx = box[0], box[2]
+        if (
+            not ((y0 + by) * self.downsample).is_integer()
+            or not ((x0 + bx) * self.downsample).is_integer()
+        ):
+            # A fractional level-0 origin is resampled differently for each origin:
+            # paint from the tile's own origin so every read of the tile agrees.
+            by, bx = 0, 0
+        location = (round((x0 + bx) * self.downsample), round((y0 + by) * self.downsample))
+        region = self._osr.read_region(location, self.index, (box[3] - bx, box[1] - by))  # (x, y)
+        return np.asarray(region)[box[0] - by :, box[2] - bx :]
 
 
 class OpenSlideSlide(Slide):
@@ -55,12 +62,17 @@ class OpenSlideSlide(Slide):
     @staticmethod
     def accepts(path: str) -> bool:
         """A file whose format OpenSlide recognises."""
+        return OpenSlideSlide.vendor(path) is not None
+
+    @staticmethod
+    def vendor(path: str) -> str | None:
+        """OpenSlide's name for the file's format (``"aperio"``, ``"generic-tiff"``...) or None."""
         import openslide
 
         try:
-            return openslide.OpenSlide.detect_format(path) is not None
+            return openslide.OpenSlide.detect_format(path)
         except Exception:  # detect_format raises on unreadable files in some versions
-            return False
+            return None
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         import openslide

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import tifffile
 
-from readers.base import Level, Slide
+from readers.base import Box, Level, Slide
 from readers.errors import SlideError
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -60,7 +60,7 @@ class TifffileLevel(Level):
         self._counts = page.databytecounts
         self._columns = self.grid_shape[1]
 
-    def _read_tile(self, ty: int, tx: int) -> np.ndarray | None:
+    def _read_tile(self, ty: int, tx: int, box: Box) -> np.ndarray | None:
         index = ty * self._columns + tx
         count = self._counts[index]
         if count == 0:
@@ -73,7 +73,7 @@ class TifffileLevel(Level):
                 f"truncated: {len(data)} of {count} bytes",
             )
         pixels, _, _ = self._decode(data, index, jpegtables=self._page.jpegtables)
-        return pixels[0]  # [1, h, w, S] -> [h, w, S]
+        return pixels[0, box[0] : box[1], box[2] : box[3]]  # [1, h, w, S] -> [h, w, S]
 
 
 class TifffileSlide(Slide):
@@ -153,7 +153,8 @@ def _mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> tuple[float, float]
     if tif.is_ome:
         pixels = ET.fromstring(tif.ome_metadata).find(".//{*}Pixels")
         if pixels is not None and "PhysicalSizeX" in pixels.attrib:
-            return (_ome_um(pixels, "PhysicalSizeY"), _ome_um(pixels, "PhysicalSizeX"))
+            mpp = (_ome_um(pixels, "PhysicalSizeY"), _ome_um(pixels, "PhysicalSizeX"))
+            return None if None in mpp else mpp
     per_unit = _UM_PER_RESUNIT.get(page.resolutionunit)
     xres, yres = page.resolution
     if per_unit is None or not xres > 0 or not yres > 0:
@@ -161,9 +162,11 @@ def _mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> tuple[float, float]
     return per_unit / yres, per_unit / xres
 
 
-def _ome_um(pixels: ET.Element, name: str) -> float:
-    unit = pixels.attrib.get(name + "Unit", "µm")
-    return float(pixels.attrib.get(name, pixels.attrib["PhysicalSizeX"])) * _OME_UM_PER_UNIT[unit]
+def _ome_um(pixels: ET.Element, name: str) -> float | None:
+    """Microns of an OME ``PhysicalSizeX/Y`` (Y defaults to X), None for other units."""
+    per_unit = _OME_UM_PER_UNIT.get(pixels.attrib.get(name + "Unit", "µm"))
+    value = pixels.attrib.get(name, pixels.attrib["PhysicalSizeX"])
+    return None if per_unit is None else float(value) * per_unit
 
 
 def _properties(tif: tifffile.TiffFile) -> dict[str, str]:

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import zarr
 
-from readers.base import Level, Slide
+from readers.base import Box, Level, Slide
 from readers.errors import SlideError
 
 _UM_PER_UNIT = {"nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3, "centimeter": 1e4}
@@ -40,11 +40,11 @@ class ZarrLevel(Level):
         self._axes = axes
         self._to_yxc = [axes.index(a) for a in "yxc" if a in axes]
 
-    def _read_tile(self, ty: int, tx: int) -> np.ndarray:
-        th, tw = self.tile_shape
+    def _read_tile(self, ty: int, tx: int, box: Box) -> np.ndarray:
+        y, x = ty * self.tile_shape[0], tx * self.tile_shape[1]
         bounds = {
-            "y": slice(ty * th, (ty + 1) * th),
-            "x": slice(tx * tw, (tx + 1) * tw),
+            "y": slice(y + box[0], y + box[1]),
+            "x": slice(x + box[2], x + box[3]),
             "c": slice(None),
         }
         return self._array[tuple(bounds[a] for a in self._axes)].transpose(self._to_yxc)

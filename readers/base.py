@@ -24,11 +24,14 @@ import numpy as np
 from readers._types import HW, HWC, YX, as_hw
 from readers.errors import SlideError
 
+Box = tuple[int, int, int, int]
+"""Rows and columns ``(y0, y1, x0, x1)`` of a tile, relative to its top-left corner."""
+
 # A paste job: (patch index, patch rows, patch cols, tile rows, tile cols),
 # each a (start, stop) pair, copying tile[rows, cols] into patches[i, rows, cols].
 _Paste = tuple[int, int, int, int, int, int, int, int, int]
 
-_STREAM_BLOCK = 1024
+STREAM_BLOCK = 1024
 """Side (level pixels, rounded down to whole tiles) of one block streamed by ``downsampled``."""
 
 
@@ -95,12 +98,14 @@ class Level(ABC):
         self.tile_shape: HW = (int(tile_shape[0]), int(tile_shape[1]))
 
     @abstractmethod
-    def _read_tile(self, ty: int, tx: int) -> np.ndarray | None:
-        """Decode stored tile ``(ty, tx)`` (row, column of the tile grid).
+    def _read_tile(self, ty: int, tx: int, box: Box) -> np.ndarray | None:
+        """Decode stored tile ``(ty, tx)`` (row, column of the tile grid); return ``box`` of it.
 
-        Returns ``uint8 [h, w, C]`` (C in 1, 3, 4) covering at least the part of
-        the tile inside the level (padding beyond it is cropped here), or ``None``
-        for a tile the file does not store (read as ``fill``).
+        ``box = (y0, y1, x0, x1)`` are rows and columns relative to the tile's
+        top-left corner, inside the level. Returns ``uint8 [y1 - y0, x1 - x0, C]``
+        (C in 1, 3, 4; or ``[h, w]``), or ``None`` for a tile the file does not
+        store (read as ``fill``). Backends that decode whole tiles crop; OpenSlide
+        paints just the box, its cost growing with the pixels painted.
         """
 
     def __repr__(self) -> str:
@@ -120,16 +125,17 @@ class Level(ABC):
             math.ceil(self.shape[1] / self.tile_shape[1]),
         )
 
-    def tile(self, ty: int, tx: int) -> np.ndarray | None:
-        """Stored tile ``(ty, tx)`` as ``uint8 [h, w, 3]`` cropped to the level, or ``None``.
+    def tile(self, ty: int, tx: int, box: Box | None = None) -> np.ndarray | None:
+        """Stored tile ``(ty, tx)``, or its ``box`` (as in ``_read_tile``), or ``None``.
 
+        Returns ``uint8 [h, w, 3]``: the tile cropped to the level by default.
         Any decoding failure becomes a :class:`SlideError` naming the level and tile.
         """
-        th, tw = self.tile_shape
-        h = min(th, self.shape[0] - ty * th)
-        w = min(tw, self.shape[1] - tx * tw)
+        if box is None:
+            th, tw = self.tile_shape
+            box = (0, min(th, self.shape[0] - ty * th), 0, min(tw, self.shape[1] - tx * tw))
         try:
-            data = self._read_tile(ty, tx)
+            data = self._read_tile(ty, tx, box)
         except SlideError:
             raise
         except Exception as exc:  # decoders raise anything: name the file, level, tile
@@ -140,13 +146,13 @@ class Level(ABC):
             ) from exc
         if data is None:
             return None
-        if data.ndim not in (2, 3) or data.shape[0] < h or data.shape[1] < w:
+        if data.ndim not in (2, 3) or data.shape[:2] != (box[1] - box[0], box[3] - box[2]):
             raise SlideError(
                 self.slide.path,
                 f"level {self.index} tile (y={ty}, x={tx}) decoded to shape {data.shape}, "
-                f"expected at least ({h}, {w}, C)",
+                f"expected ({box[1] - box[0]}, {box[3] - box[2]}, C)",
             )
-        return _as_rgb(np.asarray(data, dtype=np.uint8)[:h, :w])
+        return _as_rgb(np.asarray(data, dtype=np.uint8))
 
     def read_patches(self, offsets: Any, size: HW, fill: int = 0) -> np.ndarray:
         """Patches of this level, decoding only the stored tiles they touch.
@@ -179,11 +185,20 @@ class Level(ABC):
             # Threads write disjoint (patch, rows, cols) regions of `out`.
             for j in batch:
                 key = tiles[j]
-                data = self.tile(*key)
+                # Only the part of the tile some patch needs is returned (and painted).
+                box = (
+                    min(job[5] for job in jobs[key]),
+                    max(job[6] for job in jobs[key]),
+                    min(job[7] for job in jobs[key]),
+                    max(job[8] for job in jobs[key]),
+                )
+                data = self.tile(*key, box)
                 if data is None:
                     continue
                 for i, py0, py1, px0, px1, ty0, ty1, tx0, tx1 in jobs[key]:
-                    out[i, py0:py1, px0:px1] = data[ty0:ty1, tx0:tx1]
+                    out[i, py0:py1, px0:px1] = data[
+                        ty0 - box[0] : ty1 - box[0], tx0 - box[2] : tx1 - box[2]
+                    ]
 
         _run_threaded([(paste, batch) for batch in batches], self.slide.threads)
         return out
@@ -253,7 +268,7 @@ class Level(ABC):
         H, W = self.shape[:2]
         th, tw = self.tile_shape
         sums = np.zeros((math.ceil(H / factor), math.ceil(W / factor), 3), np.uint64)
-        bh, bw = th * max(1, _STREAM_BLOCK // th), tw * max(1, _STREAM_BLOCK // tw)
+        bh, bw = th * max(1, STREAM_BLOCK // th), tw * max(1, STREAM_BLOCK // tw)
         for y in range(0, H, bh):
             for x in range(0, W, bw):
                 block = self.read_patches([[y, x]], (min(bh, H - y), min(bw, W - x)))[0]

@@ -21,6 +21,7 @@ import tifffile
 from conftest import SYNTH_TILE
 
 from readers import open_slide
+from readers.synthetic import render_he
 
 JPEG_TOLERANCE = 2
 
@@ -62,9 +63,14 @@ def test_real_svs_within_decoder_tolerance(cmu_svs):
     assert diff.max() <= JPEG_TOLERANCE
 
 
-def test_auto_backend_choice(jpeg_tiff, ome_zarr):
-    with open_slide(jpeg_tiff) as slide:
-        assert slide.backend == "openslide"  # OpenSlide recognises generic tiled TIFF
+@pytest.mark.parametrize("source", ["jpeg_tiff", "cmu_svs"])
+def test_auto_prefers_tifffile_for_generic_tiff_and_svs(request, source):
+    # OpenSlide recognises both, but tifffile decodes their stored tiles directly.
+    with open_slide(request.getfixturevalue(source)) as slide:
+        assert slide.backend == "tifffile"
+
+
+def test_auto_backend_for_zarr(ome_zarr):
     with open_slide(ome_zarr) as slide:
         assert slide.backend == "zarr"
 
@@ -77,4 +83,26 @@ def test_auto_falls_back_to_tifffile_for_stripped_tiff(tmp_path):
         assert slide.backend == "tifffile" and slide.levels[0].tile_shape == (64, 200)
         np.testing.assert_array_equal(
             slide.read_patches([[-3, 5]], (300, 200))[0, 3:, :195], pixels[:297, 5:]
+        )
+
+
+def test_tifffile_reads_ome_tiff_subifd_pyramid(tmp_path):
+    # OME-TIFF keeps its reduced levels in SubIFDs (which OpenSlide does not read).
+    path = tmp_path / "pyramid.ome.tif"
+    levels = [render_he(0, 0, 300, 420, 1.0), render_he(0, 0, 150, 210, 2.0)]
+    with tifffile.TiffWriter(path) as tif:
+        options = {"tile": (64, 64), "photometric": "rgb", "compression": "deflate"}
+        tif.write(
+            levels[0],
+            subifds=1,
+            metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.3},
+            **options,
+        )
+        tif.write(levels[1], subfiletype=1, **options)
+    with open_slide(path) as slide:
+        assert slide.backend == "tifffile" and slide.mpp == pytest.approx((0.3, 0.25))
+        assert [lv.shape[:2] for lv in slide.levels] == [(300, 420), (150, 210)]
+        assert slide.levels[1].downsample == 2.0
+        np.testing.assert_array_equal(
+            slide.levels[1].read_patches([[0, 0]], (150, 210))[0], levels[1]
         )

@@ -15,6 +15,7 @@ from conftest import SYNTH_LEVELS, SYNTH_MPP, SYNTH_SHAPE, SYNTH_TILE
 from PIL import Image
 
 from readers import Slide, open_slide
+from readers.base import STREAM_BLOCK
 from readers.synthetic import pyramid_shapes
 
 SYNTH_SHAPES = pyramid_shapes(SYNTH_SHAPE, SYNTH_TILE, SYNTH_LEVELS)
@@ -122,9 +123,9 @@ class ReaderContract:
         calls = Counter()
         decode = level._read_tile
 
-        def counting(ty, tx):  # observes the backend's own decode, changes nothing
+        def counting(ty, tx, box):  # observes the backend's own decode, changes nothing
             calls[(ty, tx)] += 1
-            return decode(ty, tx)
+            return decode(ty, tx, box)
 
         monkeypatch.setattr(level, "_read_tile", counting)
         level.read_patches(offsets, size)
@@ -174,6 +175,31 @@ class ReaderContract:
         if small.shape != thumb.shape:
             small = np.asarray(Image.fromarray(small).resize(thumb.shape[1::-1], Image.BOX))
         np.testing.assert_array_equal(thumb, small)
+
+    def test_thumbnail_is_streamed(self, slide, monkeypatch):
+        # Observe every read the thumbnail makes: bounded blocks, each tile decoded once.
+        level = slide.levels[
+            slide.level_for_downsample(max(slide.shape[0] / 64, slide.shape[1] / 64))
+        ]
+        reads, decodes = [], Counter()
+        read_patches, decode = level.read_patches, level._read_tile
+
+        def recording_read(offsets, size, fill=0):
+            reads.append(len(offsets) * size[0] * size[1])
+            return read_patches(offsets, size, fill)
+
+        def counting_decode(ty, tx, box):
+            decodes[(ty, tx)] += 1
+            return decode(ty, tx, box)
+
+        monkeypatch.setattr(level, "read_patches", recording_read)
+        monkeypatch.setattr(level, "_read_tile", counting_decode)
+        slide.thumbnail((64, 64))
+        th, tw = level.tile_shape
+        assert max(reads) <= max(th, STREAM_BLOCK) * max(tw, STREAM_BLOCK)
+        assert sum(reads) == level.shape[0] * level.shape[1]
+        assert set(decodes.values()) == {1}
+        assert len(decodes) == level.grid_shape[0] * level.grid_shape[1]
 
     def test_level_choice(self, slide):
         for level in slide.levels:
@@ -259,3 +285,21 @@ class TestTifffileCMU(CMUContract):
 
 class TestOpenSlideCMU(CMUContract):
     backend = "openslide"
+
+
+def test_real_slide_without_pyramid_streams_its_thumbnail(cmu_svs, monkeypatch):
+    """The CMU slide has one 2967 x 2220 level: the thumbnail reads it block by block."""
+    with open_slide(cmu_svs, backend="tifffile") as slide:
+        level = slide.levels[0]
+        reads = []
+        read_patches = level.read_patches
+
+        def recording_read(offsets, size, fill=0):
+            reads.append(size)
+            return read_patches(offsets, size, fill)
+
+        monkeypatch.setattr(level, "read_patches", recording_read)
+        thumb = slide.thumbnail((256, 256))
+    assert thumb.shape == (256, round(2220 * 256 / 2967), 3)
+    assert len(reads) == 12 and max(h * w for h, w in reads) == 960 * 960  # 4 x 240 tiles
+    assert max(h * w for h, w in reads) < level.shape[0] * level.shape[1] / 7
