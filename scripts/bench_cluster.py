@@ -1,0 +1,173 @@
+"""Cluster benchmark: slide prediction on 1 and 2 Dask worker processes vs one process.
+
+    python scripts/bench_cluster.py [--cache DIR] [--slides 16] [--size 2048] [--repeats 5]
+
+Generates (once, cached in ``--cache``) ``--slides`` synthetic slides of ``--size``
+pixels square (``pipeline.app.synth``), builds the default ``SlideClassifier``
+(untrained, seed 0: speed does not depend on the weights) and times, in one run,
+the prediction of every slide into a fresh output directory (``PredictionStore``:
+heatmap PNG, GeoJSON, CSV row per slide):
+
+- ``local``: ``predict_slide`` in a loop in this process, torch on 1 thread: the
+  work one Dask worker task does, without Dask;
+- ``local, N threads``: the single-process ``predict`` driver as a user runs it
+  (torch's default threads, next slide's view prefetched);
+- ``cluster, k workers``: ``predict_on_client`` on a ``LocalCluster`` of k worker
+  processes with one thread each. Cluster start-up is reported apart, and one
+  untimed run warms the workers (imports, model built from the payload, as a
+  long-lived cluster would be); the weights are still sent in each timed run.
+
+Prints slides/s per row, the 2-worker / 1-worker ratio (target >= 1.6) and the
+per-slide Dask overhead: (cluster with 1 worker - local on 1 thread) / slides.
+"workers busy" is the slide tasks' compute time over the wall time (from Dask's
+task stream): 2.0 means both workers computed all the time, so any shortfall of
+the ratio comes from the CPUs, not from scheduling.
+Times are the best of ``--repeats`` runs, the configurations interleaved. The
+1-minute load average before and after is printed: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_slides(cache: Path, n: int, size: int) -> list[Path]:
+    from pipeline.app.prediction import list_slides
+    from pipeline.app.synth import write_dataset
+
+    directory = cache / f"slides-{n}x{size}"
+    if not (directory / "labels.csv").is_file():
+        write_dataset(directory, n=n, size=size, seed=0, progress=True)
+    return list_slides([directory])
+
+
+def timed(run) -> tuple[float, float | None]:
+    """Wall time of ``run(out_dir)`` into a fresh output directory, and what
+    ``run`` returns (seconds the workers spent in slide tasks, for cluster runs)."""
+    out = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    try:
+        start = time.perf_counter()
+        busy = run(out)
+        return time.perf_counter() - start, busy
+    finally:
+        shutil.rmtree(out)
+
+
+def task_seconds(task_stream: list[dict]) -> float:
+    """Total compute time of the slide tasks in a ``get_task_stream`` record."""
+    from pipeline.app.cluster import TASK_PREFIX
+
+    return sum(
+        s["stop"] - s["start"]
+        for task in task_stream
+        if str(task["key"]).startswith(TASK_PREFIX)
+        for s in task["startstops"]
+        if s["action"] == "compute"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ats-bench")
+    parser.add_argument("--slides", type=int, default=16)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+    from distributed import get_task_stream
+
+    from pipeline.app.cluster import connect, predict_on_client
+    from pipeline.app.config import ModelConfig
+    from pipeline.app.models import SlideClassifier
+    from pipeline.app.prediction import PredictionStore, predict, predict_slide
+    from pipeline.app.synth import CLASS_NAMES
+
+    load_before = os.getloadavg()[0]
+    paths = make_slides(args.cache, args.slides, args.size)
+    torch.manual_seed(0)
+    model = SlideClassifier(ModelConfig(class_names=CLASS_NAMES)).eval()
+    n = len(paths)
+
+    def local(out: Path) -> None:
+        store = PredictionStore(out, CLASS_NAMES)
+        for path in paths:
+            store.add(predict_slide(model, path, args.seed))
+
+    def cluster(client):
+        def run(out: Path) -> float:
+            store = PredictionStore(out, CLASS_NAMES)
+            with get_task_stream(client) as stream:
+                for result in predict_on_client(client, model, paths, args.seed):
+                    store.add(result)
+            return task_seconds(stream.data)
+
+        return run
+
+    timed(local)  # warm: imports, allocator, page cache
+    default_threads = torch.get_num_threads()
+
+    def local_one_thread(out: Path) -> None:
+        torch.set_num_threads(1)
+        try:
+            local(out)
+        finally:
+            torch.set_num_threads(default_threads)
+
+    runs = {
+        "local, 1 thread (predict_slide loop)": local_one_thread,
+        f"local, {default_threads} threads (predict())": lambda out: predict(
+            model, paths, out, seed=args.seed, progress=False
+        ),
+    }
+    startup = {}
+    with contextlib.ExitStack() as stack:
+        for workers in (1, 2):
+            start = time.perf_counter()
+            client = stack.enter_context(connect(workers=workers))
+            startup[workers] = time.perf_counter() - start
+            timed(cluster(client))  # warm: worker imports, model cache, page cache
+            runs[f"cluster, {workers} worker(s)"] = cluster(client)
+        # Repeats interleave the configurations, so a burst of load from other jobs
+        # hits them alike; each keeps its best time.
+        best = {name: (float("inf"), None) for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                best[name] = min(best[name], timed(run), key=lambda t: t[0])
+    times = {name: wall for name, (wall, _) in best.items()}
+    load_after = os.getloadavg()[0]
+
+    print(f"{n} slides of {args.size} x {args.size} px, default model, {os.cpu_count()} CPUs")
+    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after\n")
+    print("| run | time (s) | slides/s | workers busy |")
+    print("|---|---:|---:|---:|")
+    for name, (seconds, busy) in best.items():
+        occupancy = "" if busy is None else f"{busy / seconds:.2f}"
+        print(f"| {name} | {seconds:.2f} | {n / seconds:.2f} | {occupancy} |")
+    one, two = times["cluster, 1 worker(s)"], times["cluster, 2 worker(s)"]
+    local_one = times["local, 1 thread (predict_slide loop)"]
+    busy_one = best["cluster, 1 worker(s)"][1]
+    print()
+    print(f"2 workers / 1 worker: {one / two:.2f}x (target >= 1.6x)")
+    overhead = (one - local_one) / n
+    print(f"Dask overhead per slide, 1 worker vs local on 1 thread: {1000 * overhead:+.0f} ms")
+    print(
+        f"  of which outside the worker's slide tasks (wall - task compute): "
+        f"{1000 * (one - busy_one) / n:.0f} ms; slide task compute "
+        f"{1000 * busy_one / n:.0f} ms/slide vs {1000 * local_one / n:.0f} ms/slide locally"
+    )
+    print(
+        "cluster start-up (not timed above): "
+        + ", ".join(f"{k} worker(s) {v:.1f} s" for k, v in startup.items())
+    )
+
+
+if __name__ == "__main__":
+    main()
