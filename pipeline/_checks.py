@@ -60,6 +60,11 @@ def floating(value: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
 
 
+def integer(value: Tensor, name: str) -> None:
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+
+
 def probabilities(flat: Tensor, name: str) -> None:
     """``flat [B, P]`` must hold a probability distribution per row.
 

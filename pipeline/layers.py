@@ -201,7 +201,7 @@ class AttentionSampling(nn.Module):
         )
         batch, n = sampled_attention.shape
         features = self.feature(patches.flatten(0, 1))  # [B * N, ...]
-        features = features.view(batch, n, *features.shape[1:])  # [B, N, ...]
+        features = features.reshape(batch, n, *features.shape[1:])  # [B, N, ...]
         features = expectation(features, sampled_attention, self.replace, self.estimator)
         return features, attention, patches
 

@@ -75,8 +75,7 @@ def extract_patches(
             f"offsets must have shape [B, N, {ndim}] for x of shape {tuple(x.shape)}, "
             f"got {tuple(offsets.shape)}"
         )
-    if offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool:
-        raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
+    _checks.integer(offsets, "offsets")
     _checks.same_batch(x.shape[0], offsets.shape[0], "offsets")
     size = _checks.size_tuple(size, ndim, "size")
     _checks.fits(size, spatial, "the image x")
@@ -149,6 +148,8 @@ def patch_offsets(
     Returns:
         LongTensor[..., d] of top-left corners, on ``samples``' device.
     """
+    _checks.tensor(samples, "samples", min_dim=1)
+    _checks.integer(samples, "samples")
     d = samples.shape[-1]
     sizes = [
         _checks.size_tuple(s, d, name)

@@ -88,9 +88,18 @@ def test_mask_restricts_the_sampled_cells():
     torch.testing.assert_close(model(torch.rand(2, 3, 8, 8), x_high, mask=mask)[0], features)
 
 
-def test_reference_estimator_pass_through_and_validation():
-    model = _model(estimator="reference")
-    assert model.estimator == "reference"
+def test_estimator_pass_through_and_validation():
+    x_low, x_high = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 40, 40)
+    outputs, grads = [], []
+    for estimator in ("unbiased", "reference"):
+        torch.manual_seed(0)  # same weights, same draws
+        model = _model(estimator=estimator, generator=torch.Generator().manual_seed(3))
+        features, _, _ = model(x_low, x_high)
+        features.sum().backward()
+        outputs.append(features.detach())
+        grads.append(model.attention[0].weight.grad)
+    torch.testing.assert_close(outputs[0], outputs[1])  # same forward
+    assert not torch.allclose(grads[0], grads[1])  # different attention gradient
     with pytest.raises(ValueError, match="estimator"):
         _model(estimator="other")
     with pytest.raises(ValueError, match="n_patches must be >= 1"):

@@ -125,6 +125,8 @@ def test_patch_offsets_errors():
         patch_offsets(cells, (4, 4), (8, 8), (64, 64), (8, 8), receptive_field=8)
     with pytest.raises(ValueError, match="larger than the high-resolution image"):
         patch_offsets(cells, (4, 4), (8, 8), (64, 32), (8, 40))
+    with pytest.raises(TypeError, match="samples must be an integer tensor"):
+        patch_offsets(cells.float(), (4, 4), (8, 8), (64, 64), (8, 8))
 
 
 @pytest.mark.parametrize(("patch", "rf"), [((5, 4), 0), ((6, 7), 3), ((1, 1), 0), ((8, 8), 5)])
