@@ -1,0 +1,204 @@
+"""The paper's Megapixel MNIST networks and the two baselines.
+
+Every model maps `(x_low float32[B, 1, h, w], x_high float32[B, 1, H, W])` to class
+logits `[B, 10]` and exposes `regularizer_loss` (a scalar tensor, the attention
+regularizer's value for the last forward; zero for models without attention), so
+one training loop serves all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import pipeline
+
+N_CLASSES = 10
+
+
+class AttentionNet(nn.Sequential):
+    """Three 3x3 convolutions (8, 8, 1 channels, tanh between) and a smoothed softmax.
+
+    [B, 1, h, w] -> attention [B, h, w] (each map sums to 1).
+    """
+
+    def __init__(self, smooth: float = 1e-5) -> None:
+        super().__init__(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(8, 1, 3, padding=1),
+            pipeline.SampleSoftmax(squeeze_channels=True, smooth=smooth),
+        )
+
+
+class FeatureNet(nn.Module):
+    """7x7 then three 3x3 unpadded convolutions (32 channels, ReLU), global max pooling,
+    L2 normalisation: [M, 1, p, p] -> [M, 32].
+
+    `trunk` is the convolutional part alone, which the full model runs densely over a
+    whole canvas.
+    """
+
+    channels = 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = self.channels
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, c, 7), nn.ReLU(),
+            nn.Conv2d(c, c, 3), nn.ReLU(),
+            nn.Conv2d(c, c, 3), nn.ReLU(),
+            nn.Conv2d(c, c, 3), nn.ReLU(),
+        )  # fmt: skip
+
+    @property
+    def shrink(self) -> int:
+        """Pixels lost per axis by the unpadded convolutions (a p patch -> p - shrink)."""
+        return sum(m.kernel_size[0] - 1 for m in self.trunk if isinstance(m, nn.Conv2d))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return _l2_normalize(self.trunk(patches).amax(dim=(2, 3)))
+
+
+def keras_init(model: nn.Module) -> None:
+    """Glorot-uniform weights and zero biases, the original Keras code's defaults.
+
+    With zero biases an empty (all-zero) patch has all-zero activations, so early in
+    training the max-pooled features respond to strokes only; with PyTorch's default
+    initialisation the networks here barely leave chance level in the first hundred
+    steps, which the quick preset cannot afford.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _l2_normalize(features: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    return torch.nn.functional.normalize(features, dim=dim, eps=1e-12)
+
+
+class ATSModel(nn.Module):
+    """Attention sampling (the library) with the paper's networks and a linear head.
+
+    estimator: "unbiased" (DESIGN section 4) or "reference" (the original library's
+    attention gradient for sampling without replacement).
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 50,
+        n_patches: int = 10,
+        regularizer: float = 1e-4,
+        smooth: float = 1e-5,
+        estimator: str = "unbiased",
+    ) -> None:
+        super().__init__()
+        self.patch_size, self.n_patches = patch_size, n_patches
+        self.ats = pipeline.attention_sampling(
+            AttentionNet(smooth),
+            FeatureNet(),
+            patch_size=(patch_size, patch_size),
+            n_patches=n_patches,
+            replace=False,
+            attention_regularizer=pipeline.MultinomialEntropy(regularizer),
+            receptive_field=0,
+            estimator=estimator,
+        )
+        self.head = nn.Linear(FeatureNet.channels, N_CLASSES)
+        keras_init(self)
+
+    @property
+    def regularizer_loss(self) -> torch.Tensor:
+        return self.ats.regularizer_loss
+
+    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
+        features, _, _ = self.ats(x_low, x_high)
+        return self.head(features)
+
+    def sample_with_offsets(self, x_low: torch.Tensor, x_high: torch.Tensor):
+        """(attention [B, h, w], patches [B, N, 1, p, p], offsets [B, N, 2]) for figures."""
+        attention = self.ats.attention(x_low)
+        sampler = pipeline.SamplePatches(self.n_patches, (self.patch_size,) * 2)
+        patches, _, offsets = sampler(x_low, x_high, attention, return_offsets=True)
+        return attention, patches, offsets
+
+
+class LowResCNN(nn.Module):
+    """Baseline: the feature network run on the whole low-resolution view, linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = FeatureNet()
+        self.head = nn.Linear(FeatureNet.channels, N_CLASSES)
+        keras_init(self)
+
+    @property
+    def regularizer_loss(self) -> torch.Tensor:
+        return self.head.weight.new_zeros(())
+
+    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x_low))
+
+
+def grid_offsets(low_size: int, high_size: int, patch_size: int) -> torch.Tensor:
+    """Top-left offsets (LongTensor[low_size]) in x_high, along one axis, of the patch of
+    every attention cell, for an attention map as large as the low-resolution view
+    (SamplePatches' mapping, `pipeline.patch_offsets`, receptive field 0).
+    """
+    cells = torch.arange(low_size)[:, None]  # [h', 1]: every cell of a 1-D map
+    sizes = ((low_size,), (low_size,), (high_size,), (patch_size,))
+    return pipeline.patch_offsets(cells, *sizes)[:, 0]
+
+
+class FullModel(nn.Module):
+    """Baseline: the exact expectation that attention sampling estimates.
+
+    Features are computed for the patch of every attention cell (the same patches
+    SamplePatches would extract) and averaged with the full attention map:
+    `sum_k a_k f_k`. Because the feature trunk is convolutional, running it once over
+    the zero-padded canvas and max-pooling each patch's window gives every patch's
+    features at the cost of one pass over the canvas.
+    """
+
+    def __init__(self, patch_size: int = 50, regularizer: float = 1e-4, smooth: float = 1e-5):
+        super().__init__()
+        self.patch_size = patch_size
+        self.attention = AttentionNet(smooth)
+        self.features = FeatureNet()
+        self.entropy = pipeline.MultinomialEntropy(regularizer)
+        self.head = nn.Linear(FeatureNet.channels, N_CLASSES)
+        self.regularizer_loss = self.head.weight.new_zeros(())
+        keras_init(self)
+
+    def patch_features(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
+        """Features of every attention cell's patch: [B, D, h', w'] for x_low's [h', w']."""
+        (h, w), (H, W), p = x_low.shape[-2:], x_high.shape[-2:], self.patch_size
+        oy = grid_offsets(h, H, p).to(x_high.device)
+        ox = grid_offsets(w, W, p).to(x_high.device)
+        pad = max(0, -int(oy[0]), -int(ox[0]), int(oy[-1]) + p - H, int(ox[-1]) + p - W)
+        dense = self.features.trunk(nn.functional.pad(x_high, (pad,) * 4))  # [B, D, ., .]
+        window = p - self.features.shrink
+        # Separable max over each window (two 1-D passes instead of one window^2 pass).
+        dense = nn.functional.max_pool2d(dense, (window, 1), stride=1)
+        dense = nn.functional.max_pool2d(dense, (1, window), stride=1)
+        picked = dense[:, :, oy + pad][:, :, :, ox + pad]  # [B, D, h', w']
+        return _l2_normalize(picked)
+
+    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
+        attention = self.attention(x_low)  # [B, h', w']
+        self.regularizer_loss = self.entropy(attention)
+        features = self.patch_features(x_low, x_high)
+        return self.head(torch.einsum("bhw,bdhw->bd", attention, features))
+
+
+MODELS = {
+    "ats-unbiased": lambda cfg: ATSModel(cfg.patch_size, cfg.n_patches, cfg.regularizer,
+                                         estimator="unbiased"),
+    "ats-reference": lambda cfg: ATSModel(cfg.patch_size, cfg.n_patches, cfg.regularizer,
+                                          estimator="reference"),
+    "low-res-cnn": lambda cfg: LowResCNN(),
+    "full": lambda cfg: FullModel(cfg.patch_size, cfg.regularizer),
+}  # fmt: skip

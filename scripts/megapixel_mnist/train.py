@@ -1,0 +1,355 @@
+"""Train and compare attention sampling and the baselines on Megapixel MNIST.
+
+Run from the repository root:
+
+    python -m scripts.megapixel_mnist --preset quick --out runs/megapixel_mnist_quick
+
+Writes under --out: `metrics.csv` (one row per model and epoch), `results.csv` and
+`results.md` (test error, time and peak memory per image), `test_error.png` (test
+error per epoch) and `patches.png` (an image, its attention and sampled patches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data import CanvasConfig, Digits, MegapixelMNIST, load_idx_digits, load_sklearn_digits
+from .models import MODELS, ATSModel
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One experiment: data geometry and size, optimisation, the models to compare.
+
+    epochs maps a model name to its number of epochs (models absent from it are
+    skipped); the paper's settings are the defaults.
+    """
+
+    name: str
+    canvas: CanvasConfig
+    n_train: int
+    n_test: int
+    epochs: dict[str, int]
+    batch_size: int = 128
+    patch_size: int = 50
+    n_patches: int = 10
+    regularizer: float = 1e-4
+    lr: float = 1e-3
+    clip_norm: float = 1.0
+    seed: int = 0
+
+
+ALL = dict.fromkeys(MODELS, 1)
+PRESETS = {
+    p.name: p
+    for p in (
+        # The reference script's defaults (1500x1500, 50 noise squares, 500 epochs).
+        Preset("paper", CanvasConfig((1500, 1500), 0.12, 50), 5000, 1000,
+               dict.fromkeys(MODELS, 500)),
+        Preset("quick", CanvasConfig((300, 300), 0.12, 8), 1000, 250,
+               {"ats-unbiased": 6, "ats-reference": 6, "low-res-cnn": 6, "full": 2}, batch_size=16),
+        Preset("tiny", CanvasConfig((160, 160), 0.12, 2), 8, 4, ALL, batch_size=4, patch_size=24,
+               n_patches=3),
+    )
+}  # fmt: skip
+
+
+def load_digits(mnist_dir: str | None, split: str) -> Digits:
+    """scikit-learn's digits, or MNIST IDX files from `mnist_dir` (standard names, .gz ok)."""
+    if mnist_dir is None:
+        return load_sklearn_digits(split)
+    prefix = "train" if split == "train" else "t10k"
+    found = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        names = [f"{prefix}-{kind}", f"{prefix}-{kind}.gz"]
+        paths = [Path(mnist_dir) / n for n in names if (Path(mnist_dir) / n).is_file()]
+        if not paths:
+            raise FileNotFoundError(f"{mnist_dir}: none of {names} found")
+        found.append(paths[0])
+    return load_idx_digits(*found)
+
+
+def make_datasets(preset: Preset, mnist_dir: str | None = None):
+    train = MegapixelMNIST(load_digits(mnist_dir, "train"), preset.n_train, preset.canvas,
+                           seed=preset.seed)  # fmt: skip
+    test = MegapixelMNIST(load_digits(mnist_dir, "test"), preset.n_test, preset.canvas,
+                          seed=preset.seed + 1)  # fmt: skip
+    return train, test
+
+
+def build_model(name: str, preset: Preset) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name](preset)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, preset: Preset):
+    """One optimisation step; returns (loss, number of errors) on the batch."""
+    x_low, x_high, y = batch
+    logits = model(x_low, x_high)
+    loss = nn.functional.cross_entropy(logits, y) + model.regularizer_loss
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), preset.clip_norm)
+    optimizer.step()
+    return loss.item(), int((logits.argmax(1) != y).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader) -> tuple[float, float]:
+    """(mean cross-entropy, error rate) over `loader`."""
+    model.eval()
+    total_loss, errors, count = 0.0, 0, 0
+    for x_low, x_high, y in loader:
+        logits = model(x_low, x_high)
+        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        errors += int((logits.argmax(1) != y).sum())
+        count += len(y)
+    model.train()
+    return total_loss / count, errors / count
+
+
+def _to(device: torch.device, batch):
+    return [t.to(device) for t in batch]
+
+
+class _DeviceLoader:
+    """A DataLoader whose batches land on `device`."""
+
+    def __init__(self, loader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        return (_to(self.device, batch) for batch in self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def fit(name: str, model: nn.Module, train_loader, test_loader, preset: Preset, log) -> None:
+    """Train `model` for its preset epochs, calling `log(row)` after each epoch."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
+    for epoch in range(1, preset.epochs[name] + 1):
+        start = time.perf_counter()
+        total_loss, errors, count = 0.0, 0, 0
+        for batch in tqdm(train_loader, desc=f"{name} epoch {epoch}", leave=False):
+            loss, batch_errors = train_step(model, optimizer, batch, preset)
+            total_loss += loss * len(batch[2])
+            errors += batch_errors
+            count += len(batch[2])
+        train_seconds = time.perf_counter() - start
+        test_loss, test_error = evaluate(model, test_loader)
+        log({
+            "model": name, "epoch": epoch,
+            "train_loss": total_loss / count, "train_error": errors / count,
+            "test_loss": test_loss, "test_error": test_error,
+            "train_seconds_per_image": train_seconds / count,
+        })  # fmt: skip
+
+
+def peak_forward_memory(model: nn.Module, x_low: torch.Tensor, x_high: torch.Tensor) -> int:
+    """Peak bytes of tensor memory allocated during one inference forward.
+
+    On CUDA: torch.cuda.max_memory_allocated above the level before the call. On CPU:
+    torch.profiler's allocation records (each op's net allocation and the frees it
+    reports) accumulated in time order. Inputs and weights, allocated before, are
+    not counted.
+    """
+    model.eval()
+    with torch.no_grad():
+        if x_low.device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            model(x_low, x_high)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model(x_low, x_high)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    deltas = (e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+              for e in events)  # fmt: skip
+    return max(itertools.accumulate(deltas, initial=0))
+
+
+@torch.no_grad()
+def seconds_per_image(model: nn.Module, dataset, device: torch.device, n: int = 20) -> float:
+    """Mean inference time of one image (batch of 1), after one warm-up forward."""
+    model.eval()
+    images = [_to(device, (x_low[None], x_high[None])) for x_low, x_high, _ in
+              (dataset[i] for i in range(min(n, len(dataset))))]  # fmt: skip
+    model(*images[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for x_low, x_high in images:
+        model(x_low, x_high)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / len(images)
+
+
+def plot_test_error(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        ax.plot([r["epoch"] for r in mine], [100 * r["test_error"] for r in mine],
+                marker="o", label=name)  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_patches(model: ATSModel, dataset, index: int, path: Path, device: torch.device) -> None:
+    """The canvas with its sampled patches outlined, the attention map and the patches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    x_low, x_high, label = dataset[index]
+    x_low, x_high = _to(device, (x_low[None], x_high[None]))
+    attention, patches, offsets = model.sample_with_offsets(x_low, x_high)
+    n = patches.shape[1]
+    fig = plt.figure(figsize=(9, 4.2), dpi=80)
+    columns = (n + 1) // 2
+    grid = fig.add_gridspec(2, 4 + columns)
+    ax = fig.add_subplot(grid[:, :2])
+    ax.imshow(x_high[0, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+    p = model.patch_size
+    for y, x in offsets[0].tolist():
+        ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), p, p, fill=False, color="red", lw=1))
+    ax.set_title(f"canvas (label {label}), sampled patches", fontsize=9)
+    ax.axis("off")
+    ax = fig.add_subplot(grid[:, 2:4])
+    ax.imshow(attention[0].cpu().numpy(), cmap="viridis")
+    ax.set_title("attention", fontsize=9)
+    ax.axis("off")
+    for k in range(n):
+        ax = fig.add_subplot(grid[k // columns, 4 + k % columns])
+        ax.imshow(patches[0, k, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(preset: Preset, out: Path, models: list[str], device: torch.device,
+        mnist_dir: str | None = None) -> list[dict]:  # fmt: skip
+    """Train and measure `models` on `preset`; returns the results rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preset.json").write_text(json.dumps(dataclasses.asdict(preset), indent=2))
+    train_set, test_set = make_datasets(preset, mnist_dir)
+    metrics_path = out / "metrics.csv"
+    metrics_path.unlink(missing_ok=True)
+    rows, results = [], []
+
+    def log(row: dict) -> None:
+        rows.append(row)
+        new = not metrics_path.exists()
+        with metrics_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        tqdm.write(f"{row['model']} epoch {row['epoch']}: train loss {row['train_loss']:.3f}, "
+                   f"test error {100 * row['test_error']:.1f}%")  # fmt: skip
+
+    for name in models:
+        torch.manual_seed(preset.seed)
+        model = build_model(name, preset).to(device)
+        shuffle = torch.Generator().manual_seed(preset.seed)
+        loader = torch.utils.data.DataLoader(train_set, preset.batch_size, shuffle=True,
+                                             generator=shuffle)  # fmt: skip
+        test_loader = torch.utils.data.DataLoader(test_set, preset.batch_size)
+        fit(name, model, _DeviceLoader(loader, device), _DeviceLoader(test_loader, device),
+            preset, log)  # fmt: skip
+        x_low, x_high, _ = test_set[0]
+        mine = [r for r in rows if r["model"] == name]
+        results.append({
+            "model": name,
+            "epochs": len(mine),
+            "test_error": mine[-1]["test_error"],
+            "train_seconds_per_image": float(np.mean([r["train_seconds_per_image"] for r in mine])),
+            "test_seconds_per_image": seconds_per_image(model, test_set, device),
+            "peak_memory_mb_per_image": peak_forward_memory(
+                model, *_to(device, (x_low[None], x_high[None]))) / 2**20,
+        })  # fmt: skip
+        if name == "ats-unbiased":
+            plot_patches(model, test_set, 0, out / "patches.png", device)
+    plot_test_error(rows, out / "test_error.png")
+    write_results(results, out, preset)
+    return results
+
+
+def write_results(results: list[dict], out: Path, preset: Preset) -> None:
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+    lines = [
+        f"Preset `{preset.name}`: canvas {preset.canvas.size}, low-res "
+        f"{preset.canvas.low_size}, {preset.n_train} train / {preset.n_test} test images.",
+        "",
+        "| model | epochs | test error | train s/image | test s/image | peak MB/image |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['epochs']} | {100 * r['test_error']:.1f}% | "
+        f"{r['train_seconds_per_image']:.4f} | {r['test_seconds_per_image']:.4f} | "
+        f"{r['peak_memory_mb_per_image']:.2f} |"
+        for r in results
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default runs/megapixel_mnist_<preset>)")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--mnist", default=None, metavar="DIR",
+                        help="directory with the MNIST IDX files (default: scikit-learn digits)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; expected a subset of {list(MODELS)}")
+    out = args.out or Path("runs") / f"megapixel_mnist_{preset.name}"
+    run(preset, out, [m for m in models if m in preset.epochs], torch.device(args.device),
+        args.mnist)  # fmt: skip
