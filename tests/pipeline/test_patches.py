@@ -171,6 +171,11 @@ class ArrayPatchSource:
         return self.image.shape
 
     def read_patches(self, offsets, size, fill=0):
+        # The protocol's argument types, checked as a reader would.
+        if not (isinstance(offsets, np.ndarray) and offsets.dtype == np.int64):
+            raise TypeError(f"offsets must be an int64 array, got {type(offsets)}")
+        if offsets.ndim != 2 or offsets.shape[1] != 2 or len(size) != 2:
+            raise ValueError(f"offsets [N, 2] and size (h, w) expected, got {offsets.shape}")
         h, w = size
         height, width, channels = self.image.shape
         out = np.full((len(offsets), h, w, channels), fill, dtype=np.uint8)
