@@ -57,7 +57,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.app.synth import write_dataset
 
-    labels = write_dataset(args.out_dir, n=args.n, size=args.size, seed=args.seed, progress=True)
+    labels = write_dataset(
+        args.out_dir, n=args.n, size=args.size, seed=args.seed, progress=True, workers=args.workers
+    )
     print(f"wrote {args.n} slides and {labels}")
     return 0
 
@@ -70,6 +72,8 @@ def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
         "n_patches": args.n_patches,
         "patch_size": None if args.patch_size is None else (args.patch_size, args.patch_size),
         "low_res_max_side": args.low_res_max_side,
+        "low_res_level": args.low_res_level,
+        "low_res_mpp": args.low_res_mpp,
         "patch_level": args.patch_level,
         "patch_mpp": args.patch_mpp,
         "entropy_strength": args.entropy,
@@ -135,6 +139,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-patches", type=int, help="patches sampled per slide")
     g.add_argument("--patch-size", type=int, help="patch side in patch-level pixels")
     g.add_argument("--low-res-max-side", type=int, help="longer side of the attention view")
+    g.add_argument("--low-res-level", type=int, help="pyramid level as the attention view")
+    g.add_argument("--low-res-mpp", type=float, help="microns per pixel of the attention view")
     g.add_argument("--patch-level", type=int, help="pyramid level of the patches (default 0)")
     g.add_argument("--patch-mpp", type=float, help="microns per pixel of the patches")
     g.add_argument("--no-tissue-mask", action="store_true", help="sample outside tissue too")
@@ -157,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=40, help="number of slides")
     p.add_argument("--size", type=int, default=2048, help="slide side in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes writing slides")
     p.set_defaults(run=cmd_synth)
 
     p = sub.add_parser("train", help="train a classifier (resumes an existing run directory)")
@@ -186,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic data, train, predict and a baseline, in minutes")
     p.add_argument("--out", default="ats-demo", metavar="DIR")
-    p.add_argument("--n-train", type=int, default=48)
-    p.add_argument("--n-test", type=int, default=24)
+    p.add_argument("--n-train", type=int, default=32)
+    p.add_argument("--n-test", type=int, default=16)
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

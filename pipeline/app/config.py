@@ -34,6 +34,9 @@ class ModelConfig:
         low_res_max_side: the attention view is the slide's thumbnail whose longer
             side is at most this many pixels (e.g. 512 turns a 40,000 x 30,000
             slide into a 512 x 384 view, downsample 78.1).
+        low_res_level / low_res_mpp: take a whole pyramid level as the attention
+            view instead, by index or microns per pixel (mpp wins when the slide
+            states its mpp).
         patch_level: index of the pyramid level patches are read from (0 = full
             resolution), used when ``patch_mpp`` is None.
         patch_mpp: microns per pixel wanted for patches; the closest level at least
@@ -51,6 +54,8 @@ class ModelConfig:
     receptive_field: int = 0
     entropy_strength: float = 0.01
     low_res_max_side: int = 256
+    low_res_level: int | None = None
+    low_res_mpp: float | None = None
     patch_level: int = 0
     patch_mpp: float | None = None
     tissue_mask: bool = True
@@ -65,8 +70,10 @@ class ModelConfig:
         )
         if len(self.patch_size) != 2 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size: expected (height, width) >= 1, got {self.patch_size}")
-        if self.patch_level < 0:
-            raise ValueError(f"patch_level: expected >= 0, got {self.patch_level}")
+        for name in ("patch_level", "low_res_level"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}: expected >= 0, got {value}")
         if self.entropy_strength < 0:
             raise ValueError(f"entropy_strength: expected >= 0, got {self.entropy_strength}")
         # JSON gives lists; the dataclass is hashable and compares equal either way.

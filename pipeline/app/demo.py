@@ -35,8 +35,8 @@ class DemoResult:
 
 def run_demo(
     out_dir: str | os.PathLike = "ats-demo",
-    n_train: int = 48,
-    n_test: int = 24,
+    n_train: int = 32,
+    n_test: int = 16,
     size: int = 2048,
     epochs: int = 8,
     seed: int = 0,
@@ -56,10 +56,10 @@ def run_demo(
     train_dir, test_dir = out / "train_slides", out / "test_slides"
     log(f"writing {n_train} + {n_test} synthetic {size}x{size} slides to {out}")
     train_labels = synth.write_dataset(
-        train_dir, n=n_train, size=size, seed=seed, progress=progress
+        train_dir, n=n_train, size=size, seed=seed, progress=progress, workers=2
     )
     test_labels = synth.write_dataset(
-        test_dir, n=n_test, size=size, seed=seed + 1, progress=progress
+        test_dir, n=n_test, size=size, seed=seed + 1, progress=progress, workers=2
     )
 
     model_config = ModelConfig(class_names=synth.CLASS_NAMES)

@@ -76,17 +76,38 @@ def low_res_tensor(
     return x[None]  # [1, 4, h, w]
 
 
-def choose_patch_level(slide, config: ModelConfig):
-    """The level patches are read from: by ``patch_mpp`` when both it and the
-    slide's mpp are known, else ``patch_level`` (which must exist)."""
-    if config.patch_mpp is not None and slide.mpp is not None:
-        return slide.levels[slide.level_for_mpp(config.patch_mpp)]
-    if config.patch_level >= len(slide.levels):
+MAX_VIEW_PIXELS = 4096 * 4096
+"""Largest attention view read when a level is asked for by index or mpp."""
+
+
+def choose_level(slide, mpp: float | None, index: int, what: str):
+    """The level of ``slide`` at ``mpp`` microns per pixel (the coarsest at least
+    as fine) when both it and the slide's mpp are known, else level ``index``."""
+    if mpp is not None and slide.mpp is not None:
+        return slide.levels[slide.level_for_mpp(mpp)]
+    if index >= len(slide.levels):
         raise ValueError(
-            f"{slide.path}: patch_level {config.patch_level} requested, "
+            f"{slide.path}: {what} level {index} requested, "
             f"the slide has levels 0..{len(slide.levels) - 1}"
         )
-    return slide.levels[config.patch_level]
+    return slide.levels[index]
+
+
+def attention_view(slide, config: ModelConfig) -> np.ndarray:
+    """The attention view, uint8 [h, w, 3]: the thumbnail of longer side
+    ``low_res_max_side``, or the whole level chosen by ``low_res_mpp`` /
+    ``low_res_level`` when either is set (at most ``MAX_VIEW_PIXELS``)."""
+    if config.low_res_mpp is None and config.low_res_level is None:
+        side = config.low_res_max_side
+        return slide.thumbnail((side, side))
+    level = choose_level(slide, config.low_res_mpp, config.low_res_level or 0, "attention")
+    h, w = level.shape[:2]
+    if h * w > MAX_VIEW_PIXELS:
+        raise ValueError(
+            f"{slide.path}: the attention level {level.index} is {h} x {w} pixels, more than "
+            f"{MAX_VIEW_PIXELS} for a low-resolution view; ask for a coarser level or mpp"
+        )
+    return slide.thumbnail((h, w))  # exactly that level, already that small
 
 
 def open_view(path: str | os.PathLike, config: ModelConfig) -> SlideView:
@@ -99,12 +120,12 @@ def open_view(path: str | os.PathLike, config: ModelConfig) -> SlideView:
 
     slide = readers.open_slide(path)
     try:
-        side = config.low_res_max_side
-        thumbnail = slide.thumbnail((side, side))
+        thumbnail = attention_view(slide, config)
         tissue = (
             tissue_mask(thumbnail) if config.tissue_mask else np.ones(thumbnail.shape[:2], bool)
         )
-        return SlideView(Path(path), slide, thumbnail, tissue, choose_patch_level(slide, config))
+        patch_level = choose_level(slide, config.patch_mpp, config.patch_level, "patch")
+        return SlideView(Path(path), slide, thumbnail, tissue, patch_level)
     except BaseException:
         slide.close()
         raise

@@ -236,14 +236,17 @@ def write_dataset(
     size: int = 2048,
     seed: int = 0,
     progress: bool = False,
+    workers: int = 1,
     **layout_options,
 ) -> Path:
     """Write ``n`` slides of ``size x size`` pixels and ``labels.csv`` (``slide,label``).
 
-    Classes alternate so the dataset is balanced; each slide's layout seed is
-    derived from ``seed`` and its index. ``layout_options`` go to ``make_layout``.
-    Returns the labels CSV path.
+    Classes alternate so the dataset is balanced; slide ``i``'s layout seed is
+    ``seed * 100003 + i``. ``workers`` > 1 writes slides in that many processes
+    (same files). ``layout_options`` go to ``make_layout``. Returns the labels CSV path.
     """
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     from pipeline.app.outputs import write_csv
@@ -252,15 +255,26 @@ def write_dataset(
         raise ValueError(f"need n >= 1 and size >= 64, got n={n}, size={size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in tqdm(range(n), desc="synth", unit="slide", disable=not progress):
-        positive = i % 2 == 1
-        name = f"slide_{i:03d}.tiff"
-        layout = make_layout(
-            (size, size), seed=seed * 100_003 + i, positive=positive, **layout_options
-        )
-        write_slide(out / name, layout)
-        rows.append({"slide": name, "label": CLASS_NAMES[int(positive)]})
+    jobs = [
+        (out / f"slide_{i:03d}.tiff", (size, size), seed * 100_003 + i, i % 2 == 1, layout_options)
+        for i in range(n)
+    ]
+    bar = tqdm(total=n, desc="synth", unit="slide", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_write_job, jobs):
+                bar.update()
+    else:
+        for job in jobs:
+            _write_job(job)
+            bar.update()
+    bar.close()
+    rows = [{"slide": path.name, "label": CLASS_NAMES[int(pos)]} for path, _, _, pos, _ in jobs]
     labels = out / LABELS_CSV
     write_csv(labels, ["slide", "label"], rows)
     return labels
+
+
+def _write_job(job: tuple) -> None:
+    path, shape, seed, positive, options = job
+    write_slide(path, make_layout(shape, seed=seed, positive=positive, **options))

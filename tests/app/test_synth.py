@@ -65,3 +65,12 @@ def test_bad_sizes():
         ValueError, match=r"shape: expected \(height, width\) >= 64, got \(32, 512\)"
     ):
         make_layout((32, 512), seed=0, positive=False)
+
+
+def test_parallel_writing_gives_the_same_files(tmp_path):
+    from pipeline.app.synth import write_dataset
+
+    write_dataset(tmp_path / "one", n=2, size=256, seed=4)
+    write_dataset(tmp_path / "two", n=2, size=256, seed=4, workers=2)
+    for name in ("slide_000.tiff", "slide_001.tiff", "labels.csv"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
