@@ -129,8 +129,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.app.demo import run_demo
 
-    run_demo(args.out, n_train=args.n_train, n_test=args.n_test, size=args.size,
-             epochs=args.epochs, seed=args.seed)  # fmt: skip
+    given = {"n_train": args.n_train, "n_test": args.n_test, "size": args.size,
+             "epochs": args.epochs, "seed": args.seed}  # fmt: skip
+    run_demo(args.out, **{k: v for k, v in given.items() if v is not None})
     return 0
 
 
@@ -193,11 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic data, train, predict and a baseline, in minutes")
     p.add_argument("--out", default="ats-demo", metavar="DIR")
-    p.add_argument("--n-train", type=int, default=32)
-    p.add_argument("--n-test", type=int, default=16)
-    p.add_argument("--size", type=int, default=2048)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, help="training slides (default 40)")
+    p.add_argument("--n-test", type=int, help="test slides (default 16)")
+    p.add_argument("--size", type=int, help="slide side in pixels (default 1536)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    p.add_argument("--seed", type=int, help="dataset and training seed (default 0)")
     p.set_defaults(run=cmd_demo)
     return parser
 

@@ -35,10 +35,10 @@ class DemoResult:
 
 def run_demo(
     out_dir: str | os.PathLike = "ats-demo",
-    n_train: int = 32,
+    n_train: int = 40,
     n_test: int = 16,
-    size: int = 2048,
-    epochs: int = 8,
+    size: int = 1536,
+    epochs: int = 10,
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
