@@ -17,13 +17,17 @@ heatmap PNG, GeoJSON, CSV row per slide):
   untimed run warms the workers (imports, model built from the payload, as a
   long-lived cluster would be); the weights are still sent in each timed run.
 
-Prints slides/s per row, the 2-worker / 1-worker ratio (target >= 1.6) and the
-per-slide Dask overhead: (cluster with 1 worker - local on 1 thread) / slides.
+Prints slides/s and CPU time per slide for each row, the 2-worker / 1-worker
+ratio (target >= 1.6) and the per-slide Dask overhead: (cluster with 1 worker -
+local on 1 thread) / slides, in wall time and in CPU time summed over this process
+(client and scheduler) and the workers. On a shared machine CPU time is the
+steadier of the two.
+
 "workers busy" is the slide tasks' compute time over the wall time (from Dask's
 task stream): 2.0 means both workers computed all the time, so any shortfall of
-the ratio comes from the CPUs, not from scheduling.
-Times are the best of ``--repeats`` runs, the configurations interleaved. The
-1-minute load average before and after is printed: the machine may be shared.
+the ratio comes from the CPUs, not from scheduling. Times are the best of
+``--repeats`` runs, the configurations interleaved. The 1-minute load average
+before and after is printed: the machine may be shared.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 
 def make_slides(cache: Path, n: int, size: int) -> list[Path]:
@@ -47,14 +52,24 @@ def make_slides(cache: Path, n: int, size: int) -> list[Path]:
     return list_slides([directory])
 
 
-def timed(run) -> tuple[float, float | None]:
-    """Wall time of ``run(out_dir)`` into a fresh output directory, and what
-    ``run`` returns (seconds the workers spent in slide tasks, for cluster runs)."""
+class Measurement(NamedTuple):
+    """One timed run: wall seconds, CPU seconds of every process involved, and the
+    seconds the workers spent in slide tasks (cluster runs only)."""
+
+    wall: float
+    cpu: float
+    busy: float | None
+
+
+def timed(run, cpu_clock=time.process_time) -> Measurement:
+    """Measure ``run(out_dir)`` into a fresh output directory. ``run`` returns the
+    busy seconds (or None); ``cpu_clock()`` sums the CPU time of the processes."""
     out = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     try:
-        start = time.perf_counter()
+        cpu, start = cpu_clock(), time.perf_counter()
         busy = run(out)
-        return time.perf_counter() - start, busy
+        wall = time.perf_counter() - start
+        return Measurement(wall, cpu_clock() - cpu, busy)
     finally:
         shutil.rmtree(out)
 
@@ -101,6 +116,10 @@ def main() -> None:
         for path in paths:
             store.add(predict_slide(model, path, args.seed))
 
+    def cluster_cpu(client):
+        """CPU seconds of this process (client and scheduler) and of every worker."""
+        return lambda: time.process_time() + sum(client.run(time.process_time).values())
+
     def cluster(client):
         def run(out: Path) -> float:
             store = PredictionStore(out, CLASS_NAMES)
@@ -121,11 +140,12 @@ def main() -> None:
         finally:
             torch.set_num_threads(default_threads)
 
+    def local_predict(out: Path) -> None:
+        predict(model, paths, out, seed=args.seed, progress=False)
+
     runs = {
-        "local, 1 thread (predict_slide loop)": local_one_thread,
-        f"local, {default_threads} threads (predict())": lambda out: predict(
-            model, paths, out, seed=args.seed, progress=False
-        ),
+        "local, 1 thread (predict_slide loop)": (local_one_thread, time.process_time),
+        f"local, {default_threads} threads (predict())": (local_predict, time.process_time),
     }
     startup = {}
     with contextlib.ExitStack() as stack:
@@ -134,34 +154,32 @@ def main() -> None:
             client = stack.enter_context(connect(workers=workers))
             startup[workers] = time.perf_counter() - start
             timed(cluster(client))  # warm: worker imports, model cache, page cache
-            runs[f"cluster, {workers} worker(s)"] = cluster(client)
+            runs[f"cluster, {workers} worker(s)"] = (cluster(client), cluster_cpu(client))
         # Repeats interleave the configurations, so a burst of load from other jobs
-        # hits them alike; each keeps its best time.
-        best = {name: (float("inf"), None) for name in runs}
+        # hits them alike; each keeps its fastest run.
+        best: dict[str, Measurement] = {}
         for _ in range(args.repeats):
-            for name, run in runs.items():
-                best[name] = min(best[name], timed(run), key=lambda t: t[0])
-    times = {name: wall for name, (wall, _) in best.items()}
+            for name, (run, cpu_clock) in runs.items():
+                m = timed(run, cpu_clock)
+                if name not in best or m.wall < best[name].wall:
+                    best[name] = m
     load_after = os.getloadavg()[0]
 
     print(f"{n} slides of {args.size} x {args.size} px, default model, {os.cpu_count()} CPUs")
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after\n")
-    print("| run | time (s) | slides/s | workers busy |")
-    print("|---|---:|---:|---:|")
-    for name, (seconds, busy) in best.items():
-        occupancy = "" if busy is None else f"{busy / seconds:.2f}"
-        print(f"| {name} | {seconds:.2f} | {n / seconds:.2f} | {occupancy} |")
-    one, two = times["cluster, 1 worker(s)"], times["cluster, 2 worker(s)"]
-    local_one = times["local, 1 thread (predict_slide loop)"]
-    busy_one = best["cluster, 1 worker(s)"][1]
+    print("| run | time (s) | slides/s | CPU ms/slide | workers busy |")
+    print("|---|---:|---:|---:|---:|")
+    for name, m in best.items():
+        busy = "" if m.busy is None else f"{m.busy / m.wall:.2f}"
+        print(f"| {name} | {m.wall:.2f} | {n / m.wall:.2f} | {1000 * m.cpu / n:.0f} | {busy} |")
+    local_one = best["local, 1 thread (predict_slide loop)"]
+    one, two = best["cluster, 1 worker(s)"], best["cluster, 2 worker(s)"]
     print()
-    print(f"2 workers / 1 worker: {one / two:.2f}x (target >= 1.6x)")
-    overhead = (one - local_one) / n
-    print(f"Dask overhead per slide, 1 worker vs local on 1 thread: {1000 * overhead:+.0f} ms")
+    print(f"2 workers / 1 worker: {one.wall / two.wall:.2f}x (target >= 1.6x)")
     print(
-        f"  of which outside the worker's slide tasks (wall - task compute): "
-        f"{1000 * (one - busy_one) / n:.0f} ms; slide task compute "
-        f"{1000 * busy_one / n:.0f} ms/slide vs {1000 * local_one / n:.0f} ms/slide locally"
+        "Dask overhead per slide, 1 worker vs local on 1 thread: "
+        f"{1000 * (one.wall - local_one.wall) / n:+.0f} ms wall, "
+        f"{1000 * (one.cpu - local_one.cpu) / n:+.0f} ms CPU (client + scheduler + worker)"
     )
     print(
         "cluster start-up (not timed above): "
