@@ -221,3 +221,14 @@ def test_bad_files_get_error_rows(run, dataset, tmp_path):
         assert rows[name]["status"] == "error" and rows[name]["label"] == ""
         assert f"{name}{suffix}" in rows[name]["error"]
     assert sorted(r.slide for r in summary.failed) == ["notes", "truncated"]
+
+
+def test_real_svs_without_pyramid(run, cmu_svs):
+    # CMU-1-Small-Region.svs: one 2967 x 2220 level, JPEG tiles; the view is
+    # streamed down from level 0 and patches stay on the tissue and in the slide.
+    result = predict_slide(run.model, cmu_svs, seed=0)
+    assert result.status == "ok", result.error
+    assert result.slide_shape == (2967, 2220)
+    assert max(result.thumbnail.shape[:2]) == 128
+    y, x, h, w = result.boxes.T
+    assert (y + h > 0).all() and (y < 2967).all() and (x + w > 0).all() and (x < 2220).all()
