@@ -213,9 +213,7 @@ def predict_on_client(
     paths = [Path(p) for p in paths]
     run = uuid.uuid4().hex[:8]
     payload = ModelPayload.from_model(model)
-    weights = client.submit(
-        _load_payload, payload, key=f"ats-model-{payload.token}-{run}", pure=False
-    )
+    weights = client.submit(_load_payload, payload, key=f"ats-model-{payload.token}-{run}")
     pending = {
         client.submit(
             _predict_task, weights, os.path.abspath(path), int(seed), device,
@@ -239,9 +237,13 @@ def _result_of(future, path: Path) -> SlideResult:
         return dataclasses.replace(future.result(), path=str(path))
     if future.status == "error":
         return error_result(path, future.exception())
-    # Cancelled: the client lost its scheduler, or someone cancelled the key. Not a
-    # property of the slide, so no error row: a rerun will do it.
+    # Cancelled: not a property of the slide, so no error row; a rerun will do it.
+    if future.client.status != "running":
+        raise ConnectionError(
+            f"lost the connection to the Dask scheduler before {path} was done; "
+            "finished slides are saved, run again to do the rest"
+        )
     raise RuntimeError(
-        f"{path}: the Dask task {future.key!r} was {future.status}; "
+        f"the Dask task {future.key!r} of {path} was cancelled (by another client?); "
         "finished slides are saved, run again to do the rest"
     )

@@ -176,6 +176,23 @@ def test_task_killing_every_worker_is_an_error_result(model, paths, local_result
     )
 
 
+def test_lost_scheduler_stops_the_run_and_keeps_finished_slides(model, paths, tmp_path):
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    )
+    with (
+        cluster,
+        connect(scheduler=cluster.scheduler_address, timeout=2) as client,
+        pytest.raises(ConnectionError, match="lost the connection to the Dask scheduler"),
+    ):
+        run_into_store(client, model, paths, tmp_path, on_result=lambda _: cluster.close())
+    # Slides finished before the loss are saved; the others have no row (no error rows).
+    rows = csv_rows(tmp_path)
+    assert 1 <= len(rows) < len(paths) and {r["status"] for r in rows} == {"ok"}
+
+
 def test_bad_slides_are_error_results_and_others_complete(
     client, model, paths, local_results, tmp_path
 ):
