@@ -22,18 +22,17 @@ SYNTH_SHAPES = pyramid_shapes(SYNTH_SHAPE, SYNTH_TILE, SYNTH_LEVELS)
 
 
 def reference_patches(level_pixels: np.ndarray, offsets, size, fill: int) -> np.ndarray:
-    """Naive loop: each patch cut from the whole decoded level, ``fill`` outside."""
-    H, W = level_pixels.shape[:2]
-    h, w = size
-    out = np.full((len(offsets), h, w, 3), fill, np.uint8)
-    for i, (y, x) in enumerate(offsets):
-        for dy in range(h):
-            if 0 <= y + dy < H:
-                for_x = [(dx, x + dx) for dx in range(w) if 0 <= x + dx < W]
-                if for_x:
-                    dxs, xs = zip(*for_x, strict=True)
-                    out[i, dy, list(dxs)] = level_pixels[y + dy, list(xs)]
-    return out
+    """Naive: cut each patch from the whole decoded level padded with ``fill`` on all sides."""
+    margin = int(np.abs(offsets).max()) + max(size)
+    padded = np.pad(
+        level_pixels, ((margin, margin), (margin, margin), (0, 0)), constant_values=fill
+    )
+    return np.stack(
+        [
+            padded[y + margin : y + margin + size[0], x + margin : x + margin + size[1]]
+            for y, x in offsets
+        ]
+    )
 
 
 def awkward_offsets(level) -> np.ndarray:
