@@ -1,10 +1,12 @@
 """Cluster benchmark: slide prediction on 1 and 2 Dask worker processes vs one process.
 
-    python scripts/bench_cluster.py [--cache DIR] [--slides 16] [--size 2048] [--repeats 5]
+    python scripts/bench_cluster.py [--cache DIR] [--slides 16] [--size 2048]
+                                     [--repeats 5] [--patches N]
 
 Generates (once, cached in ``--cache``) ``--slides`` synthetic slides of ``--size``
 pixels square (``pipeline.app.synth``), builds the default ``SlideClassifier``
-(untrained, seed 0: speed does not depend on the weights) and times, in one run,
+(untrained, seed 0: speed does not depend on the weights; ``--patches`` changes
+its number of patches, i.e. the work per slide) and times, in one run,
 the prediction of every slide into a fresh output directory (``PredictionStore``:
 heatmap PNG, GeoJSON, CSV row per slide):
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -94,6 +97,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--patches", type=int, default=None, help="n_patches (default: ModelConfig's)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -108,7 +114,10 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     paths = make_slides(args.cache, args.slides, args.size)
     torch.manual_seed(0)
-    model = SlideClassifier(ModelConfig(class_names=CLASS_NAMES)).eval()
+    config = ModelConfig(class_names=CLASS_NAMES)
+    if args.patches is not None:
+        config = dataclasses.replace(config, n_patches=args.patches)
+    model = SlideClassifier(config).eval()
     n = len(paths)
 
     def local(out: Path) -> None:
@@ -165,7 +174,10 @@ def main() -> None:
                     best[name] = m
     load_after = os.getloadavg()[0]
 
-    print(f"{n} slides of {args.size} x {args.size} px, default model, {os.cpu_count()} CPUs")
+    print(
+        f"{n} slides of {args.size} x {args.size} px, default model with {config.n_patches} "
+        f"patches, {os.cpu_count()} CPUs"
+    )
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after\n")
     print("| run | time (s) | slides/s | CPU ms/slide | workers busy |")
     print("|---|---:|---:|---:|---:|")
