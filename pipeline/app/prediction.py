@@ -165,9 +165,9 @@ def list_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     names: dict[str, Path] = {}
     for p in paths:
         other = names.setdefault(slide_name(p), p)
-        if other != p:
+        if other.resolve() != p.resolve():
             raise ValueError(f"two inputs share the output name {slide_name(p)!r}: {other} and {p}")
-    return paths
+    return list(names.values())  # a file named twice (alone and in its directory) runs once
 
 
 class PredictionStore:

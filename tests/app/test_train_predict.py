@@ -232,3 +232,20 @@ def test_real_svs_without_pyramid(run, cmu_svs):
     assert max(result.thumbnail.shape[:2]) == 128
     y, x, h, w = result.boxes.T
     assert (y + h > 0).all() and (y < 2967).all() and (x + w > 0).all() and (x < 2220).all()
+
+
+def test_list_slides(tmp_path):
+    from pipeline.app.prediction import list_slides
+
+    (tmp_path / "a").mkdir()
+    for name in ("x.svs", "y.tiff", "notes.txt", ".hidden.svs"):
+        (tmp_path / "a" / name).write_text("")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.ndpi").write_text("")
+    a = tmp_path / "a"
+    assert list_slides([a]) == [a / "x.svs", a / "y.tiff"]
+    assert list_slides([a, a / "y.tiff"]) == [a / "x.svs", a / "y.tiff"]  # once
+    with pytest.raises(ValueError, match="two inputs share the output name 'x'"):
+        list_slides([a, tmp_path / "b"])
+    with pytest.raises(FileNotFoundError, match="nope.svs"):
+        list_slides([tmp_path / "nope.svs"])
