@@ -19,8 +19,6 @@ from torch import nn
 import pipeline
 from pipeline.app.config import ModelConfig
 
-LOW_RES_CHANNELS = 4
-
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)

@@ -47,7 +47,9 @@ class SlideResult:
         error: ``"<ExceptionType>: message"`` on error.
         thumbnail: uint8 [h, w, 3] attention view.
         attention: float32 [h', w'] attention map (sums to 1).
-        boxes: int64 [N, 4] sampled patches as ``(y, x, h, w)`` in level-0 pixels.
+        boxes: int64 [N, 4] sampled patches as ``(y, x, h, w)`` in level-0 pixels
+            (those with non-zero attention: N is less than ``n_patches`` only when
+            the slide has fewer tissue cells).
         patch_attention: float32 [N] attention probability of each patch.
         slide_shape: level-0 ``(H, W)``.
     """
@@ -108,6 +110,10 @@ def classify_view(model: SlideClassifier, view: SlideView, seed: int) -> SlideRe
         ],
         axis=1,
     ).astype(np.int64)
+    patch_attention = out.sampled_attention[0].cpu().numpy().astype(np.float32)
+    # Draws past the end of the support (fewer tissue cells than patches) have
+    # zero attention and no weight in the estimate: not reported.
+    kept = patch_attention > 0
     return SlideResult(
         slide=slide_name(view.path),
         path=str(view.path),
@@ -116,8 +122,8 @@ def classify_view(model: SlideClassifier, view: SlideView, seed: int) -> SlideRe
         probs=probs,
         thumbnail=view.thumbnail,
         attention=out.attention[0].cpu().numpy().astype(np.float32),
-        boxes=boxes,
-        patch_attention=out.sampled_attention[0].cpu().numpy().astype(np.float32),
+        boxes=boxes[kept],
+        patch_attention=patch_attention[kept],
         slide_shape=tuple(int(s) for s in view.slide.shape[:2]),
     )
 

@@ -249,3 +249,17 @@ def test_list_slides(tmp_path):
         list_slides([a, tmp_path / "b"])
     with pytest.raises(FileNotFoundError, match="nope.svs"):
         list_slides([tmp_path / "nope.svs"])
+
+
+def test_fewer_tissue_cells_than_patches(run, dataset):
+    from pipeline.app.prediction import classify_view
+    from pipeline.app.slides import open_view
+
+    with open_view(dataset / "slide_001.tiff", run.model.config) as view:
+        view.tissue = np.zeros_like(view.tissue)
+        view.tissue[60:62, 60:64] = True  # 2 attention cells of 2x2 pixels
+        result = classify_view(run.model, view, seed=0)
+    assert len(result.boxes) == 2 and result.patch_attention.sum() == pytest.approx(1.0)
+    assert np.isfinite(result.probs).all()
+    centres = result.boxes[:, :2] + result.boxes[:, 2:] // 2  # level 0, thumbnail is 1/8
+    assert ((centres >= 60 * 8) & (centres < 64 * 8)).all()
