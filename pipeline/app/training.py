@@ -197,14 +197,15 @@ def train(
     if not train_set:
         raise ValueError(f"{labels}: no readable training slides ({len(skipped)} skipped)")
 
-    torch.manual_seed(cfg.seed)
-    model = SlideClassifier(run_config.model).to(device)
+    if resuming:
+        model, _ = checkpoint.load_model(out, device)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = SlideClassifier(run_config.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
     start = 0
     if resuming:
-        model, _ = checkpoint.load_model(out, device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         checkpoint.load_optimizer(out, optimizer)
         state = json.loads((out / STATE_FILE).read_text())
         start, history = state["epochs_done"], state["history"]
