@@ -19,7 +19,7 @@ import torch
 from pipeline.app import outputs, synth
 from pipeline.app.baseline import low_res_accuracy, train_low_res
 from pipeline.app.config import ModelConfig, TrainConfig
-from pipeline.app.prediction import predict, slide_name
+from pipeline.app.prediction import default_device, predict, slide_name
 from pipeline.app.training import load_slides, read_labels, train
 
 
@@ -62,12 +62,13 @@ def run_demo(
         test_dir, n=n_test, size=size, seed=seed + 1, progress=progress, workers=2
     )
 
+    device = default_device()
     model_config = ModelConfig(class_names=synth.CLASS_NAMES)
     train_config = TrainConfig(epochs=epochs, seed=seed)
     log("training the attention-sampling model")
     trained = train(
         train_dir, train_labels, out / "run", model_config, train_config,
-        device="cpu", progress=progress, log=log,
+        device=device, progress=progress, log=log,
     )  # fmt: skip
     log("predicting the test slides")
     summary = predict(trained.model, [test_dir], out / "predictions", seed=seed, progress=progress)
@@ -78,7 +79,7 @@ def run_demo(
     log("training the low-resolution-only baseline (same feature CNN on thumbnails)")
     train_slides, _ = load_slides(read_labels(train_labels, train_dir), model_config, log, False)
     test_slides, _ = load_slides(read_labels(test_labels, test_dir), model_config, log, False)
-    baseline = train_low_res(train_slides, model_config, train_config)
+    baseline = train_low_res(train_slides, model_config, train_config, device)
     baseline_accuracy = low_res_accuracy(baseline, test_slides)
 
     result = DemoResult(
