@@ -194,6 +194,14 @@ class FullModel(nn.Module):
         return self.head(torch.einsum("bhw,bdhw->bd", attention, features))
 
 
+def exact_twin(model: ATSModel) -> FullModel:
+    """A FullModel sharing `model`'s attention, feature and head modules: it computes the
+    exact `sum_k a_k f_k` that `model` estimates from its sampled patches."""
+    twin = FullModel(model.patch_size)
+    twin.attention, twin.features, twin.head = model.ats.attention, model.ats.feature, model.head
+    return twin
+
+
 MODELS = {
     "ats-unbiased": lambda cfg: ATSModel(cfg.patch_size, cfg.n_patches, cfg.regularizer,
                                          estimator="unbiased"),
