@@ -18,13 +18,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 
 from pipeline.app.config import ModelConfig
 from pipeline.app.tissue import tissue_mask
+
+if TYPE_CHECKING:  # readers is imported when a slide is opened
+    import readers
 
 T = TypeVar("T")
 
@@ -42,10 +45,10 @@ class SlideView:
     """
 
     path: Path
-    slide: object
+    slide: readers.Slide
     thumbnail: np.ndarray
     tissue: np.ndarray
-    patch_level: object
+    patch_level: readers.Level
 
     def x_low(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """``float [1, 4, h, w]`` on ``device``: RGB in [0, 1] and the tissue channel."""
@@ -81,7 +84,7 @@ MAX_VIEW_PIXELS = 4096 * 4096
 """Largest attention view read when a level is asked for by index or mpp."""
 
 
-def choose_level(slide, mpp: float | None, index: int, what: str):
+def choose_level(slide: readers.Slide, mpp: float | None, index: int, what: str) -> readers.Level:
     """The level of ``slide`` at ``mpp`` microns per pixel (the coarsest at least
     as fine) when both it and the slide's mpp are known, else level ``index``."""
     if mpp is not None and slide.mpp is not None:
@@ -94,7 +97,7 @@ def choose_level(slide, mpp: float | None, index: int, what: str):
     return slide.levels[index]
 
 
-def attention_view(slide, config: ModelConfig) -> np.ndarray:
+def attention_view(slide: readers.Slide, config: ModelConfig) -> np.ndarray:
     """The attention view, uint8 [h, w, 3]: the thumbnail of longer side
     ``low_res_max_side``, or the whole level chosen by ``low_res_mpp`` /
     ``low_res_level`` when either is set (at most ``MAX_VIEW_PIXELS``)."""
