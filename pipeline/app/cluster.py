@@ -44,6 +44,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -65,13 +66,16 @@ TASK_PREFIX = "ats-predict"
 
 _MODEL_CACHE_SIZE = 2
 
+if TYPE_CHECKING:
+    from distributed import Client
+
 
 @contextlib.contextmanager
 def connect(
     scheduler: str | None = None,
     workers: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-) -> Iterator[object]:
+) -> Iterator[Client | None]:
     """A ``distributed.Client`` for the duration of the ``with`` block, or ``None``.
 
     Args:
@@ -189,11 +193,11 @@ def _predict_task(payload: ModelPayload, path: str, seed: int, device: str | Non
 
 
 def predict_on_client(
-    client,
+    client: Client,
     model: SlideClassifier,
     paths: Iterable[str | os.PathLike],
     seed: int = 0,
-    device: str | None = None,
+    device: torch.device | str | None = None,
 ) -> Iterator[SlideResult]:
     """Classify ``paths`` on ``client``'s cluster, yielding each slide's ``SlideResult``
     as soon as it completes (completion order, each path exactly once).
@@ -211,12 +215,13 @@ def predict_on_client(
     from distributed import as_completed
 
     paths = [Path(p) for p in paths]
+    device_name = None if device is None else str(device)
     run = uuid.uuid4().hex[:8]
     payload = ModelPayload.from_model(model)
     weights = client.submit(_load_payload, payload, key=f"ats-model-{payload.token}-{run}")
     pending = {
         client.submit(
-            _predict_task, weights, os.path.abspath(path), int(seed), device,
+            _predict_task, weights, os.path.abspath(path), int(seed), device_name,
             key=f"{TASK_PREFIX}-{slide_name(path)}-{run}-{i}",
         ): path
         for i, path in enumerate(paths)
