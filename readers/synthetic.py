@@ -27,22 +27,28 @@ from readers._types import as_hw
 Renderer = Callable[[int, int, int, int, float], np.ndarray]
 
 # Optical densities (R, G, B) of haematoxylin and eosin (Ruifrok & Johnston).
-_OD_HAEMATOXYLIN = np.array([0.65, 0.70, 0.29])
-_OD_EOSIN = np.array([0.07, 0.99, 0.11])
+_OD_HAEMATOXYLIN = np.array([0.65, 0.70, 0.29], np.float32)
+_OD_EOSIN = np.array([0.07, 0.99, 0.11], np.float32)
 
 
 def render_he(y0: int, x0: int, h: int, w: int, downsample: float) -> np.ndarray:
     """A smooth pink H&E-like texture: eosin-stained tissue with purple nuclei dots.
 
-    Deterministic, defined everywhere (no random state), cheap, and with detail at
-    a few level-0 pixels so that misplaced reads show.
+    Deterministic, defined everywhere (no random state), with detail at a few
+    level-0 pixels so that misplaced reads show. Cheap: every trigonometric term
+    is separable (``sin(a + b) = sin a cos b + cos a sin b``), so only 1-D
+    functions and outer products are evaluated, in float32.
     """
-    y = (y0 + np.arange(h) + 0.5)[:, None] * downsample
-    x = (x0 + np.arange(w) + 0.5)[None, :] * downsample
-    tissue = np.clip(
-        0.55 + 0.3 * (np.sin(y / 211 + np.cos(x / 157)) + np.sin(x / 97 - y / 131)), 0, 1
-    )
-    nuclei = np.clip(np.sin(y / 9.0) * np.sin(x / 11.0) * np.sin((x + y) / 37.0), 0, 1) ** 2
+    y = ((y0 + np.arange(h, dtype=np.float64) + 0.5) * downsample)[:, None]
+    x = ((x0 + np.arange(w, dtype=np.float64) + 0.5) * downsample)[None, :]
+
+    def sin_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # sin(a + b), a [h, 1], b [1, w]
+        return (np.sin(a) * np.cos(b) + np.cos(a) * np.sin(b)).astype(np.float32)
+
+    swirl = sin_sum(y / 211, np.cos(x / 157)) + sin_sum(-y / 131, x / 97)
+    tissue = np.clip(0.55 + 0.3 * swirl, 0, 1)
+    dots = (np.sin(y / 9.0) * np.sin(x / 11.0)).astype(np.float32) * sin_sum(y / 37.0, x / 37.0)
+    nuclei = np.clip(dots, 0, 1) ** 2
     hema = tissue * (0.25 + 1.2 * nuclei)
     eosin = 0.6 * tissue
     od = hema[..., None] * _OD_HAEMATOXYLIN + eosin[..., None] * _OD_EOSIN  # [h, w, 3]
