@@ -263,3 +263,14 @@ def test_fewer_tissue_cells_than_patches(run, dataset):
     assert np.isfinite(result.probs).all()
     centres = result.boxes[:, :2] + result.boxes[:, 2:] // 2  # level 0, thumbnail is 1/8
     assert ((centres >= 60 * 8) & (centres < 64 * 8)).all()
+
+
+def test_model_files_that_do_not_match(run, tmp_path):
+    shutil.copytree(run.run_dir, tmp_path / "run")
+    config = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
+    config["model"]["width"] = 12
+    (tmp_path / "run" / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"run/model.safetensors: weights do not match config"):
+        load_model(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="is .*empty a run directory"):
+        load_model(tmp_path / "empty")
