@@ -78,7 +78,8 @@ def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[di
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     """Rows of a CSV file with a header; ``[]`` if the file does not exist."""
     try:
-        with open(path, newline="") as f:
+        # utf-8-sig: spreadsheets often save CSV with a byte-order mark.
+        with open(path, newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
     except FileNotFoundError:
         return []

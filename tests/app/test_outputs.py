@@ -29,6 +29,8 @@ def test_csv_round_trip(tmp_path):
     assert back[0]["prob_neg"] == "0.25" and back[0]["error"] == ""
     assert back[1]["error"] == "x, y"
     assert outputs.read_csv(tmp_path / "missing.csv") == []
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfslide,label\r\na.svs,pos\r\n")
+    assert outputs.read_csv(tmp_path / "excel.csv") == [{"slide": "a.svs", "label": "pos"}]
 
 
 def test_heatmap_is_thumbnail_sized_and_red_where_attention_peaks(tmp_path):
