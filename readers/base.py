@@ -447,8 +447,16 @@ class Slide(ABC):
         at least as fine; when that level is much larger (a slide without a pyramid),
         it is first block-averaged in streamed blocks (``Level.downsampled``), so
         memory stays bounded by the output, never by the level.
+
+        A stored level that fits in ``max_size`` and reaches it in one dimension
+        is returned as stored: ``thumbnail(level.shape[:2])`` is that whole level
+        (its size may differ from ``round(H / d)`` by rounding of the level sizes).
         """
         mh, mw = as_hw(max_size, "max_size")
+        for level in self.levels:
+            h, w = level.shape[:2]
+            if h <= mh and w <= mw and (h == mh or w == mw):
+                return level.downsampled(1)
         H, W = self.shape[:2]
         d = max(H / mh, W / mw, 1.0)
         out_hw = (max(1, min(mh, round(H / d))), max(1, min(mw, round(W / d))))

@@ -175,6 +175,10 @@ class ReaderContract:
             small = np.asarray(Image.fromarray(small).resize(thumb.shape[1::-1], Image.BOX))
         np.testing.assert_array_equal(thumb, small)
 
+    def test_thumbnail_of_a_level_size_is_that_level(self, slide, level_pixels):
+        for level, pixels in zip(slide.levels, level_pixels, strict=True):
+            np.testing.assert_array_equal(slide.thumbnail(level.shape[:2]), pixels)
+
     def test_thumbnail_is_streamed(self, slide, monkeypatch):
         # Observe every read the thumbnail makes: bounded blocks, each tile decoded once.
         level = slide.levels[
