@@ -9,8 +9,9 @@ Sits above the torch-only estimator core (``pipeline``) and ``readers``::
     model, config = load_model("run/")
     one = predict_slide(model, "slide.svs", seed=0)                 # -> SlideResult
 
-Names are imported on first use, so ``import pipeline.app`` (and ``ats-wsi --help``)
-stays light.
+Names are imported on first use, so ``import pipeline.app`` loads no more than the
+``pipeline`` core (torch), and ``pipeline.app.training`` and ``pipeline.app.train``
+cannot be confused: the modules are ``training`` and ``prediction``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``ats-wsi``: the command line. Each subcommand parses its arguments and calls one
-library function; torch, readers and the rest are imported inside the commands so
-``ats-wsi --help`` is instant.
+library function; readers, Dask and the application modules are imported inside
+the commands (torch comes with the ``pipeline`` package itself).
 
 Exit status: 0 success; 1 some slides failed in ``predict`` (all others were
 processed and have their outputs); 2 usage or input errors (including a file
