@@ -10,8 +10,8 @@ Sits above the torch-only estimator core (``pipeline``) and ``readers``::
     one = predict_slide(model, "slide.svs", seed=0)                 # -> SlideResult
 
 Names are imported on first use, so ``import pipeline.app`` loads no more than the
-``pipeline`` core (torch), and ``pipeline.app.training`` and ``pipeline.app.train``
-cannot be confused: the modules are ``training`` and ``prediction``.
+``pipeline`` core (torch). The modules are named ``training`` and ``prediction`` so
+that no submodule shadows the functions ``train`` and ``predict``.
 """
 
 from __future__ import annotations
