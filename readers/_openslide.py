@@ -93,13 +93,13 @@ class OpenSlideSlide(Slide):
             levels = [OpenSlideLevel(self, k) for k in range(self._osr.level_count)]
             super().__init__(path, levels, mpp, props, threads)
         except openslide.OpenSlideError as exc:
-            self.close()
+            self._close()
             raise SlideError(path, f"OpenSlide cannot read it: {exc}") from exc
         except BaseException:
-            self.close()
+            self._close()
             raise
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if getattr(self, "_osr", None) is not None:
             self._osr.close()
             self._osr = None

@@ -105,10 +105,10 @@ class TifffileSlide(Slide):
                 path, levels, _mpp(self._tif, pages[0]), _properties(self._tif), threads
             )
         except BaseException:
-            self.close()
+            self._close()
             raise
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None

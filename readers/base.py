@@ -131,6 +131,8 @@ class Level(ABC):
         Returns ``uint8 [h, w, 3]``: the tile cropped to the level by default.
         Any decoding failure becomes a :class:`SlideError` naming the level and tile.
         """
+        if self.slide.closed:
+            raise ValueError(f"{self.slide.path}: the slide is closed")
         if box is None:
             th, tw = self.tile_shape
             box = (0, min(th, self.shape[0] - ty * th), 0, min(tw, self.shape[1] - tx * tw))
@@ -358,6 +360,7 @@ class Slide(ABC):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self.threads = threads or default_threads()
         self._options: dict[str, Any] = {"threads": threads}
+        self.closed = False
         if not self.levels:
             raise SlideError(self.path, "the file holds no image level")
 
@@ -366,8 +369,13 @@ class Slide(ABC):
     def accepts(path: str) -> bool:
         """Cheap check that this backend may read ``path`` (for ``backend="auto"``)."""
 
-    def close(self) -> None:  # noqa: B027 - backends without handles keep the no-op
-        """Release the file handles (idempotent)."""
+    def close(self) -> None:
+        """Release the file handles (idempotent); later reads raise ``ValueError``."""
+        self.closed = True
+        self._close()
+
+    def _close(self) -> None:  # noqa: B027 - backends without handles keep the no-op
+        """Release the backend's handles."""
 
     def __enter__(self) -> Slide:
         return self

@@ -227,6 +227,14 @@ class ReaderContract:
         finally:
             clone.close()
 
+    def test_read_after_close(self, request):
+        slide = open_slide(request.getfixturevalue(self.source), backend=self.backend)
+        with slide:
+            pass
+        slide.close()  # idempotent
+        with pytest.raises(ValueError, match="closed"):
+            slide.read_patches([[0, 0]], (4, 4))
+
     def test_empty_request(self, slide):
         assert slide.levels[0].read_patches(np.zeros((0, 2), int), (8, 9)).shape == (0, 8, 9, 3)
 
