@@ -19,7 +19,13 @@ import pytest
 import torch
 
 from pipeline.app import outputs
-from pipeline.app.cluster import ModelPayload, connect, predict_on_client, worker_model
+from pipeline.app.cluster import (
+    TASK_PREFIX,
+    ModelPayload,
+    connect,
+    predict_on_client,
+    worker_model,
+)
 from pipeline.app.config import ModelConfig
 from pipeline.app.models import SlideClassifier
 from pipeline.app.prediction import PredictionStore, list_slides, predict, predict_slide
@@ -221,6 +227,24 @@ def test_relative_paths_are_reported_as_given(client, model, paths, local_result
     assert result.path == paths[0].name
     assert result.status == "ok"
     np.testing.assert_array_equal(result.boxes, local_results[str(paths[0])].boxes)
+
+
+def test_weights_travel_as_one_shared_dependency(client, model, paths):
+    results = predict_on_client(client, model, paths, seed=SEED)
+    next(results)
+
+    def dependencies(dask_scheduler):
+        return {
+            str(key): sorted(str(d.key) for d in task.dependencies)
+            for key, task in dask_scheduler.tasks.items()
+            if str(key).startswith(TASK_PREFIX)
+        }
+
+    pending = client.run_on_scheduler(dependencies)
+    results.close()
+    assert pending, "every slide finished before the check"
+    (shared,) = {tuple(deps) for deps in pending.values()}
+    assert len(shared) == 1 and shared[0].startswith("ats-model-")
 
 
 def test_stopping_early_cancels_the_rest(client, model, paths):
