@@ -2,9 +2,10 @@
 
 Session-scoped, written once into a temporary directory:
 
-- ``jpeg_tiff``: pyramidal tiled TIFF, JPEG tiles, ``SYNTH_SHAPE`` (odd sizes, so
-  level downsamples are not powers of two), ``SYNTH_TILE`` tiles, ``SYNTH_LEVELS``
-  levels, ``SYNTH_MPP`` microns per pixel; OpenSlide reads it as generic-tiff.
+- ``synth_spec``: what the synthetic slides hold (``SynthSpec``: level-0 shape
+  with odd sizes, so level downsamples are not powers of two; tile side; number
+  of levels; microns per pixel; the level shapes).
+- ``jpeg_tiff``: pyramidal tiled TIFF, JPEG tiles; OpenSlide reads it as generic-tiff.
 - ``deflate_tiff``: the same pixels, deflate (lossless) tiles.
 - ``ome_zarr``: the same pixels as an OME-Zarr (NGFF 0.5, axes c, y, x).
 - ``cmu_svs``: the real CMU-1-Small-Region.svs (one level, no pyramid); skips
@@ -14,16 +15,31 @@ Session-scoped, written once into a temporary directory:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from readers.synthetic import render_he, write_ome_zarr, write_tiff_pyramid
+from readers.synthetic import pyramid_shapes, render_he, write_ome_zarr, write_tiff_pyramid
 
-SYNTH_SHAPE = (1001, 1303)
-SYNTH_TILE = 128
-SYNTH_LEVELS = 3
-SYNTH_MPP = 0.5
+
+@dataclass(frozen=True)
+class SynthSpec:
+    shape: tuple[int, int] = (1001, 1303)
+    tile: int = 128
+    levels: int = 3
+    mpp: float = 0.5
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        return pyramid_shapes(self.shape, self.tile, self.levels)
+
+    def downsample(self, k: int) -> float:
+        (H, W), (h, w) = self.level_shapes[0], self.level_shapes[k]
+        return (H / h + W / w) / 2
+
+
+SYNTH = SynthSpec()
 
 CMU_SVS = (
     Path(
@@ -31,6 +47,11 @@ CMU_SVS = (
     )
     / "CMU-1-Small-Region.svs"
 )
+
+
+@pytest.fixture(scope="session")
+def synth_spec() -> SynthSpec:
+    return SYNTH
 
 
 @pytest.fixture(scope="session")
@@ -43,11 +64,11 @@ def _tiff(directory: Path, compression: str) -> Path:
     if not path.exists():
         write_tiff_pyramid(
             path,
-            SYNTH_SHAPE,
+            SYNTH.shape,
             render_he,
-            tile=SYNTH_TILE,
-            n_levels=SYNTH_LEVELS,
-            mpp=SYNTH_MPP,
+            tile=SYNTH.tile,
+            n_levels=SYNTH.levels,
+            mpp=SYNTH.mpp,
             compression=compression,
         )
     return path
@@ -68,7 +89,7 @@ def ome_zarr(synth_dir) -> Path:
     path = synth_dir / "synth.ome.zarr"
     if not path.exists():
         write_ome_zarr(
-            path, SYNTH_SHAPE, render_he, tile=SYNTH_TILE, n_levels=SYNTH_LEVELS, mpp=SYNTH_MPP
+            path, SYNTH.shape, render_he, tile=SYNTH.tile, n_levels=SYNTH.levels, mpp=SYNTH.mpp
         )
     return path
 

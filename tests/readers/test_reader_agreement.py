@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-from conftest import SYNTH_TILE
 
 from readers import open_slide
 from readers.synthetic import render_he
@@ -38,7 +37,7 @@ def test_lossless_level0_identical_across_backends(deflate_tiff, ome_zarr):
 
 
 @pytest.mark.parametrize("level", [1, 2])
-def test_lossless_reduced_levels(deflate_tiff, ome_zarr, level):
+def test_lossless_reduced_levels(deflate_tiff, ome_zarr, synth_spec, level):
     stored = level_pixels(deflate_tiff, "tifffile", level)
     np.testing.assert_array_equal(level_pixels(ome_zarr, "zarr", level), stored)
     openslide = level_pixels(deflate_tiff, "openslide", level)
@@ -49,7 +48,8 @@ def test_lossless_reduced_levels(deflate_tiff, ome_zarr, level):
     assert ((openslide >= low) & (openslide <= high)).all()
     # The first tile starts at level-0 (0, 0): no shift, so exact.
     np.testing.assert_array_equal(
-        openslide[:SYNTH_TILE, :SYNTH_TILE], stored[:SYNTH_TILE, :SYNTH_TILE]
+        openslide[: synth_spec.tile, : synth_spec.tile],
+        stored[: synth_spec.tile, : synth_spec.tile],
     )
 
 

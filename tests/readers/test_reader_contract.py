@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import pickle
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import pytest
-from conftest import SYNTH_LEVELS, SYNTH_MPP, SYNTH_SHAPE, SYNTH_TILE
 from PIL import Image
 
 from readers import Slide, open_slide
 from readers.base import STREAM_BLOCK
-from readers.synthetic import pyramid_shapes
 
-SYNTH_SHAPES = pyramid_shapes(SYNTH_SHAPE, SYNTH_TILE, SYNTH_LEVELS)
+
+class Expected(NamedTuple):
+    """What a test file holds: level ``(h, w)`` shapes, tile ``(h, w)``, mpp ``(y, x)``."""
+
+    shapes: list[tuple[int, int]]
+    tile: tuple[int, int]
+    mpp: tuple[float, float] | None
 
 
 def reference_patches(level_pixels: np.ndarray, offsets, size, fill: int) -> np.ndarray:
@@ -57,13 +62,14 @@ def awkward_offsets(level) -> np.ndarray:
 
 
 class ReaderContract:
-    """Behaviour every backend shares. Subclasses set the class attributes."""
+    """Behaviour every backend shares. Subclasses set ``backend``, ``source`` and ``expected``."""
 
     backend: str
     source: str  # name of the fixture giving the file
-    expected_shapes: list[tuple[int, int]]
-    expected_tile: tuple[int, int]
-    expected_mpp: tuple[float, float] | None
+
+    @pytest.fixture
+    def expected(self) -> Expected:
+        raise NotImplementedError
 
     @pytest.fixture
     def slide(self, request) -> Slide:
@@ -74,20 +80,20 @@ class ReaderContract:
     def level_pixels(self, slide) -> list[np.ndarray]:
         return [np.asarray(level.to_dask()) for level in slide.levels]
 
-    def test_metadata(self, slide):
+    def test_metadata(self, slide, expected):
         assert slide.backend == self.backend
-        assert [lv.shape for lv in slide.levels] == [(h, w, 3) for h, w in self.expected_shapes]
+        assert [lv.shape for lv in slide.levels] == [(h, w, 3) for h, w in expected.shapes]
         assert slide.shape == slide.levels[0].shape
-        H0, W0 = self.expected_shapes[0]
-        for k, (h, w) in enumerate(self.expected_shapes):
+        H0, W0 = expected.shapes[0]
+        for k, (h, w) in enumerate(expected.shapes):
             level = slide.levels[k]
             assert level.index == k
             assert level.downsample == pytest.approx((H0 / h + W0 / w) / 2, rel=1e-12)
-            assert level.tile_shape == self.expected_tile
-        if self.expected_mpp is None:
+            assert level.tile_shape == expected.tile
+        if expected.mpp is None:
             assert slide.mpp is None
         else:
-            assert slide.mpp == pytest.approx(self.expected_mpp, rel=1e-6)
+            assert slide.mpp == pytest.approx(expected.mpp, rel=1e-6)
         assert slide.properties and all(
             isinstance(k, str) and isinstance(v, str) for k, v in slide.properties.items()
         )
@@ -258,16 +264,17 @@ class ReaderContract:
 
 
 class SynthContract(ReaderContract):
-    expected_shapes = SYNTH_SHAPES
-    expected_tile = (SYNTH_TILE, SYNTH_TILE)
-    expected_mpp = (SYNTH_MPP, SYNTH_MPP)
+    @pytest.fixture
+    def expected(self, synth_spec) -> Expected:
+        return Expected(synth_spec.level_shapes, (synth_spec.tile,) * 2, (synth_spec.mpp,) * 2)
 
 
 class CMUContract(ReaderContract):
     source = "cmu_svs"
-    expected_shapes = [(2967, 2220)]
-    expected_tile = (240, 240)
-    expected_mpp = (0.499, 0.499)
+
+    @pytest.fixture
+    def expected(self) -> Expected:
+        return Expected([(2967, 2220)], (240, 240), (0.499, 0.499))
 
 
 class TestTifffileJpeg(SynthContract):

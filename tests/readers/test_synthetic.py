@@ -6,45 +6,40 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import SYNTH_LEVELS, SYNTH_MPP, SYNTH_SHAPE, SYNTH_TILE
 
 from readers import open_slide
 from readers.synthetic import pyramid_shapes, render_he, write_ome_zarr, write_tiff_pyramid
 
-SHAPES = pyramid_shapes(SYNTH_SHAPE, SYNTH_TILE, SYNTH_LEVELS)
 
-
-def downsample(k: int) -> float:
-    return (SHAPES[0][0] / SHAPES[k][0] + SHAPES[0][1] / SHAPES[k][1]) / 2
-
-
-def test_pyramid_shapes_are_not_powers_of_two():
-    assert SHAPES == [(1001, 1303), (501, 652), (251, 326)]
-    assert downsample(1) != 2.0 and downsample(2) != 4.0
+def test_pyramid_shapes_are_not_powers_of_two(synth_spec):
+    assert synth_spec.level_shapes == [(1001, 1303), (501, 652), (251, 326)]
+    assert synth_spec.downsample(1) != 2.0 and synth_spec.downsample(2) != 4.0
     assert pyramid_shapes((5000, 300), 256, None)[-1] == (157, 10)  # default: down to a tile
 
 
-def test_deflate_levels_are_the_renderer(deflate_tiff):
+def test_deflate_levels_are_the_renderer(deflate_tiff, synth_spec):
     with tifffile.TiffFile(deflate_tiff) as tif:
-        assert len(tif.pages) == SYNTH_LEVELS
+        assert len(tif.pages) == synth_spec.levels
         for k, page in enumerate(tif.pages):
-            assert page.is_tiled and (page.tilelength, page.tilewidth) == (SYNTH_TILE, SYNTH_TILE)
+            assert page.is_tiled and (page.tilelength, page.tilewidth) == (synth_spec.tile,) * 2
             assert page.subfiletype == (0 if k == 0 else 1)  # top-level pages, not SubIFDs
             assert page.resolutionunit == tifffile.RESUNIT.CENTIMETER
-            expected = render_he(0, 0, *SHAPES[k], downsample(k))
+            expected = render_he(0, 0, *synth_spec.level_shapes[k], synth_spec.downsample(k))
             np.testing.assert_array_equal(page.asarray(), expected)
 
 
-def test_jpeg_levels_are_close_to_the_renderer(jpeg_tiff):
+def test_jpeg_levels_are_close_to_the_renderer(jpeg_tiff, synth_spec):
     with tifffile.TiffFile(jpeg_tiff) as tif:
         for k, page in enumerate(tif.pages):
             assert page.compression == tifffile.COMPRESSION.JPEG
-            error = page.asarray().astype(float) - render_he(0, 0, *SHAPES[k], downsample(k))
+            error = page.asarray().astype(float) - render_he(
+                0, 0, *synth_spec.level_shapes[k], synth_spec.downsample(k)
+            )
             psnr = 10 * np.log10(255**2 / np.mean(error**2))
             assert psnr > 35  # quality 90
 
 
-def test_ome_zarr_layout(ome_zarr):
+def test_ome_zarr_layout(ome_zarr, synth_spec):
     group = zarr.open_group(ome_zarr, mode="r")
     meta = group.attrs["ome"]
     assert meta["version"] == "0.5" and group.metadata.zarr_format == 3
@@ -52,11 +47,18 @@ def test_ome_zarr_layout(ome_zarr):
     assert [a["name"] for a in multiscale["axes"]] == ["c", "y", "x"]
     for k, dataset in enumerate(multiscale["datasets"]):
         array = group[dataset["path"]]
-        assert array.shape == (3, *SHAPES[k]) and array.chunks == (3, SYNTH_TILE, SYNTH_TILE)
+        assert array.shape == (3, *synth_spec.level_shapes[k]) and array.chunks == (
+            3,
+            synth_spec.tile,
+            synth_spec.tile,
+        )
         scale = dataset["coordinateTransformations"][0]["scale"]
-        assert scale[1] == pytest.approx(SYNTH_MPP * SHAPES[0][0] / SHAPES[k][0])
+        assert scale[1] == pytest.approx(
+            synth_spec.mpp * synth_spec.shape[0] / synth_spec.level_shapes[k][0]
+        )
         np.testing.assert_array_equal(
-            np.moveaxis(array[:], 0, -1), render_he(0, 0, *SHAPES[k], downsample(k))
+            np.moveaxis(array[:], 0, -1),
+            render_he(0, 0, *synth_spec.level_shapes[k], synth_spec.downsample(k)),
         )
 
 
