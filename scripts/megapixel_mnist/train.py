@@ -58,9 +58,9 @@ PRESETS = {
         # The reference script's defaults (1500x1500, 50 noise squares, 500 epochs).
         Preset("paper", CanvasConfig((1500, 1500), 0.12, 50), 5000, 1000,
                dict.fromkeys(MODELS, 500)),
-        Preset("quick", CanvasConfig((250, 250), 0.12, 6), 600, 200,
-               {"ats-unbiased": 6, "ats-reference": 6, "low-res-cnn": 10, "full": 1}, batch_size=16,
-               patch_size=32),
+        Preset("quick", CanvasConfig((250, 250), 0.12, 6), 800, 200,
+               {"ats-unbiased": 12, "ats-reference": 12, "low-res-cnn": 20, "full": 1},
+               batch_size=16, patch_size=32),
         Preset("tiny", CanvasConfig((160, 160), 0.12, 2), 8, 4, ALL, batch_size=4, patch_size=24,
                n_patches=3),
     )
@@ -336,13 +336,33 @@ def write_results(results: list[dict], out: Path, preset: Preset) -> None:
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['model']} | {r['epochs']} | {100 * r['test_error']:.1f}% | "
+        f"| {r['model']} | {int(r['epochs'])} | {100 * r['test_error']:.1f}% | "
         f"{_seconds(r['train_seconds_per_image'])} | {_seconds(r['test_seconds_per_image'])} | "
         f"{r['peak_memory_mb_per_image']:.2f} |"
         for r in results
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def combine(runs: list[Path], out: Path) -> None:
+    """Merge the metrics and results of runs of one preset made in separate processes."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, results = [], []
+    for run_dir in runs:
+        with (run_dir / "metrics.csv").open() as f:
+            rows += [{**r, "epoch": int(r["epoch"]), "test_error": float(r["test_error"])}
+                     for r in csv.DictReader(f)]  # fmt: skip
+        with (run_dir / "results.csv").open() as f:
+            results += [{k: v if k == "model" else float(v) for k, v in r.items()}
+                        for r in csv.DictReader(f)]  # fmt: skip
+    preset = PRESETS[json.loads((runs[0] / "preset.json").read_text())["name"]]
+    with (out / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_test_error(rows, out / "test_error.png")
+    write_results(results, out, preset)
 
 
 def _seconds(value: float) -> str:
@@ -362,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="override the preset's lr")
     parser.add_argument("--epochs", type=int, default=None,
                         help="override the preset's epochs (all models)")  # fmt: skip
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="only merge these runs' metrics and results into --out")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -377,5 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown models {unknown}; expected a subset of {list(MODELS)}")
     out = args.out or Path("runs") / f"megapixel_mnist_{preset.name}"
+    if args.combine:
+        combine(args.combine, out)
+        return
     run(preset, out, [m for m in models if m in preset.epochs], torch.device(args.device),
         args.mnist)  # fmt: skip
