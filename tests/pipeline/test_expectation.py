@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from exact_draws import ordered_draws
 
 from pipeline import Expectation, expectation, sample
+from tests.pipeline.exact_draws import ordered_draws
 
 D = 3  # feature size
 

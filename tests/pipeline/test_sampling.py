@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from exact_draws import inclusion, ordered_draws, sigma_bound
 
 from pipeline import mask_attention, sample
+from tests.pipeline.exact_draws import inclusion, ordered_draws, sigma_bound
 
 TRIALS = 100_000  # batch items drawn at once; each is an independent trial
 
