@@ -36,6 +36,8 @@ _EXPORTS = {
     "PredictSummary": "pipeline.app.prediction",
     "write_dataset": "pipeline.app.synth",
     "run_demo": "pipeline.app.demo",
+    "connect": "pipeline.app.cluster",
+    "predict_on_client": "pipeline.app.cluster",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -25,7 +25,10 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     import readers
 
-    return (UserError, ValueError, FileNotFoundError, NotADirectoryError, readers.SlideError)
+    return (
+        UserError, ValueError, FileNotFoundError, NotADirectoryError, ConnectionError,
+        readers.SlideError,
+    )  # fmt: skip
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -108,14 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.app.cluster import connect
     from pipeline.app.prediction import predict
 
-    if args.scheduler or args.workers:
-        raise UserError("--scheduler/--workers: distributed prediction is not available yet")
-    summary = predict(
-        args.model, args.slides, args.out, seed=args.seed, overwrite=args.overwrite,
-        device=args.device,
-    )  # fmt: skip
+    with connect(args.scheduler, args.workers) as client:
+        summary = predict(
+            args.model, args.slides, args.out, seed=args.seed, overwrite=args.overwrite,
+            device=args.device, client=client,
+        )  # fmt: skip
     for result in summary.failed:
         print(f"{PROG}: failed: {result.error}", file=sys.stderr)
     ok = len(summary.results) - len(summary.failed)
@@ -188,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     cluster = p.add_mutually_exclusive_group()
-    cluster.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler (not yet)")
-    cluster.add_argument("--workers", type=int, metavar="N", help="local Dask workers (not yet)")
+    cluster.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler")
+    cluster.add_argument("--workers", type=int, metavar="N", help="local Dask worker processes")
     p.set_defaults(run=cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic data, train, predict and a baseline, in minutes")

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ import torch
 from pipeline.app import outputs
 from pipeline.app.models import SlideClassifier
 from pipeline.app.slides import SlideView, open_view, prefetch
+
+if TYPE_CHECKING:
+    import distributed
 
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu",
@@ -242,6 +246,7 @@ def predict(
     overwrite: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
+    client: distributed.Client | None = None,
 ) -> PredictSummary:
     """Classify every slide of ``slides`` (files and/or directories) into ``out_dir``.
 
@@ -250,6 +255,9 @@ def predict(
         seed: run seed; each slide's sampling uses ``slide_seed(seed, path)``.
         overwrite: redo slides already done in ``out_dir``.
         device: for a run directory; default CUDA when available.
+        client: a ``distributed.Client``: one task per slide on its cluster
+            (``pipeline.app.cluster``), results written here as they complete;
+            ``None`` runs in this process.
 
     Returns a ``PredictSummary``; slides that failed are in ``summary.failed`` and
     have ``error`` rows in ``predictions.csv``.
@@ -267,20 +275,33 @@ def predict(
     skipped = [p for p in paths if p not in todo]
     results = []
     bar = tqdm(total=len(todo), desc="predict", unit="slide", disable=not progress)
-    for path, view, error in prefetch(todo, lambda p: open_view(p, model.config)):
-        if error is not None:
-            result = error_result(path, error)
-        else:
-            with view:
-                try:
-                    result = classify_view(model, view, seed)
-                except Exception as e:  # reported in the slide's row
-                    result = error_result(path, e)
+    if client is not None:
+        from pipeline.app.cluster import predict_on_client
+
+        stream = predict_on_client(client, model, todo, seed, device=device)
+    else:
+        stream = _predict_here(model, todo, seed)
+    for result in stream:
         store.add(result)
         results.append(result)
         bar.update()
     bar.close()
     return PredictSummary(Path(out_dir), results, skipped)
+
+
+def _predict_here(
+    model: SlideClassifier, paths: Sequence[Path], seed: int
+) -> Iterator[SlideResult]:
+    """Results of ``paths`` in this process, the next slide's view prefetched."""
+    for path, view, error in prefetch(paths, lambda p: open_view(p, model.config)):
+        if error is not None:
+            yield error_result(path, error)
+            continue
+        with view:
+            try:
+                yield classify_view(model, view, seed)
+            except Exception as e:  # reported in the slide's row
+                yield error_result(path, e)
 
 
 def default_device() -> torch.device:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -39,6 +40,9 @@ def test_info_text_and_json(dataset):
 
 def test_user_errors_exit_2_without_traceback(dataset, tmp_path, capsys):
     (tmp_path / "fake.svs").write_text("hello\n")
+    with socket.socket() as s:  # a loopback port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        unreachable = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     cases = [
         (["info", str(tmp_path / "missing.svs")], "missing.svs"),
         (["info", str(tmp_path / "fake.svs")], "fake.svs"),
@@ -47,7 +51,7 @@ def test_user_errors_exit_2_without_traceback(dataset, tmp_path, capsys):
         (["predict", "--model", str(tmp_path / "norun"), "--slides", str(dataset),
           "--out", str(tmp_path / "o")], "norun"),
         (["predict", "--model", str(tmp_path), "--slides", str(dataset), "--out",
-          str(tmp_path / "o"), "--workers", "2"], "--scheduler/--workers"),
+          str(tmp_path / "o"), "--scheduler", unreachable], unreachable),
     ]  # fmt: skip
     for argv, name in cases:
         assert main(argv) == 2, argv
@@ -93,3 +97,14 @@ def test_synth_train_predict(tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", "--model", str(run), "--slides", str(data), "--out", str(out)]) == 0
     assert "4 already done" in capsys.readouterr().out
+
+    # The same prediction on a local Dask cluster of two worker processes.
+    on_cluster = tmp_path / "on_cluster"
+    argv = ["predict", "--model", str(run), "--slides", str(data), "--out", str(on_cluster)]
+    assert main([*argv, "--workers", "2"]) == 0
+    local = [r for r in outputs.read_csv(out / outputs.PREDICTIONS) if r["status"] == "ok"]
+    remote = outputs.read_csv(on_cluster / outputs.PREDICTIONS)
+    assert [(r["slide"], r["label"]) for r in remote] == [(r["slide"], r["label"]) for r in local]
+    for a, b in zip(local, remote, strict=True):
+        probs = [k for k in a if k.startswith("prob_")]
+        assert [float(a[k]) for k in probs] == pytest.approx([float(b[k]) for k in probs], abs=1e-5)
