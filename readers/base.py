@@ -476,4 +476,4 @@ class Slide(ABC):
         from PIL import Image
 
         resized = Image.fromarray(small).resize(out_hw[::-1], Image.Resampling.BOX)
-        return np.asarray(resized)
+        return np.array(resized)  # writable, unlike a view of the PIL buffer

@@ -73,7 +73,7 @@ def low_res_tensor(
     thumbnail: np.ndarray, tissue: np.ndarray, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """uint8 [h, w, 3] thumbnail and bool [h, w] mask -> ``float [1, 4, h, w]``."""
-    # np.array copies: thumbnails may be read-only views (PIL), torch wants writable.
+    # np.array copies: a caller's array may be read-only, and torch wants writable.
     rgb = torch.from_numpy(np.array(thumbnail[..., :3])).to(device)
     mask = torch.from_numpy(np.array(tissue)).to(device)
     x = torch.cat([rgb.permute(2, 0, 1).float() / 255.0, mask[None].float()], dim=0)
