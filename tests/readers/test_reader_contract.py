@@ -166,6 +166,7 @@ class ReaderContract:
         thumb = slide.thumbnail((96, 128))
         d = max(H / 96, W / 128)
         assert thumb.shape == (round(H / d), round(W / d), 3) and thumb.dtype == np.uint8
+        assert thumb.flags.writeable  # torch.from_numpy warns on read-only arrays
         # The same reduction computed naively on the whole level in memory.
         k = slide.level_for_downsample(d)
         factor = max(1, int(d / slide.levels[k].downsample))
