@@ -58,8 +58,8 @@ PRESETS = {
         # The reference script's defaults (1500x1500, 50 noise squares, 500 epochs).
         Preset("paper", CanvasConfig((1500, 1500), 0.12, 50), 5000, 1000,
                dict.fromkeys(MODELS, 500)),
-        Preset("quick", CanvasConfig((250, 250), 0.12, 6), 800, 200,
-               {"ats-unbiased": 12, "ats-reference": 12, "low-res-cnn": 20, "full": 1},
+        Preset("quick", CanvasConfig((160, 160), 0.12, 3), 800, 200,
+               {"ats-unbiased": 24, "ats-reference": 24, "low-res-cnn": 20, "full": 2},
                batch_size=16, patch_size=32),
         Preset("tiny", CanvasConfig((160, 160), 0.12, 2), 8, 4, ALL, batch_size=4, patch_size=24,
                n_patches=3),
