@@ -4,15 +4,19 @@ Public API (DESIGN section 3): ``sample``, ``expectation``, ``Expectation``,
 ``extract_patches``, ``SamplePatches``, ``attention_sampling``, ``SampleSoftmax``,
 ``MultinomialEntropy``; plus the ``PatchSource`` protocol that lazy slide levels
 satisfy, the cell-to-patch mapping ``patch_offsets``, ``sample_patches`` (the
-function behind ``SamplePatches``) and ``mask_attention`` (restrict sampling to a mask).
+function behind ``SamplePatches``), ``mask_attention`` (restrict sampling to a mask),
+``mask_on_grid`` (a mask pooled to the attention grid) and ``Draw`` (everything one
+``AttentionSampling.draw`` produced).
 """
 
 from .expectation import Expectation, expectation
 from .layers import (
     AttentionSampling,
+    Draw,
     SamplePatches,
     SampleSoftmax,
     attention_sampling,
+    mask_on_grid,
     sample_patches,
 )
 from .patches import PatchSource, extract_patches, gather_patches, patch_offsets
@@ -21,6 +25,7 @@ from .sampling import mask_attention, sample
 
 __all__ = [
     "AttentionSampling",
+    "Draw",
     "Expectation",
     "MultinomialEntropy",
     "PatchSource",
@@ -31,6 +36,7 @@ __all__ = [
     "extract_patches",
     "gather_patches",
     "mask_attention",
+    "mask_on_grid",
     "patch_offsets",
     "sample",
     "sample_patches",

@@ -9,8 +9,10 @@ the same name.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
@@ -134,15 +136,37 @@ class SamplePatches(nn.Module):
         )
 
 
+class Draw(NamedTuple):
+    """Everything one draw of :class:`AttentionSampling` produced.
+
+    Attributes:
+        features (Tensor[B, D]): the estimate of the attention-weighted feature mean.
+        attention (Tensor[B, *att]): the attention map the patches were drawn from
+            (restricted to ``mask`` when one was given).
+        patches (Tensor[B, N, C, *patch_size]): the patches the feature net saw.
+        offsets (LongTensor[B, N, ndim]): their top-left corners in ``x_high``'s
+            grid, ``(y, x)`` for images.
+        sampled_attention (Tensor[B, N]): the attention probability of each patch.
+        regularizer (Tensor[]): the attention regularizer's value on ``attention``
+            (a constant 0 without regularizer), to add to the training loss.
+    """
+
+    features: Tensor
+    attention: Tensor
+    patches: Tensor
+    offsets: Tensor
+    sampled_attention: Tensor
+    regularizer: Tensor
+
+
 class AttentionSampling(nn.Module):
     """The attention-sampling pipeline; build it with :func:`attention_sampling`.
 
     ``forward(x_low, x_high, mask=None)`` returns
-    ``(features [B, D], attention [B, *att], patches [B, N, C, *patch_size])``.
-
-    ``regularizer_loss`` holds the attention regularizer's value for the last forward
-    (a scalar tensor in the graph, so ``loss = task_loss + model.regularizer_loss``
-    trains it); it is a constant 0 when there is no regularizer.
+    ``(features [B, D], attention [B, *att], patches [B, N, C, *patch_size])``;
+    ``draw(x_low, x_high, mask=None, generator=None)`` returns all of one draw as a
+    :class:`Draw`, the regularizer's value included: the training loop adds
+    ``draw.regularizer`` to its loss.
     """
 
     def __init__(
@@ -169,27 +193,39 @@ class AttentionSampling(nn.Module):
         self.receptive_field = receptive_field
         self.estimator = estimator
         self.generator = generator
-        self.regularizer_loss = torch.zeros(())
 
-    def forward(
-        self, x_low: Tensor, x_high: HighResolution, mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``x_low [B, C, *low]``, ``x_high`` (see ``patches.HighResolution``) and an
-        optional ``mask [B, *att]`` (True where sampling is allowed, e.g. tissue: the
-        attention is restricted and renormalised for the sampling and the expectation).
+    def draw(
+        self,
+        x_low: Tensor,
+        x_high: HighResolution,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Draw:
+        """One draw of patches and its estimate.
+
+        Args:
+            x_low (Tensor[B, C, *low]): the low-resolution view.
+            x_high: the high-resolution image, see ``patches.HighResolution``.
+            mask (BoolTensor[B, *m] | None): True where sampling is allowed (e.g.
+                tissue). On the attention grid, or on any finer grid such as
+                ``x_low``'s (a cell is allowed when any mask pixel inside it is
+                True, by adaptive max pooling). The attention is restricted and
+                renormalised for the sampling, the expectation and the regularizer.
+            generator: overrides the module's ``generator`` for this draw.
         """
         _checks.tensor(x_low, "x_low", min_dim=3)
         attention = self.attention(x_low)
         if attention.dim() == x_low.dim() and attention.shape[1] == 1:
             attention = attention.squeeze(1)  # [B, 1, *att] -> [B, *att]
         if mask is not None:
-            attention = mask_attention(attention, mask)
-        if self.attention_regularizer is None:
-            self.regularizer_loss = attention.new_zeros(())
-        else:
-            self.regularizer_loss = self.attention_regularizer(attention)
+            attention = mask_attention(attention, mask_on_grid(mask, attention.shape[1:]))
+        regularizer = (
+            attention.new_zeros(())
+            if self.attention_regularizer is None
+            else self.attention_regularizer(attention)
+        )
         patch_size = x_low.shape[2:] if self.patch_size is None else self.patch_size
-        patches, sampled_attention, _ = sample_patches(
+        patches, sampled_attention, offsets = sample_patches(
             x_low,
             x_high,
             attention,
@@ -197,13 +233,38 @@ class AttentionSampling(nn.Module):
             patch_size,
             self.receptive_field,
             self.replace,
-            generator=self.generator,
+            generator=self.generator if generator is None else generator,
         )
         batch, n = sampled_attention.shape
         features = self.feature(patches.flatten(0, 1))  # [B * N, ...]
         features = features.reshape(batch, n, *features.shape[1:])  # [B, N, ...]
         features = expectation(features, sampled_attention, self.replace, self.estimator)
-        return features, attention, patches
+        return Draw(features, attention, patches, offsets, sampled_attention, regularizer)
+
+    def forward(
+        self, x_low: Tensor, x_high: HighResolution, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(features, attention, patches)`` of :meth:`draw`."""
+        out = self.draw(x_low, x_high, mask)
+        return out.features, out.attention, out.patches
+
+
+def mask_on_grid(mask: Tensor, grid: Sequence[int]) -> Tensor:
+    """``mask (BoolTensor[B, *m])`` reduced to ``grid`` (the attention's spatial
+    shape) by adaptive max pooling: a cell is True when any of its pixels is."""
+    _checks.tensor(mask, "mask", min_dim=2)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    grid = tuple(grid)
+    if tuple(mask.shape[1:]) == grid:
+        return mask
+    if mask.dim() - 1 != len(grid) or not 1 <= len(grid) <= 3:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}; expected [B, *grid] with the attention's "
+            f"{len(grid)} spatial axes (grid {grid})"
+        )
+    pool = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)[len(grid) - 1]
+    return pool(mask[:, None].float(), grid)[:, 0] > 0.5
 
 
 def attention_sampling(
@@ -231,7 +292,7 @@ def attention_sampling(
         replace: sample with replacement (if in doubt, don't).
         attention_regularizer: called on the attention map ``[B, *att]`` at every
             forward, e.g. ``MultinomialEntropy``; its value is
-            ``module.regularizer_loss``, to be added to the training loss.
+            ``module.draw(...).regularizer``, to be added to the training loss.
         receptive_field: of the attention network in ``x_low`` pixels (0 for
             ``padding="same"`` networks); see ``patch_offsets``.
         estimator: ``"unbiased"`` or ``"reference"``, see ``expectation``.
@@ -239,7 +300,8 @@ def attention_sampling(
 
     Returns:
         ``AttentionSampling``: ``forward(x_low, x_high, mask=None)`` ->
-        ``(features [B, D], attention [B, *att], patches [B, N, C, *patch_size])``.
+        ``(features [B, D], attention [B, *att], patches [B, N, C, *patch_size])``;
+        ``draw(x_low, x_high, mask=None, generator=None)`` -> :class:`Draw`.
     """
     return AttentionSampling(
         attention,

@@ -1,12 +1,13 @@
 """The paper's Megapixel MNIST networks and the two baselines.
 
-Every model maps `(x_low float32[B, 1, h, w], x_high float32[B, 1, H, W])` to class
-logits `[B, 10]` and exposes `regularizer_loss` (a scalar tensor, the attention
-regularizer's value for the last forward; zero for models without attention), so
-one training loop serves all of them.
+Every model maps `(x_low float32[B, 1, h, w], x_high float32[B, 1, H, W])` to an
+`Output`: class logits `[B, 10]` and the attention regularizer's value (a scalar
+tensor; zero for models without attention), so one training loop serves all of them.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -14,6 +15,13 @@ from torch import nn
 import pipeline
 
 N_CLASSES = 10
+
+
+class Output(NamedTuple):
+    """logits [B, 10]; regularizer: scalar, to add to the training loss."""
+
+    logits: torch.Tensor
+    regularizer: torch.Tensor
 
 
 class AttentionNet(nn.Sequential):
@@ -110,20 +118,12 @@ class ATSModel(nn.Module):
         self.head = nn.Linear(FeatureNet.channels, N_CLASSES)
         keras_init(self)
 
-    @property
-    def regularizer_loss(self) -> torch.Tensor:
-        return self.ats.regularizer_loss
+    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> Output:
+        return self.classify(self.ats.draw(x_low, x_high))
 
-    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
-        features, _, _ = self.ats(x_low, x_high)
-        return self.head(features)
-
-    def sample_with_offsets(self, x_low: torch.Tensor, x_high: torch.Tensor):
-        """(attention [B, h, w], patches [B, N, 1, p, p], offsets [B, N, 2]) for figures."""
-        attention = self.ats.attention(x_low)
-        sampler = pipeline.SamplePatches(self.n_patches, (self.patch_size,) * 2)
-        patches, _, offsets = sampler(x_low, x_high, attention, return_offsets=True)
-        return attention, patches, offsets
+    def classify(self, draw: pipeline.Draw) -> Output:
+        """The output of one draw (``self.ats.draw``): figures show that draw's patches."""
+        return Output(self.head(draw.features), draw.regularizer)
 
 
 class LowResCNN(nn.Module):
@@ -135,12 +135,8 @@ class LowResCNN(nn.Module):
         self.head = nn.Linear(FeatureNet.channels, N_CLASSES)
         keras_init(self)
 
-    @property
-    def regularizer_loss(self) -> torch.Tensor:
-        return self.head.weight.new_zeros(())
-
-    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x_low))
+    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> Output:
+        return Output(self.head(self.features(x_low)), self.head.weight.new_zeros(()))
 
 
 def grid_offsets(low_size: int, high_size: int, patch_size: int) -> torch.Tensor:
@@ -170,7 +166,6 @@ class FullModel(nn.Module):
         self.features = FeatureNet()
         self.entropy = pipeline.MultinomialEntropy(regularizer)
         self.head = nn.Linear(FeatureNet.channels, N_CLASSES)
-        self.regularizer_loss = self.head.weight.new_zeros(())
         keras_init(self)
 
     def patch_features(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
@@ -187,11 +182,11 @@ class FullModel(nn.Module):
         picked = dense[:, :, oy + pad][:, :, :, ox + pad]  # [B, D, h', w']
         return _l2_normalize(picked)
 
-    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> Output:
         attention = self.attention(x_low)  # [B, h', w']
-        self.regularizer_loss = self.entropy(attention)
         features = self.patch_features(x_low, x_high)
-        return self.head(torch.einsum("bhw,bdhw->bd", attention, features))
+        logits = self.head(torch.einsum("bhw,bdhw->bd", attention, features))
+        return Output(logits, self.entropy(attention))
 
 
 def exact_twin(model: ATSModel) -> FullModel:

@@ -99,8 +99,8 @@ def build_model(name: str, preset: Preset) -> nn.Module:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, preset: Preset):
     """One optimisation step; returns (loss, number of errors) on the batch."""
     x_low, x_high, y = batch
-    logits = model(x_low, x_high)
-    loss = nn.functional.cross_entropy(logits, y) + model.regularizer_loss
+    logits, regularizer = model(x_low, x_high)
+    loss = nn.functional.cross_entropy(logits, y) + regularizer
     optimizer.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), preset.clip_norm)
@@ -114,7 +114,7 @@ def evaluate(model: nn.Module, loader) -> tuple[float, float]:
     model.eval()
     total_loss, errors, count = 0.0, 0, 0
     for x_low, x_high, y in loader:
-        logits = model(x_low, x_high)
+        logits = model(x_low, x_high).logits
         total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         errors += int((logits.argmax(1) != y).sum())
         count += len(y)
@@ -236,7 +236,9 @@ def plot_patches(model: ATSModel, dataset, index: int, path: Path, device: torch
     model.eval()
     x_low, x_high, label = dataset[index]
     x_low, x_high = _to(device, (x_low[None], x_high[None]))
-    attention, patches, offsets = model.sample_with_offsets(x_low, x_high)
+    draw = model.ats.draw(x_low, x_high)
+    predicted = int(model.classify(draw).logits.argmax(1))
+    attention, patches, offsets = draw.attention, draw.patches, draw.offsets
     n = patches.shape[1]
     fig = plt.figure(figsize=(9, 4.2), dpi=80)
     columns = (n + 1) // 2
@@ -246,7 +248,7 @@ def plot_patches(model: ATSModel, dataset, index: int, path: Path, device: torch
     p = model.patch_size
     for y, x in offsets[0].tolist():
         ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), p, p, fill=False, color="red", lw=1))
-    ax.set_title(f"canvas (label {label}), sampled patches", fontsize=9)
+    ax.set_title(f"canvas (label {label}, predicted {predicted}), sampled patches", fontsize=9)
     ax.axis("off")
     ax = fig.add_subplot(grid[:, 2:4])
     ax.imshow(attention[0].cpu().numpy(), cmap="viridis")

@@ -44,7 +44,6 @@ def test_forward_shapes_and_one_feature_call():
     assert features.shape == (2, 4) and attention.shape == (2, 8, 8)
     assert patches.shape == (2, 5, 3, 6, 5)
     assert model.feature.calls == [(10, 3, 6, 5)]
-    assert model.regularizer_loss.shape == () and model.regularizer_loss.item() == 0
     features.sum().backward()
     # Gradients reach the attention network through the estimator.
     assert model.attention[0].weight.grad.abs().sum() > 0
@@ -59,15 +58,40 @@ def test_attention_with_a_channel_axis_and_default_patch_size():
     assert att.shape == (1, 8, 8) and patches.shape == (1, 3, 3, 8, 8)
 
 
-def test_regularizer_value_is_reachable_and_trains():
+def test_draw_returns_what_forward_used_and_the_regularizer():
     torch.manual_seed(0)
     regularizer = MultinomialEntropy(strength=0.5)
     model = _model(regularizer)
-    x_low = torch.rand(2, 3, 8, 8)
-    _, attention, _ = model(x_low, torch.rand(2, 3, 40, 40))
-    torch.testing.assert_close(model.regularizer_loss, regularizer(attention))
-    model.regularizer_loss.backward()
+    x_low, x_high = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 40, 40)
+    out = model.draw(x_low, x_high, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(out.regularizer, regularizer(out.attention))
+    # The offsets and probabilities are those of the patches the feature net saw.
+    assert torch.equal(out.patches, extract_patches(x_high, out.offsets, (6, 5)))
+    cells = (out.offsets + torch.tensor([3, 2])) * 8 // 40  # patch centres -> cells
+    picked = out.attention.flatten(1).gather(1, cells[..., 0] * 8 + cells[..., 1])
+    torch.testing.assert_close(out.sampled_attention, picked)
+    # Forward is the first three outputs of a draw with the same generator state.
+    model.generator = torch.Generator().manual_seed(4)
+    features, attention, patches = model(x_low, x_high)
+    assert torch.equal(patches, out.patches) and torch.equal(features, out.features)
+    out.regularizer.backward()
     assert model.attention[0].weight.grad.abs().sum() > 0
+    assert _model().draw(x_low, x_high).regularizer.item() == 0
+
+
+def test_mask_at_the_view_resolution_is_pooled_to_the_attention_grid():
+    torch.manual_seed(0)
+    # Attention on a 4 x 4 grid (stride-2 conv) of an 8 x 8 view.
+    attention = nn.Sequential(nn.Conv2d(3, 1, 3, stride=2, padding=1), SampleSoftmax(True))
+    model = attention_sampling(attention, _Recording(3 * 6 * 5, 4), (6, 5), n_patches=2)
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, 5, 2] = True  # one view pixel, inside attention cell (2, 1)
+    out = model.draw(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 40, 40), mask=mask)
+    expected = torch.zeros(1, 4, 4)
+    expected[0, 2, 1] = 1
+    assert torch.equal(out.attention, expected)
+    with pytest.raises(ValueError, match="spatial axes"):
+        model.draw(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 40, 40), mask=mask[0])
 
 
 def test_mask_restricts_the_sampled_cells():
