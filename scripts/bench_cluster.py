@@ -4,7 +4,7 @@
                                      [--repeats 5] [--patches N]
 
 Generates (once, cached in ``--cache``) ``--slides`` synthetic slides of ``--size``
-pixels square (``pipeline.app.synth``), builds the default ``SlideClassifier``
+pixels square (``pipeline.app.demo_dataset``), builds the default ``SlideClassifier``
 (untrained, seed 0: speed does not depend on the weights; ``--patches`` changes
 its number of patches, i.e. the work per slide) and times, in one run,
 the prediction of every slide into a fresh output directory (``PredictionStore``:
@@ -46,8 +46,8 @@ from typing import NamedTuple
 
 
 def make_slides(cache: Path, n: int, size: int) -> list[Path]:
+    from pipeline.app.demo_dataset import write_dataset
     from pipeline.app.prediction import list_slides
-    from pipeline.app.synth import write_dataset
 
     directory = cache / f"slides-{n}x{size}"
     if not (directory / "labels.csv").is_file():
@@ -107,9 +107,10 @@ def main() -> None:
 
     from pipeline.app.cluster import connect, predict_on_client
     from pipeline.app.config import ModelConfig
+    from pipeline.app.demo_dataset import CLASS_NAMES
+    from pipeline.app.inference import predict_slide
     from pipeline.app.models import SlideClassifier
-    from pipeline.app.prediction import PredictionStore, predict, predict_slide
-    from pipeline.app.synth import CLASS_NAMES
+    from pipeline.app.prediction import PredictionStore, predict
 
     load_before = os.getloadavg()[0]
     paths = make_slides(args.cache, args.slides, args.size)

@@ -15,7 +15,7 @@ Builds (once, cached in ``--cache``) two generated JPEG pyramids, ``small`` and
   processing) against the file size.
 
 Slides are rendered cheaply: level-0 tiles are copies of a few precomputed
-synthetic tissue tiles (``pipeline.app.synth``), chosen per tile by a hash, placed
+synthetic tissue tiles (``pipeline.app.demo_dataset``), chosen per tile by a hash, placed
 where the synthetic layout has tissue; coarser levels sample the same mosaic.
 """
 
@@ -44,7 +44,7 @@ class MosaicSlide:
     """
 
     def __init__(self, side: int, seed: int = 0) -> None:
-        from pipeline.app.synth import BACKGROUND, make_layout
+        from pipeline.app.demo_dataset import BACKGROUND, make_layout
 
         layout = make_layout((side, side), seed=seed, positive=False, cell_density=0.0)
         n = -(-side // TILE)
@@ -74,7 +74,7 @@ class MosaicSlide:
 
 def _tissue_tiles(seed: int) -> np.ndarray:
     """uint8 [N_TEXTURES, TILE, TILE, 3]: level-0 tiles of a synthetic slide, all tissue."""
-    from pipeline.app.synth import make_layout
+    from pipeline.app.demo_dataset import make_layout
 
     layout = make_layout((4096, 4096), seed=seed + 1, positive=True)
     tiles = []
@@ -146,7 +146,7 @@ def child_ats(path: str, repeats: int) -> dict:
 
 def _ats_pass(model, path: str, seed: int) -> None:
     """What ``predict`` does for one slide, outputs aside: open, view, classify, close."""
-    from pipeline.app.prediction import classify_view
+    from pipeline.app.inference import classify_view
     from pipeline.app.slides import open_view
 
     with open_view(path, model.config) as view:

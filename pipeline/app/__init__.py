@@ -8,6 +8,8 @@ Sits above the torch-only estimator core (``pipeline``) and ``readers``::
     summary = predict("run/", ["more_slides/"], "out/")             # -> PredictSummary
     model, config = load_model("run/")
     one = predict_slide(model, "slide.svs", seed=0)                 # -> SlideResult
+    with connect(workers=4) as client:                              # a local Dask cluster
+        predict(model, ["more_slides/"], "out/", runner=on_cluster(client))
 
 Names are imported on first use, so ``import pipeline.app`` loads no more than the
 ``pipeline`` core (torch). The modules are named ``training`` and ``prediction`` so
@@ -34,7 +36,7 @@ _EXPORTS = {
     "slide_seed": "pipeline.app.prediction",
     "SlideResult": "pipeline.app.prediction",
     "PredictSummary": "pipeline.app.prediction",
-    "write_dataset": "pipeline.app.synth",
+    "write_dataset": "pipeline.app.demo_dataset",
     "run_demo": "pipeline.app.demo",
     "connect": "pipeline.app.cluster",
     "predict_on_client": "pipeline.app.cluster",

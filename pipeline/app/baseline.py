@@ -24,12 +24,13 @@ def train_low_res(
 ) -> LowResClassifier:
     """Fit a ``LowResClassifier`` on the slides' thumbnails with the same optimizer,
     epochs and accumulation as ``train`` (one slide per forward)."""
-    torch.manual_seed(train_config.seed)
-    model = LowResClassifier(config).to(device)
+    with torch.random.fork_rng(devices=[]):  # weights from the seed, caller's state kept
+        torch.manual_seed(train_config.seed)
+        model = LowResClassifier(config).to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
     )
-    views = [low_res_tensor(s.thumbnail, s.tissue, device) for s in slides]
+    views = [low_res_tensor(s.thumbnail, device) for s in slides]
     for epoch in range(1, train_config.epochs + 1):
         order = np.random.default_rng([train_config.seed, epoch]).permutation(len(slides))
         for n, i in enumerate(order, start=1):
@@ -46,7 +47,7 @@ def train_low_res(
 def low_res_accuracy(model: LowResClassifier, slides: list[LabelledSlide]) -> float:
     device = next(model.parameters()).device
     correct = [
-        int(model(low_res_tensor(s.thumbnail, s.tissue, device)).argmax(1)) == s.label
+        int(model(low_res_tensor(s.thumbnail, device)).argmax(1)) == s.label
         for s in slides
     ]
     return sum(correct) / len(correct)

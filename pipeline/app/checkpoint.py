@@ -7,7 +7,9 @@
     RUN_DIR/optimizer.safetensors  optimizer tensors (for resuming training)
     RUN_DIR/optimizer.json         optimizer hyper-parameters and scalars
 
-Each file is replaced atomically, so an interrupted save leaves the previous one.
+A model is serialised one way, ``to_bytes`` / ``from_bytes`` (config JSON text and
+safetensors bytes); the files above and the payload sent to Dask workers are those
+bytes. Each file is replaced atomically, so an interrupted save leaves the previous one.
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from safetensors.torch import load_model as _load_weights
-from safetensors.torch import save_model as _save_weights
+from safetensors.torch import load, load_file, save, save_file
 
 from pipeline.app.config import RunConfig
+from pipeline.app.errors import ConfigError
+from pipeline.app.files import atomic_target, atomic_write_bytes
 from pipeline.app.models import SlideClassifier
-from pipeline.app.outputs import atomic_target, atomic_write_bytes
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -32,25 +33,47 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 
 
+def to_bytes(model: SlideClassifier, config: RunConfig | None = None) -> tuple[str, bytes]:
+    """``(config JSON, safetensors weights)`` of ``model``; ``config`` defaults to a
+    ``RunConfig`` holding only the model's own ``ModelConfig``."""
+    config = config or RunConfig(model=model.config)
+    if config.model != model.config:
+        raise ValueError("config.model differs from the model's own config")
+    # contiguous CPU copies: safetensors stores neither views nor device tensors.
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return config.to_json(), save(state)
+
+
+def from_bytes(
+    config_json: str, weights: bytes, source: str, device: torch.device | str | None = None
+) -> tuple[SlideClassifier, RunConfig]:
+    """The classifier (eval mode, on ``device``, default CPU) and run config that
+    ``to_bytes`` gave; ``source`` names where the bytes came from in errors."""
+    return _build(RunConfig.from_json(config_json, source=source), weights, source, device)
+
+
+def _build(
+    config: RunConfig, weights: bytes, source: str, device: torch.device | str | None
+) -> tuple[SlideClassifier, RunConfig]:
+    model = SlideClassifier(config.model)
+    try:
+        model.load_state_dict(load(weights), strict=True)
+    except (SafetensorError, RuntimeError) as e:
+        raise ConfigError(f"{source}: weights do not match {CONFIG_FILE} ({e})") from None
+    return model.to(device or "cpu").eval(), config
+
+
 def save_model(run_dir: str | os.PathLike, model: SlideClassifier, config: RunConfig) -> None:
     """Write the weights, then the config, of ``model`` into ``run_dir``."""
+    config_json, weights = to_bytes(model, config)
     run_dir = Path(run_dir)
-    with atomic_target(run_dir / MODEL_FILE) as tmp:
-        # save_model (not save_file) drops the aliases the model holds to its own
-        # sub-networks, which safetensors refuses to store twice.
-        _save_weights(model, str(tmp))
-    atomic_write_bytes(run_dir / CONFIG_FILE, config.to_json().encode())
+    atomic_write_bytes(run_dir / MODEL_FILE, weights)
+    atomic_write_bytes(run_dir / CONFIG_FILE, config_json.encode())
 
 
 def read_config(run_dir: str | os.PathLike) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: no model config (is {run_dir} a run directory?)"
-        ) from None
-    return RunConfig.from_json(text, source=str(path))
+    return RunConfig.from_json(_read(path, "model config").decode(), source=str(path))
 
 
 def load_model(
@@ -58,16 +81,17 @@ def load_model(
 ) -> tuple[SlideClassifier, RunConfig]:
     """Rebuild the classifier of ``run_dir`` from its JSON config and safetensors
     weights, on ``device`` (default CPU), in eval mode."""
-    config = read_config(run_dir)
-    model = SlideClassifier(config.model)
     path = Path(run_dir) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no model weights")
+    return _build(read_config(run_dir), _read(path, "model weights"), str(path), device)
+
+
+def _read(path: Path, what: str) -> bytes:
     try:
-        _load_weights(model, str(path), strict=True)
-    except (SafetensorError, RuntimeError) as e:
-        raise ValueError(f"{path}: weights do not match {CONFIG_FILE} ({e})") from None
-    return model.to(device or "cpu").eval(), config
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: no {what} (is {path.parent} a run directory?)"
+        ) from None
 
 
 def save_optimizer(run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:

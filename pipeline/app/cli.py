@@ -5,30 +5,45 @@ the commands (torch comes with the ``pipeline`` package itself).
 Exit status: 0 success; 1 some slides failed in ``predict`` (all others were
 processed and have their outputs); 2 usage or input errors (including a file
 ``info`` cannot read, after the others are shown), reported as
-``ats-wsi: error: ...`` without a traceback.
+``ats-wsi: error: ...`` without a traceback. Only errors in the user's input count
+as such (``errors.UserError`` and ``ConfigError``, missing files, unreadable slides,
+an unreachable scheduler); anything else is a bug and keeps its traceback.
+
+Option defaults are not restated here: an option left out is not passed on, so the
+library's own defaults (the config dataclasses, ``run_demo``) apply, and the help
+text reads them from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 
+from pipeline.app.config import DemoConfig, ModelConfig, PredictConfig, TrainConfig
+from pipeline.app.errors import UserError
+
 PROG = "ats-wsi"
-
-
-class UserError(Exception):
-    """An error in the user's input, reported in one line."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     import readers
 
     return (
-        UserError, ValueError, FileNotFoundError, NotADirectoryError, ConnectionError,
-        readers.SlideError,
+        UserError, FileNotFoundError, NotADirectoryError, ConnectionError, readers.SlideError,
     )  # fmt: skip
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict:
+    """The options among ``names`` that the user gave (``None`` = left out)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _default(config: type, name: str) -> str:
+    """``"(default X)"`` for field ``name`` of a config dataclass."""
+    return f"(default {next(f.default for f in dataclasses.fields(config) if f.name == name)})"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -58,7 +73,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from pipeline.app.synth import write_dataset
+    from pipeline.app.demo_dataset import write_dataset
 
     labels = write_dataset(
         args.out_dir, n=args.n, size=args.size, seed=args.seed, progress=True, workers=args.workers
@@ -67,26 +82,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_OPTIONS = (
+    "n_patches", "patch_size", "low_res_max_side", "low_res_level", "low_res_mpp",
+    "patch_level", "patch_mpp", "entropy_strength",
+)  # fmt: skip
+TRAIN_OPTIONS = ("epochs", "lr", "batch_size", "val_fraction", "seed")
+
+
 def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
     """ModelConfig from the options given; the others keep the dataclass defaults."""
-    from pipeline.app.config import ModelConfig
-
-    given = {
-        "n_patches": args.n_patches,
-        "patch_size": None if args.patch_size is None else (args.patch_size, args.patch_size),
-        "low_res_max_side": args.low_res_max_side,
-        "low_res_level": args.low_res_level,
-        "low_res_mpp": args.low_res_mpp,
-        "patch_level": args.patch_level,
-        "patch_mpp": args.patch_mpp,
-        "entropy_strength": args.entropy,
-    }
-    options = {k: v for k, v in given.items() if v is not None}
-    return ModelConfig(class_names=class_names, tissue_mask=not args.no_tissue_mask, **options)
+    options = _given(args, MODEL_OPTIONS)
+    if "patch_size" in options:
+        options["patch_size"] = (options["patch_size"],) * 2
+    if args.no_tissue_mask:
+        options["tissue_mask"] = False
+    return ModelConfig(class_names=class_names, **options)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.app.config import TrainConfig
     from pipeline.app.training import read_labels, train
 
     classes = tuple(sorted({label for _, label in read_labels(args.labels, args.slides)}))
@@ -97,13 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.labels,
         args.out,
         model_config=_model_config(args, classes),
-        train_config=TrainConfig(
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-        ),
+        train_config=TrainConfig(**_given(args, TRAIN_OPTIONS)),
         device=args.device,
     )
     print(f"model saved in {result.run_dir} ({len(result.skipped)} slides skipped)")
@@ -111,13 +118,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.app.cluster import connect
+    from pipeline.app.cluster import connect, on_cluster
     from pipeline.app.prediction import predict
 
     with connect(args.scheduler, args.workers) as client:
         summary = predict(
-            args.model, args.slides, args.out, seed=args.seed, overwrite=args.overwrite,
-            device=args.device, client=client,
+            args.model, args.slides, args.out, overwrite=args.overwrite, device=args.device,
+            runner=None if client is None else on_cluster(client, args.device),
+            **_given(args, ["seed"]),
         )  # fmt: skip
     for result in summary.failed:
         print(f"{PROG}: failed: {result.error}", file=sys.stderr)
@@ -132,23 +140,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.app.demo import run_demo
 
-    given = {"n_train": args.n_train, "n_test": args.n_test, "size": args.size,
-             "epochs": args.epochs, "seed": args.seed}  # fmt: skip
-    run_demo(args.out, **{k: v for k, v in given.items() if v is not None})
+    run_demo(**_given(args, DEMO_OPTIONS))
     return 0
 
 
+DEMO_OPTIONS = ("out_dir", "n_train", "n_test", "size", "epochs", "seed")
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
+    M = ModelConfig
     g = p.add_argument_group("model (new runs only; a resumed run keeps its own)")
-    g.add_argument("--n-patches", type=int, help="patches sampled per slide")
-    g.add_argument("--patch-size", type=int, help="patch side in patch-level pixels")
-    g.add_argument("--low-res-max-side", type=int, help="longer side of the attention view")
+    g.add_argument("--n-patches", type=int,
+                   help=f"patches sampled per slide {_default(M, 'n_patches')}")
+    g.add_argument("--patch-size", type=int,
+                   help=f"patch side in patch-level pixels {_default(M, 'patch_size')}")
+    g.add_argument("--low-res-max-side", type=int,
+                   help=f"longer side of the attention view {_default(M, 'low_res_max_side')}")
     g.add_argument("--low-res-level", type=int, help="pyramid level as the attention view")
     g.add_argument("--low-res-mpp", type=float, help="microns per pixel of the attention view")
-    g.add_argument("--patch-level", type=int, help="pyramid level of the patches (default 0)")
+    g.add_argument("--patch-level", type=int,
+                   help=f"pyramid level of the patches {_default(M, 'patch_level')}")
     g.add_argument("--patch-mpp", type=float, help="microns per pixel of the patches")
     g.add_argument("--no-tissue-mask", action="store_true", help="sample outside tissue too")
-    g.add_argument("--entropy", type=float, help="entropy regularizer strength")
+    g.add_argument("--entropy", type=float, dest="entropy_strength",
+                   help=f"entropy regularizer strength {_default(M, 'entropy_strength')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,11 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slides", required=True, metavar="DIR")
     p.add_argument("--labels", required=True, metavar="CSV", help="columns slide,label")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=4, help="slides per optimizer step")
-    p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=0)
+    T = TrainConfig
+    p.add_argument("--epochs", type=int, help=_default(T, "epochs"))
+    p.add_argument("--lr", type=float, help=f"learning rate {_default(T, 'lr')}")
+    p.add_argument("--batch-size", type=int,
+                   help=f"slides per optimizer step {_default(T, 'batch_size')}")
+    p.add_argument("--val-fraction", type=float, help=_default(T, "val_fraction"))
+    p.add_argument("--seed", type=int, help=_default(T, "seed"))
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     _add_model_options(p)
     p.set_defaults(run=cmd_train)
@@ -188,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slides", required=True, nargs="+", metavar="DIR_OR_FILE")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
     p.add_argument("--overwrite", action="store_true", help="redo slides already done")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help=_default(PredictConfig, "seed"))
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     cluster = p.add_mutually_exclusive_group()
     cluster.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler")
@@ -196,12 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic data, train, predict and a baseline, in minutes")
-    p.add_argument("--out", default="ats-demo", metavar="DIR")
-    p.add_argument("--n-train", type=int, help="training slides (default 40)")
-    p.add_argument("--n-test", type=int, help="test slides (default 16)")
-    p.add_argument("--size", type=int, help="slide side in pixels (default 1536)")
-    p.add_argument("--epochs", type=int, help="training epochs (default 10)")
-    p.add_argument("--seed", type=int, help="dataset and training seed (default 0)")
+    d = DemoConfig
+    p.add_argument("--out", dest="out_dir", metavar="DIR", help=_default(d, "out_dir"))
+    p.add_argument("--n-train", type=int, help=f"training slides {_default(d, 'n_train')}")
+    p.add_argument("--n-test", type=int, help=f"test slides {_default(d, 'n_test')}")
+    p.add_argument("--size", type=int, help=f"slide side in pixels {_default(d, 'size')}")
+    p.add_argument("--epochs", type=int, help=f"training epochs {_default(d, 'epochs')}")
+    p.add_argument("--seed", type=int, help=f"dataset and training seed {_default(d, 'seed')}")
     p.set_defaults(run=cmd_demo)
     return parser
 

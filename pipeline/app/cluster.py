@@ -6,7 +6,8 @@
 
     with connect(workers=4) as client:                      # or scheduler="tcp://host:8786"
         for result in predict_on_client(client, model, paths, seed=0):
-            store.add(result)                               # SlideResult, in completion order
+            ...                                             # SlideResult, in completion order
+        predict(model, slides, out_dir, runner=on_cluster(client))  # the batch driver
 
 How the work is laid out:
 
@@ -48,15 +49,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.app.config import RunConfig
+from pipeline.app import checkpoint
+from pipeline.app.errors import ConfigError
+from pipeline.app.inference import Runner, SlideResult, error_result, predict_slide, slide_name
 from pipeline.app.models import SlideClassifier
-from pipeline.app.prediction import (
-    SlideResult,
-    default_device,
-    error_result,
-    predict_slide,
-    slide_name,
-)
+from pipeline.app.runtime import default_device
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds to wait for an existing scheduler before giving up."""
@@ -89,7 +86,7 @@ def connect(
     ``scheduler`` raises ``ConnectionError`` naming it after ``timeout`` seconds.
     """
     if scheduler is not None and workers is not None:
-        raise ValueError(
+        raise ConfigError(
             f"give either scheduler or workers, not both (got scheduler={scheduler!r}, "
             f"workers={workers!r})"
         )
@@ -101,7 +98,7 @@ def connect(
 
     if scheduler is not None:
         if not isinstance(scheduler, str) or not scheduler.strip():
-            raise ValueError(
+            raise ConfigError(
                 f"scheduler: expected an address like 'tcp://host:8786', got {scheduler!r}"
             )
         try:
@@ -116,7 +113,7 @@ def connect(
         return
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
+        raise ConfigError(f"workers: expected an int >= 1, got {workers!r}")
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=1,
@@ -144,22 +141,16 @@ class ModelPayload:
 
     @classmethod
     def from_model(cls, model: SlideClassifier) -> ModelPayload:
-        from safetensors.torch import save
-
-        config_json = RunConfig(model=model.config).to_json()
-        # clone(): safetensors refuses tensors sharing storage.
-        weights = save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        config_json, weights = checkpoint.to_bytes(model)
         token = hashlib.sha256(config_json.encode() + weights).hexdigest()[:16]
         return cls(config_json, weights, token)
 
     def build(self, device: torch.device | str = "cpu") -> SlideClassifier:
         """The model, in eval mode on ``device``."""
-        from safetensors.torch import load
-
-        config = RunConfig.from_json(self.config_json, source=f"model payload {self.token}")
-        model = SlideClassifier(config.model)
-        model.load_state_dict(load(self.weights), strict=True)
-        return model.to(device).eval()
+        model, _ = checkpoint.from_bytes(
+            self.config_json, self.weights, f"model payload {self.token}", device
+        )
+        return model
 
 
 _models: OrderedDict[tuple[str, str], SlideClassifier] = OrderedDict()
@@ -234,6 +225,16 @@ def predict_on_client(
             yield result
     finally:
         client.cancel([*pending, weights])
+
+
+def on_cluster(client: Client, device: torch.device | str | None = None) -> Runner:
+    """A ``Runner`` (see ``inference``) that runs each slide as a task on ``client``'s
+    cluster, for ``prediction.predict(..., runner=on_cluster(client))``."""
+
+    def run(model: SlideClassifier, paths, seed: int) -> Iterator[SlideResult]:
+        return predict_on_client(client, model, paths, seed, device=device)
+
+    return run
 
 
 def _result_of(future, path: Path) -> SlideResult:

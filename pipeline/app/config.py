@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.app.errors import ConfigError
+
 FORMAT = "ats-wsi-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2: the networks sit under ``sampler`` (the core's ``AttentionSampling``)
+and the tissue mask is the core's sampling mask, not a fourth input channel."""
 
 
 @dataclass(frozen=True)
@@ -61,24 +66,27 @@ class ModelConfig:
     tissue_mask: bool = True
 
     def __post_init__(self) -> None:
+        _as_ints(self, "width", "n_patches", "receptive_field", "low_res_max_side",
+                 "low_res_level", "patch_level")  # fmt: skip
         if len(self.class_names) < 2:
-            raise ValueError(f"class_names: need at least 2 classes, got {list(self.class_names)}")
+            raise ConfigError(f"class_names: need at least 2 classes, got {list(self.class_names)}")
         if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"class_names: duplicates in {list(self.class_names)}")
+            raise ConfigError(f"class_names: duplicates in {list(self.class_names)}")
         _check_positive(
             width=self.width, n_patches=self.n_patches, low_res_max_side=self.low_res_max_side
         )
         if len(self.patch_size) != 2 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size: expected (height, width) >= 1, got {self.patch_size}")
+            raise ConfigError(f"patch_size: expected (height, width) >= 1, got {self.patch_size}")
         for name in ("patch_level", "low_res_level"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"{name}: expected >= 0, got {value}")
+                raise ConfigError(f"{name}: expected >= 0, got {value}")
         if self.entropy_strength < 0:
-            raise ValueError(f"entropy_strength: expected >= 0, got {self.entropy_strength}")
+            raise ConfigError(f"entropy_strength: expected >= 0, got {self.entropy_strength}")
         # JSON gives lists; the dataclass is hashable and compares equal either way.
         object.__setattr__(self, "class_names", tuple(self.class_names))
-        object.__setattr__(self, "patch_size", tuple(int(s) for s in self.patch_size))
+        patch_size = tuple(_index(s, "patch_size") for s in self.patch_size)
+        object.__setattr__(self, "patch_size", patch_size)
 
 
 @dataclass(frozen=True)
@@ -103,9 +111,41 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _as_ints(self, "epochs", "batch_size", "seed")
         _check_positive(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction: expected in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction: expected in [0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How slides are predicted (the options of ``prediction.predict``).
+
+    Attributes:
+        seed: run seed; each slide's sampling is seeded by ``slide_seed(seed, path)``.
+    """
+
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The options of ``ats-wsi demo`` (``demo.run_demo``).
+
+    Attributes:
+        out_dir: where the data, the model and the predictions go.
+        n_train / n_test: synthetic slides to train on / to predict.
+        size: side of each synthetic slide in pixels.
+        epochs: training epochs.
+        seed: dataset and training seed.
+    """
+
+    out_dir: str = "ats-demo"
+    n_train: int = 40
+    n_test: int = 16
+    size: int = 1536
+    epochs: int = 10
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,11 +165,11 @@ class RunConfig:
         try:
             body = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: not valid JSON ({e})") from None
+            raise ConfigError(f"{source}: not valid JSON ({e})") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT:
-            raise ValueError(f"{source}: not an ats-wsi run config (expected format {FORMAT!r})")
+            raise ConfigError(f"{source}: not an ats-wsi run config (expected format {FORMAT!r})")
         if body.get("version") != FORMAT_VERSION:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: config version {body.get('version')!r}, "
                 f"this ats-wsi reads version {FORMAT_VERSION}"
             )
@@ -139,7 +179,7 @@ class RunConfig:
                 train=TrainConfig(**_known_fields(TrainConfig, body.get("train", {}))),
             )
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{source}: malformed config ({e})") from None
+            raise ConfigError(f"{source}: malformed config ({e})") from None
 
 
 def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +190,25 @@ def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _index(value: Any, name: str) -> int:
+    """``value`` as an int: any integer type (``numpy.int64`` too), never a float or bool."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+
+
+def _as_ints(config: Any, *names: str) -> None:
+    """Normalise the integer fields ``names`` of a frozen dataclass (``None`` kept)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None:
+            object.__setattr__(config, name, _index(value, name))
+
+
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
-            raise ValueError(f"{name}: expected > 0, got {value}")
+            raise ConfigError(f"{name}: expected > 0, got {value}")

@@ -1,6 +1,6 @@
 """``ats-wsi demo``: synthetic data, training, prediction and a baseline, in minutes.
 
-The demo writes a training and a test set of synthetic slides (``synth``), trains
+The demo writes a training and a test set of synthetic slides (``demo_dataset``), trains
 the attention-sampling classifier, predicts the test slides into the standard
 outputs, and trains the same feature CNN on thumbnails only. On this dataset the
 label is invisible at low resolution, so the baseline stays near chance.
@@ -16,10 +16,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.app import outputs, synth
+from pipeline.app import demo_dataset, outputs
 from pipeline.app.baseline import low_res_accuracy, train_low_res
-from pipeline.app.config import ModelConfig, TrainConfig
-from pipeline.app.prediction import default_device, predict, slide_name
+from pipeline.app.config import DemoConfig, ModelConfig, TrainConfig
+from pipeline.app.files import read_csv
+from pipeline.app.inference import slide_name
+from pipeline.app.prediction import predict
+from pipeline.app.runtime import default_device
 from pipeline.app.training import load_slides, read_labels, train
 
 
@@ -34,12 +37,12 @@ class DemoResult:
 
 
 def run_demo(
-    out_dir: str | os.PathLike = "ats-demo",
-    n_train: int = 40,
-    n_test: int = 16,
-    size: int = 1536,
-    epochs: int = 10,
-    seed: int = 0,
+    out_dir: str | os.PathLike = DemoConfig.out_dir,
+    n_train: int = DemoConfig.n_train,
+    n_test: int = DemoConfig.n_test,
+    size: int = DemoConfig.size,
+    epochs: int = DemoConfig.epochs,
+    seed: int = DemoConfig.seed,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
@@ -55,15 +58,15 @@ def run_demo(
     torch.set_num_threads(1)
     train_dir, test_dir = out / "train_slides", out / "test_slides"
     log(f"writing {n_train} + {n_test} synthetic {size}x{size} slides to {out}")
-    train_labels = synth.write_dataset(
+    train_labels = demo_dataset.write_dataset(
         train_dir, n=n_train, size=size, seed=seed, progress=progress, workers=2
     )
-    test_labels = synth.write_dataset(
+    test_labels = demo_dataset.write_dataset(
         test_dir, n=n_test, size=size, seed=seed + 1, progress=progress, workers=2
     )
 
     device = default_device()
-    model_config = ModelConfig(class_names=synth.CLASS_NAMES)
+    model_config = ModelConfig(class_names=demo_dataset.CLASS_NAMES)
     train_config = TrainConfig(epochs=epochs, seed=seed)
     log("training the attention-sampling model")
     trained = train(
@@ -73,7 +76,7 @@ def run_demo(
     log("predicting the test slides")
     summary = predict(trained.model, [test_dir], out / "predictions", seed=seed, progress=progress)
     truth = {slide_name(p): label for p, label in read_labels(test_labels, test_dir)}
-    rows = outputs.read_csv(summary.out_dir / outputs.PREDICTIONS)
+    rows = read_csv(summary.out_dir / outputs.PREDICTIONS)
     ats_accuracy = sum(r["label"] == truth[r["slide"]] for r in rows) / len(truth)
 
     log("training the low-resolution-only baseline (same feature CNN on thumbnails)")

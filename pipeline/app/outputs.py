@@ -1,10 +1,6 @@
-"""Output files of prediction, each written atomically.
+"""The layout of a prediction output directory, and its image and GeoJSON files.
 
-Every writer renders into a temporary file in the destination directory and
-``os.replace``s it over the destination, so a reader (or a crash) only ever sees
-the old file or the complete new one.
-
-Layout under an output directory::
+Each file is written atomically (``files``). Layout under an output directory::
 
     predictions.csv           one row per input file (PREDICTION_COLUMNS)
     heatmaps/<slide>.png      attention over the thumbnail
@@ -13,16 +9,16 @@ Layout under an output directory::
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import io
 import json
 import os
-import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.app.boxes import box_ring
+from pipeline.app.files import atomic_write_bytes
 
 PREDICTIONS = "predictions.csv"
 BASE_COLUMNS = ("slide", "path", "status", "label")
@@ -39,50 +35,6 @@ def heatmap_path(out_dir: str | os.PathLike, slide: str) -> Path:
 
 def geojson_path(out_dir: str | os.PathLike, slide: str) -> Path:
     return Path(out_dir) / "patches" / f"{slide}.geojson"
-
-
-@contextlib.contextmanager
-def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; on success it replaces
-    ``path`` in one ``os.replace``, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Created with open(mode="x") rather than mkstemp, so it gets the umask's
-    # permissions like any other output file, not mkstemp's 0600.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.open("xb").close()
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see ``atomic_target``)."""
-    with atomic_target(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict]) -> None:
-    """Atomically write ``rows`` (dicts keyed by ``columns``; missing keys empty)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: row.get(c, "") for c in columns})
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of a CSV file with a header; ``[]`` if the file does not exist."""
-    try:
-        # utf-8-sig: spreadsheets often save CSV with a byte-order mark.
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        return []
 
 
 def write_heatmap_png(
@@ -126,23 +78,15 @@ def patches_feature_collection(
     """GeoJSON FeatureCollection of patch rectangles, as QuPath imports them.
 
     Args:
-        boxes: int [N, 4] ``(y, x, h, w)`` in level-0 pixels; clipped to the slide
-            (a patch may hang over the edge, where it was filled).
+        boxes: int [N, 4] level-0 boxes (``boxes``); clipped to the slide.
         attention: float [N], attention probability of each patch.
         slide_shape: level-0 ``(H, W, ...)``.
         slide / label: recorded in each feature's properties; ``label`` becomes the
             QuPath classification.
-
-    GeoJSON orders coordinates ``(x, y)``; this is the only place that flips axes.
     """
-    height, width = int(slide_shape[0]), int(slide_shape[1])
     features = []
-    for (y, x, h, w), a in zip(
-        np.asarray(boxes).tolist(), np.asarray(attention).tolist(), strict=True
-    ):
-        y0, x0 = min(max(y, 0), height), min(max(x, 0), width)
-        y1, x1 = min(max(y + h, 0), height), min(max(x + w, 0), width)
-        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    for box, a in zip(np.asarray(boxes).tolist(), np.asarray(attention).tolist(), strict=True):
+        ring = box_ring(box, slide_shape)
         features.append(
             {
                 "type": "Feature",

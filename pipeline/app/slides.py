@@ -51,8 +51,12 @@ class SlideView:
     patch_level: readers.Level
 
     def x_low(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``float [1, 4, h, w]`` on ``device``: RGB in [0, 1] and the tissue channel."""
-        return low_res_tensor(self.thumbnail, self.tissue, device)
+        """``float [1, 3, h, w]`` on ``device``: the thumbnail's RGB in [0, 1]."""
+        return low_res_tensor(self.thumbnail, device)
+
+    def mask(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The tissue mask as the core's sampling ``mask`` (see ``sampling_mask``)."""
+        return sampling_mask(self.tissue, device)
 
     @property
     def level0_scale(self) -> float:
@@ -69,15 +73,20 @@ class SlideView:
         self.close()
 
 
-def low_res_tensor(
-    thumbnail: np.ndarray, tissue: np.ndarray, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """uint8 [h, w, 3] thumbnail and bool [h, w] mask -> ``float [1, 4, h, w]``."""
+def low_res_tensor(thumbnail: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [h, w, 3] thumbnail -> ``float [1, 3, h, w]`` in [0, 1] on ``device``."""
     # np.array copies: a caller's array may be read-only, and torch wants writable.
     rgb = torch.from_numpy(np.array(thumbnail[..., :3])).to(device)
-    mask = torch.from_numpy(np.array(tissue)).to(device)
-    x = torch.cat([rgb.permute(2, 0, 1).float() / 255.0, mask[None].float()], dim=0)
-    return x[None]  # [1, 4, h, w]
+    return (rgb.permute(2, 0, 1).float() / 255.0)[None]
+
+
+def sampling_mask(tissue: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """bool [h, w] tissue mask -> ``BoolTensor [1, h, w]`` on ``device``, or ``None``
+    (sample anywhere) when it is all True (mask off) or all False: a view without
+    detected tissue keeps every cell rather than an empty distribution."""
+    if tissue.all() or not tissue.any():
+        return None
+    return torch.from_numpy(np.array(tissue, dtype=bool))[None].to(device)
 
 
 MAX_VIEW_PIXELS = 4096 * 4096

@@ -9,8 +9,9 @@ A run directory holds the model files of ``checkpoint`` plus ``metrics.csv`` (on
 row per epoch) and ``train_state.json`` (epochs done, the split, skipped slides).
 Everything is rewritten atomically after each epoch; training again into the same
 directory resumes after the last finished epoch. Each epoch's slide order and
-patch sampling are seeded by ``(seed, epoch)``, so a resumed run follows the same
-path as an uninterrupted one.
+patch sampling are seeded by ``(seed, epoch)`` through explicit generators (the
+global torch seed is never touched), so a resumed run follows the same path as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.app import checkpoint, outputs
+from pipeline.app import checkpoint
 from pipeline.app.config import ModelConfig, RunConfig, TrainConfig
+from pipeline.app.errors import UserError
+from pipeline.app.files import atomic_write_bytes, read_csv, write_csv
+from pipeline.app.inference import slide_seed
 from pipeline.app.models import SlideClassifier
-from pipeline.app.prediction import default_device, slide_seed
-from pipeline.app.slides import low_res_tensor, open_view
+from pipeline.app.runtime import resolve_device
+from pipeline.app.slides import low_res_tensor, open_view, sampling_mask
 
 METRICS_FILE = "metrics.csv"
 STATE_FILE = "train_state.json"
@@ -64,10 +68,10 @@ def read_labels(
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise FileNotFoundError(f"{labels_csv}: labels CSV not found")
-    rows = outputs.read_csv(labels_csv)
+    rows = read_csv(labels_csv)
     if not rows or not {"slide", "label"} <= set(rows[0]):
         found = sorted(rows[0]) if rows else "no rows"
-        raise ValueError(f"{labels_csv}: expected columns 'slide' and 'label', found {found}")
+        raise UserError(f"{labels_csv}: expected columns 'slide' and 'label', found {found}")
     return [(Path(slides_dir) / r["slide"], r["label"].strip()) for r in rows]
 
 
@@ -125,21 +129,27 @@ class StepResult:
 
 
 def run_slide(
-    model: SlideClassifier, slide: LabelledSlide, device: torch.device, backward: bool, scale: float
+    model: SlideClassifier,
+    slide: LabelledSlide,
+    device: torch.device,
+    generator: torch.Generator,
+    scale: float | None = None,
 ) -> StepResult:
-    """One slide forward (and backward with ``loss * scale`` when ``backward``)."""
+    """One slide forward; with a ``scale``, also the backward of ``loss * scale``."""
     import readers
 
-    x_low = low_res_tensor(slide.thumbnail, slide.tissue, device)
+    x_low = low_res_tensor(slide.thumbnail, device)
     target = torch.tensor([slide.label], device=device)
     with readers.open_slide(slide.path) as opened:
-        out = model.sample(x_low, opened.levels[slide.patch_level])
+        out = model.classify(
+            x_low, opened.levels[slide.patch_level], sampling_mask(slide.tissue, device), generator
+        )
         loss = F.cross_entropy(out.logits, target)
-        total = loss + out.regularizer
-        if backward:
-            (total * scale).backward()
+        regularizer = out.draw.regularizer
+        if scale is not None:
+            ((loss + regularizer) * scale).backward()
     correct = int(out.logits.argmax(1)) == slide.label
-    return StepResult(float(loss.detach()), float(out.regularizer.detach()), correct)
+    return StepResult(float(loss.detach()), float(regularizer.detach()), correct)
 
 
 @dataclass
@@ -151,6 +161,73 @@ class TrainResult:
     config: RunConfig
     history: list[dict]
     skipped: list[str]
+
+
+def resolve_run(
+    out: Path,
+    pairs: list[tuple[Path, str]],
+    model_config: ModelConfig | None,
+    train_config: TrainConfig | None,
+) -> tuple[RunConfig, bool]:
+    """The run's configuration and whether it resumes a run saved in ``out``.
+
+    A resumed run keeps its saved configuration, except the number of epochs, which
+    ``train_config`` may extend."""
+    if (out / STATE_FILE).is_file() and (out / checkpoint.MODEL_FILE).is_file():
+        saved = checkpoint.read_config(out)
+        epochs = (train_config or saved.train).epochs
+        return RunConfig(saved.model, replace(saved.train, epochs=epochs)), True
+    classes = tuple(sorted({label for _, label in pairs}))
+    model_config = model_config or ModelConfig(class_names=classes)
+    return RunConfig(model_config, train_config or TrainConfig()), False
+
+
+def new_model(config: ModelConfig, seed: int, device: torch.device) -> SlideClassifier:
+    """A freshly initialised classifier; its weights depend on ``seed`` only."""
+    # The networks initialise from torch's global generator: fork it, so that the
+    # caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SlideClassifier(config).to(device)
+
+
+def train_epoch(
+    model: SlideClassifier,
+    optimizer: torch.optim.Optimizer,
+    slides: list[LabelledSlide],
+    config: TrainConfig,
+    epoch: int,
+    device: torch.device,
+    progress: bool,
+) -> list[StepResult]:
+    """One pass over ``slides`` in the epoch's order, gradients accumulated over
+    ``config.batch_size`` slides per optimizer step."""
+    from tqdm import tqdm
+
+    model.train()
+    generator = torch.Generator(device).manual_seed(slide_seed(config.seed, f"epoch-{epoch}"))
+    order = np.random.default_rng([config.seed, epoch]).permutation(len(slides))
+    steps = []
+    bar = tqdm(order, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
+    for n, i in enumerate(bar, start=1):
+        steps.append(run_slide(model, slides[i], device, generator, 1.0 / config.batch_size))
+        if n % config.batch_size == 0 or n == len(order):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return steps
+
+
+@torch.no_grad()
+def evaluate(
+    model: SlideClassifier, slides: list[LabelledSlide], seed: int, device: torch.device
+) -> list[StepResult]:
+    """Each slide once, its sampling seeded by ``slide_seed(seed, path)`` (the same
+    draws every epoch, so epochs compare)."""
+    model.eval()
+    return [
+        run_slide(model, s, device, torch.Generator(device).manual_seed(slide_seed(seed, s.path)))
+        for s in slides
+    ]
 
 
 def train(
@@ -180,56 +257,31 @@ def train(
 
     log = log or tqdm.write
     out = Path(out)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     pairs = read_labels(labels, slides)
-    resuming = (out / STATE_FILE).is_file() and (out / checkpoint.MODEL_FILE).is_file()
-    if resuming:
-        saved = checkpoint.read_config(out)
-        epochs = (train_config or saved.train).epochs
-        run_config = RunConfig(saved.model, replace(saved.train, epochs=epochs))
-    else:
-        classes = tuple(sorted({label for _, label in pairs}))
-        model_config = model_config or ModelConfig(class_names=classes)
-        run_config = RunConfig(model_config, train_config or TrainConfig())
+    run_config, resuming = resolve_run(out, pairs, model_config, train_config)
     cfg = run_config.train
     loaded, skipped = load_slides(pairs, run_config.model, log, progress)
     train_set, val_set = split(loaded, cfg.val_fraction, cfg.seed)
     if not train_set:
-        raise ValueError(f"{labels}: no readable training slides ({len(skipped)} skipped)")
+        raise UserError(f"{labels}: no readable training slides ({len(skipped)} skipped)")
 
+    history: list[dict] = []
     if resuming:
         model, _ = checkpoint.load_model(out, device)
     else:
-        torch.manual_seed(cfg.seed)
-        model = SlideClassifier(run_config.model).to(device)
+        model = new_model(run_config.model, cfg.seed, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: list[dict] = []
-    start = 0
     if resuming:
         checkpoint.load_optimizer(out, optimizer)
-        state = json.loads((out / STATE_FILE).read_text())
-        start, history = state["epochs_done"], state["history"]
-        log(f"resuming {out} after epoch {start}")
+        history = json.loads((out / STATE_FILE).read_text())["history"]
+        log(f"resuming {out} after epoch {len(history)}")
     out.mkdir(parents=True, exist_ok=True)
 
-    for epoch in range(start + 1, cfg.epochs + 1):
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
         began = time.perf_counter()
-        model.train()
-        torch.manual_seed(slide_seed(cfg.seed, f"epoch-{epoch}"))
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set))
-        steps = []
-        bar = tqdm(order, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress)
-        for n, i in enumerate(bar, start=1):
-            steps.append(run_slide(model, train_set[i], device, True, 1.0 / cfg.batch_size))
-            if n % cfg.batch_size == 0 or n == len(order):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        model.eval()
-        with torch.no_grad():
-            val_steps = []
-            for s in val_set:
-                torch.manual_seed(slide_seed(cfg.seed, s.path))
-                val_steps.append(run_slide(model, s, device, False, 1.0))
+        steps = train_epoch(model, optimizer, train_set, cfg, epoch, device, progress)
+        val_steps = evaluate(model, val_set, cfg.seed, device)
         row = {
             "epoch": epoch,
             "train_loss": _mean(s.loss for s in steps),
@@ -240,7 +292,7 @@ def train(
             "seconds": round(time.perf_counter() - began, 3),
         }
         history.append(row)
-        _save_epoch(out, model, optimizer, run_config, history, train_set, val_set, skipped)
+        save_epoch(out, model, optimizer, run_config, history, train_set, val_set, skipped)
         log(
             f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}"
             f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}"
@@ -254,10 +306,11 @@ def _mean(values) -> float:
     return round(sum(values) / len(values), 6) if values else float("nan")
 
 
-def _save_epoch(out, model, optimizer, run_config, history, train_set, val_set, skipped) -> None:
+def save_epoch(out, model, optimizer, run_config, history, train_set, val_set, skipped) -> None:
+    """Save the model, optimizer, metrics and training state after an epoch."""
     checkpoint.save_model(out, model, run_config)
     checkpoint.save_optimizer(out, optimizer)
-    outputs.write_csv(out / METRICS_FILE, METRIC_COLUMNS, history)
+    write_csv(out / METRICS_FILE, METRIC_COLUMNS, history)
     state = {
         "epochs_done": history[-1]["epoch"],
         "history": history,
@@ -266,4 +319,4 @@ def _save_epoch(out, model, optimizer, run_config, history, train_set, val_set, 
         "skipped": skipped,
     }
     # Written last: its presence marks the epoch's files as complete.
-    outputs.atomic_write_bytes(out / STATE_FILE, json.dumps(state, indent=1).encode())
+    atomic_write_bytes(out / STATE_FILE, json.dumps(state, indent=1).encode())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.app.config import ModelConfig, TrainConfig
-from pipeline.app.synth import CLASS_NAMES, write_dataset
+from pipeline.app.demo_dataset import CLASS_NAMES, write_dataset
 
 SLIDE_SIDE = 1024
 N_SLIDES = 8

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from pipeline.app import outputs
+from pipeline.app import files, outputs
 from pipeline.app.cli import main
 
 SMALL = ["--n-patches", "4", "--patch-size", "32", "--low-res-max-side", "128"]
@@ -69,7 +69,7 @@ def test_bad_option_values_are_usage_errors(dataset, tmp_path, capsys):
 def test_synth_train_predict(tmp_path, capsys):
     data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "out"
     assert main(["synth", str(data), "--n", "4", "--size", "512", "--seed", "1"]) == 0
-    assert len(outputs.read_csv(data / "labels.csv")) == 4
+    assert len(files.read_csv(data / "labels.csv")) == 4
     argv = [
         "train",
         "--slides",
@@ -91,7 +91,7 @@ def test_synth_train_predict(tmp_path, capsys):
     result = run_cli("predict", "--model", str(run), "--slides", str(data), "--out", str(out))
     assert result.returncode == 1  # one slide failed, after the others were done
     assert "broken.svs" in result.stderr and "Traceback" not in result.stderr
-    rows = {r["slide"]: r["status"] for r in outputs.read_csv(out / outputs.PREDICTIONS)}
+    rows = {r["slide"]: r["status"] for r in files.read_csv(out / outputs.PREDICTIONS)}
     assert rows == {"broken": "error", **{f"slide_{i:03d}": "ok" for i in range(4)}}
     (data / "broken.svs").unlink()
     capsys.readouterr()
@@ -102,8 +102,8 @@ def test_synth_train_predict(tmp_path, capsys):
     on_cluster = tmp_path / "on_cluster"
     argv = ["predict", "--model", str(run), "--slides", str(data), "--out", str(on_cluster)]
     assert main([*argv, "--workers", "2"]) == 0
-    local = [r for r in outputs.read_csv(out / outputs.PREDICTIONS) if r["status"] == "ok"]
-    remote = outputs.read_csv(on_cluster / outputs.PREDICTIONS)
+    local = [r for r in files.read_csv(out / outputs.PREDICTIONS) if r["status"] == "ok"]
+    remote = files.read_csv(on_cluster / outputs.PREDICTIONS)
     assert [(r["slide"], r["label"]) for r in remote] == [(r["slide"], r["label"]) for r in local]
     for a, b in zip(local, remote, strict=True):
         probs = [k for k in a if k.startswith("prob_")]

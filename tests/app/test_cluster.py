@@ -6,7 +6,6 @@ the same model, files and seed. Workers are killed with a real SIGKILL.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -18,18 +17,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.app import outputs
+from pipeline.app import files, outputs
 from pipeline.app.cluster import (
     TASK_PREFIX,
     ModelPayload,
     connect,
+    on_cluster,
     predict_on_client,
     worker_model,
 )
 from pipeline.app.config import ModelConfig
+from pipeline.app.demo_dataset import CLASS_NAMES
+from pipeline.app.inference import predict_slide
 from pipeline.app.models import SlideClassifier
-from pipeline.app.prediction import PredictionStore, list_slides, predict, predict_slide
-from pipeline.app.synth import CLASS_NAMES
+from pipeline.app.prediction import PredictionStore, list_slides, predict
 
 SEED = 7
 # Float summation order may differ between a 1-thread worker and a multi-thread run.
@@ -85,7 +86,7 @@ def run_into_store(client, model, paths, out_dir, on_result=None):
 
 
 def csv_rows(out_dir) -> list[dict[str, str]]:
-    return outputs.read_csv(out_dir / outputs.PREDICTIONS)
+    return files.read_csv(out_dir / outputs.PREDICTIONS)
 
 
 def assert_rows_match(rows, expected_rows):
@@ -305,14 +306,12 @@ def test_connect_without_arguments_is_no_cluster():
         assert client is None
 
 
-def test_predict_with_client_equals_local(client, model, paths, tmp_path):
-    """Enabled once ``predict`` takes ``client=`` (the lead wires ``cluster`` in)."""
-    if "client" not in inspect.signature(predict).parameters:
-        pytest.skip("predict() has no client parameter yet: cluster.py is not wired in")
-    summary = predict(model, paths, tmp_path / "cluster", seed=SEED, progress=False, client=client)
+def test_predict_on_cluster_equals_local(client, model, paths, tmp_path):
+    runner = on_cluster(client)
+    summary = predict(model, paths, tmp_path / "cluster", seed=SEED, progress=False, runner=runner)
     assert not summary.failed and len(summary.results) == len(paths)
     predict(model, paths, tmp_path / "local", seed=SEED, progress=False)
     assert_rows_match(csv_rows(tmp_path / "cluster"), csv_rows(tmp_path / "local"))
     # A rerun skips everything already done.
-    again = predict(model, paths, tmp_path / "cluster", seed=SEED, progress=False, client=client)
+    again = predict(model, paths, tmp_path / "cluster", seed=SEED, progress=False, runner=runner)
     assert again.results == [] and len(again.skipped) == len(paths)

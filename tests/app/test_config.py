@@ -22,7 +22,7 @@ def test_json_round_trip_is_exact():
         ('{"format": "other"}', "not an ats-wsi run config"),
         ('{"format": "ats-wsi-run", "version": 99}', "version 99"),
         (
-            '{"format": "ats-wsi-run", "version": 1, "model": {"class_names": ["a", "b"], '
+            '{"format": "ats-wsi-run", "version": 2, "model": {"class_names": ["a", "b"], '
             '"colour": 1}}',
             "unknown ModelConfig fields ['colour']",
         ),

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.app import outputs
+from pipeline.app import files, outputs
 
 
 def test_atomic_target_keeps_old_file_on_error(tmp_path):
     path = tmp_path / "predictions.csv"
     path.write_text("old\n")
     with pytest.raises(RuntimeError, match="disk full"):
-        with outputs.atomic_target(path) as tmp:
+        with files.atomic_target(path) as tmp:
             tmp.write_text("half of the new conte")
             raise RuntimeError("disk full")  # injected fault mid-write
     assert path.read_text() == "old\n"
@@ -24,13 +24,13 @@ def test_csv_round_trip(tmp_path):
     columns = outputs.prediction_columns(["neg", "pos"])
     assert columns == ["slide", "path", "status", "label", "prob_neg", "prob_pos", "error"]
     rows = [{"slide": "a", "status": "ok", "prob_neg": "0.25"}, {"slide": "b", "error": "x, y"}]
-    outputs.write_csv(tmp_path / "p.csv", columns, rows)
-    back = outputs.read_csv(tmp_path / "p.csv")
+    files.write_csv(tmp_path / "p.csv", columns, rows)
+    back = files.read_csv(tmp_path / "p.csv")
     assert back[0]["prob_neg"] == "0.25" and back[0]["error"] == ""
     assert back[1]["error"] == "x, y"
-    assert outputs.read_csv(tmp_path / "missing.csv") == []
+    assert files.read_csv(tmp_path / "missing.csv") == []
     (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfslide,label\r\na.svs,pos\r\n")
-    assert outputs.read_csv(tmp_path / "excel.csv") == [{"slide": "a.svs", "label": "pos"}]
+    assert files.read_csv(tmp_path / "excel.csv") == [{"slide": "a.svs", "label": "pos"}]
 
 
 def test_heatmap_is_thumbnail_sized_and_red_where_attention_peaks(tmp_path):

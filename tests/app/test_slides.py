@@ -17,9 +17,9 @@ def test_default_view_is_the_thumbnail(dataset, small_model_config):
         assert view.tissue.shape == (128, 128) and 0.15 < view.tissue.mean() < 0.6
         assert view.patch_level.index == 0 and view.level0_scale == 1.0
         x = view.x_low()
-        assert x.shape == (1, 4, 128, 128) and x.dtype == torch.float32
-        assert 0 <= float(x[:, :3].min()) and float(x[:, :3].max()) <= 1
-        torch.testing.assert_close(x[0, 3], torch.from_numpy(view.tissue).float())
+        assert x.shape == (1, 3, 128, 128) and x.dtype == torch.float32
+        assert 0 <= float(x.min()) and float(x.max()) <= 1
+        assert torch.equal(view.mask()[0], torch.from_numpy(view.tissue))
 
 
 def test_levels_by_index_and_by_mpp(dataset, small_model_config):
@@ -34,7 +34,7 @@ def test_levels_by_index_and_by_mpp(dataset, small_model_config):
     config = dataclasses.replace(small_model_config, low_res_mpp=1.5, tissue_mask=False)
     with open_view(dataset / "slide_001.tiff", config) as view:
         assert view.thumbnail.shape == (512, 512, 3)  # level 1: the coarsest at most 1.5
-        assert view.tissue.all()
+        assert view.tissue.all() and view.mask() is None  # mask off: sample anywhere
 
 
 def test_bad_level_choices_name_the_file(dataset, small_model_config, monkeypatch):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import readers
-from pipeline.app.synth import make_layout, write_slide
+from pipeline.app.demo_dataset import make_layout, write_slide
 from pipeline.app.tissue import otsu_threshold, tissue_mask
 
 

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from pipeline.app import outputs, prediction
+from pipeline.app import files, inference, outputs
 from pipeline.app.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from pipeline.app.config import RunConfig
-from pipeline.app.prediction import predict, predict_slide
+from pipeline.app.inference import predict_slide
+from pipeline.app.prediction import predict
 from pipeline.app.training import METRIC_COLUMNS, METRICS_FILE, STATE_FILE, train
 
 
@@ -36,7 +37,7 @@ def predicted(run, dataset, tmp_path_factory):
 def test_run_directory_contents(run, n_slides, slide_side):
     d = run.run_dir
     assert RunConfig.from_json((d / CONFIG_FILE).read_text()) == run.config
-    metrics = outputs.read_csv(d / METRICS_FILE)
+    metrics = files.read_csv(d / METRICS_FILE)
     assert [int(r["epoch"]) for r in metrics] == [1, 2]
     assert list(metrics[0]) == list(METRIC_COLUMNS)
     state = json.loads((d / STATE_FILE).read_text())
@@ -46,7 +47,7 @@ def test_run_directory_contents(run, n_slides, slide_side):
 
 def test_model_files_load_without_pickle(run, dataset, monkeypatch):
     with safe_open(str(run.run_dir / MODEL_FILE), "pt") as f:
-        assert any(k.startswith("attention_net.") for k in f.keys())
+        assert any(k.startswith("sampler.attention.") for k in f.keys())
 
     def refuse(*args, **kwargs):  # injected: any unpickling attempt fails the test
         raise AssertionError("a model file was unpickled")
@@ -90,7 +91,7 @@ def test_bad_label_rows_are_reported_and_skipped(dataset, tmp_path, small_model_
         {"slide": "gone.tiff", "label": "positive"},
         {"slide": "notes.tiff", "label": "negative"},
     ]
-    outputs.write_csv(slides / "labels.csv", ["slide", "label"], rows)
+    files.write_csv(slides / "labels.csv", ["slide", "label"], rows)
     lines = []
     result = train(slides, slides / "labels.csv", tmp_path / "run", small_model_config,
                    run_config_epochs(1), device="cpu", progress=False,
@@ -108,7 +109,7 @@ def run_config_epochs(epochs):
 
 
 def test_predictions_csv(predicted, dataset, n_slides, slide_side):
-    rows = outputs.read_csv(predicted.out_dir / outputs.PREDICTIONS)
+    rows = files.read_csv(predicted.out_dir / outputs.PREDICTIONS)
     assert list(rows[0]) == outputs.prediction_columns(["negative", "positive"])
     assert [r["slide"] for r in rows] == [f"slide_{i:03d}" for i in range(n_slides)]
     for r in rows:
@@ -139,7 +140,7 @@ def test_heatmap_and_geojson(predicted, n_slides, slide_side):
 def test_patches_are_in_tissue(predicted, dataset, n_slides, slide_side):
     # The tissue mask on by default: every sampled patch centre lies on tissue
     # (up to the thumbnail's resolution at the tissue's edge).
-    from pipeline.app.synth import make_layout
+    from pipeline.app.demo_dataset import make_layout
 
     result = predicted.results[3]
     layout = make_layout((slide_side, slide_side), seed=3 * 100_003 + 3, positive=True)
@@ -155,7 +156,7 @@ def test_same_seed_same_predictions_any_order(run, dataset, predicted, tmp_path)
     first = (predicted.out_dir / outputs.PREDICTIONS).read_text()
     assert (again.out_dir / outputs.PREDICTIONS).read_text() == first
     one = predict_slide(run.model, dataset / "slide_005.tiff", seed=0)
-    row = {r["slide"]: r for r in outputs.read_csv(predicted.out_dir / outputs.PREDICTIONS)}
+    row = {r["slide"]: r for r in files.read_csv(predicted.out_dir / outputs.PREDICTIONS)}
     assert one.row(("negative", "positive")) == row["slide_005"]
     other = predict_slide(run.model, dataset / "slide_005.tiff", seed=1)
     assert not np.array_equal(other.boxes, one.boxes)
@@ -163,13 +164,13 @@ def test_same_seed_same_predictions_any_order(run, dataset, predicted, tmp_path)
 
 def test_rerun_skips_finished_slides(run, dataset, tmp_path, monkeypatch, n_slides, slide_side):
     calls = []
-    real = prediction.classify_view
+    real = inference.classify_view
 
     def counting(model, view, seed):  # counts, then does the real work
         calls.append(view.path.name)
         return real(model, view, seed)
 
-    monkeypatch.setattr(prediction, "classify_view", counting)
+    monkeypatch.setattr(inference, "classify_view", counting)
     predict(run.model, [dataset], tmp_path, progress=False)
     assert len(calls) == n_slides
     calls.clear()
@@ -184,7 +185,7 @@ def test_rerun_skips_finished_slides(run, dataset, tmp_path, monkeypatch, n_slid
 
 
 def test_crash_keeps_finished_rows(run, dataset, tmp_path, monkeypatch, n_slides, slide_side):
-    real = prediction.classify_view
+    real = inference.classify_view
     done = []
 
     def crash_on_third(model, view, seed):  # injected fault: the process dies mid-run
@@ -193,15 +194,15 @@ def test_crash_keeps_finished_rows(run, dataset, tmp_path, monkeypatch, n_slides
         done.append(view.path.name)
         return real(model, view, seed)
 
-    monkeypatch.setattr(prediction, "classify_view", crash_on_third)
+    monkeypatch.setattr(inference, "classify_view", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         predict(run.model, [dataset], tmp_path, progress=False)
-    rows = outputs.read_csv(tmp_path / outputs.PREDICTIONS)
+    rows = files.read_csv(tmp_path / outputs.PREDICTIONS)
     assert [r["slide"] + ".tiff" for r in rows] == done
-    monkeypatch.setattr(prediction, "classify_view", real)
+    monkeypatch.setattr(inference, "classify_view", real)
     summary = predict(run.model, [dataset], tmp_path, progress=False)
     assert len(summary.results) == n_slides - 2 and len(summary.skipped) == 2
-    assert len(outputs.read_csv(tmp_path / outputs.PREDICTIONS)) == n_slides
+    assert len(files.read_csv(tmp_path / outputs.PREDICTIONS)) == n_slides
 
 
 def test_bad_files_get_error_rows(run, dataset, tmp_path):
@@ -214,7 +215,7 @@ def test_bad_files_get_error_rows(run, dataset, tmp_path):
     (slides / "notes.svs").write_text("this is a text file\n")
     (slides / "readme.txt").write_text("not a slide suffix: not listed\n")
     summary = predict(run.model, [slides], tmp_path / "out", progress=False)
-    rows = {r["slide"]: r for r in outputs.read_csv(tmp_path / "out" / outputs.PREDICTIONS)}
+    rows = {r["slide"]: r for r in files.read_csv(tmp_path / "out" / outputs.PREDICTIONS)}
     assert sorted(rows) == ["good_a", "good_b", "notes", "truncated"]
     assert rows["good_a"]["status"] == rows["good_b"]["status"] == "ok"
     for name, suffix in (("notes", ".svs"), ("truncated", ".tiff")):
@@ -252,7 +253,7 @@ def test_list_slides(tmp_path):
 
 
 def test_fewer_tissue_cells_than_patches(run, dataset):
-    from pipeline.app.prediction import classify_view
+    from pipeline.app.inference import classify_view
     from pipeline.app.slides import open_view
 
     with open_view(dataset / "slide_001.tiff", run.model.config) as view:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import readers
-from pipeline.app import outputs
-from pipeline.app.synth import CHECKER_AMPLITUDE, make_layout, write_slide
+from pipeline.app import files
+from pipeline.app.demo_dataset import CHECKER_AMPLITUDE, make_layout, write_slide
 
 
 def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
@@ -55,7 +55,7 @@ def test_cells_lie_in_tissue_and_atypical_only_when_positive():
 
 
 def test_dataset_labels(dataset):
-    rows = outputs.read_csv(dataset / "labels.csv")
+    rows = files.read_csv(dataset / "labels.csv")
     assert [r["label"] for r in rows] == ["negative", "positive"] * (len(rows) // 2)
     assert all((dataset / r["slide"]).is_file() for r in rows)
 
@@ -68,7 +68,7 @@ def test_bad_sizes():
 
 
 def test_parallel_writing_gives_the_same_files(tmp_path):
-    from pipeline.app.synth import write_dataset
+    from pipeline.app.demo_dataset import write_dataset
 
     write_dataset(tmp_path / "one", n=2, size=256, seed=4)
     write_dataset(tmp_path / "two", n=2, size=256, seed=4, workers=2)

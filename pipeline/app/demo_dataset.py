@@ -249,7 +249,7 @@ def write_dataset(
 
     from tqdm import tqdm
 
-    from pipeline.app.outputs import write_csv
+    from pipeline.app.files import write_csv
 
     if n < 1 or size < 64:
         raise ValueError(f"need n >= 1 and size >= 64, got n={n}, size={size}")
