@@ -7,6 +7,7 @@ values of a tensor synchronise once per call, not once per condition.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,22 +15,25 @@ from torch import Tensor
 
 
 def positive_int(value: object, name: str) -> int:
-    """``value`` as an ``int`` >= 1 (bools are rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """``value`` as an ``int`` >= 1: any integer type (``numpy.int64``, a 0-d integer
+    tensor) through ``operator.index``; bools and floats are rejected."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
 
 
 def size_tuple(size: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
-    """A size per spatial axis; a single int is used for every axis."""
-    sizes = (size,) * ndim if isinstance(size, int) else tuple(size)
+    """A size per spatial axis; a single integer is used for every axis."""
+    sizes = tuple(size) if isinstance(size, Sequence | Tensor) else (size,) * ndim
     if len(sizes) != ndim:
         raise ValueError(f"{name} must have {ndim} entries (one per spatial axis), got {size!r}")
-    for s in sizes:
-        positive_int(s, name)
-    return sizes
+    return tuple(positive_int(s, name) for s in sizes)
 
 
 def fits(patch_size: Sequence[int], image_size: Sequence[int], name: str) -> None:

@@ -43,7 +43,7 @@ def sample(
     without replacement is a ``ValueError``.
     """
     _checks.tensor(attention, "attention", min_dim=2)
-    _checks.positive_int(n_samples, "n_samples")
+    n_samples = _checks.positive_int(n_samples, "n_samples")
     space = attention.shape[1:]
     flat = attention.flatten(1)  # [B, P]
     if not replace and n_samples > flat.shape[1]:

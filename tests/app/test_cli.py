@@ -66,6 +66,25 @@ def test_bad_option_values_are_usage_errors(dataset, tmp_path, capsys):
     assert "n_patches: expected > 0, got 0" in capsys.readouterr().err
 
 
+def test_a_bug_keeps_its_traceback(dataset, monkeypatch):
+    # Injected fault: a ValueError from inside the library (not a UserError) is a bug,
+    # so main() lets it through rather than printing it as a user's mistake.
+    def broken(path):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr("pipeline.app.slides.slide_info", broken)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["info", str(dataset / "slide_000.tiff")])
+
+
+def test_help_states_the_config_defaults():
+    from pipeline.app.config import ModelConfig, TrainConfig
+
+    out = run_cli("train", "--help").stdout
+    assert f"(default {TrainConfig().epochs})" in out
+    assert f"(default {ModelConfig(class_names=('a', 'b')).n_patches})" in out
+
+
 def test_synth_train_predict(tmp_path, capsys):
     data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "out"
     assert main(["synth", str(data), "--n", "4", "--size", "512", "--seed", "1"]) == 0

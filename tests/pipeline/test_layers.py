@@ -165,3 +165,19 @@ def test_multinomial_entropy_value_and_direction():
 
 def _entropy(p):
     return -(p * p.log()).sum().item()
+
+
+def test_integer_arguments_of_any_integer_type():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    attention = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), SampleSoftmax(True))
+    model = attention_sampling(
+        attention, _Recording(3 * 6 * 5, 4), (np.int64(6), np.int32(5)), n_patches=np.int64(3)
+    )
+    _, _, patches = model(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 40, 40))
+    assert patches.shape == (1, 3, 3, 6, 5) and model.n_patches == 3
+    with pytest.raises(TypeError, match="n_patches must be an int, got float"):
+        attention_sampling(attention, nn.Identity(), n_patches=3.0)
+    with pytest.raises(TypeError, match="patch_size must be an int, got float"):
+        model.patch_size = (6.0, 5)
+        model(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 40, 40))
