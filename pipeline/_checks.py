@@ -45,6 +45,13 @@ def same_batch(expected: int, actual: int, name: str) -> None:
         raise ValueError(f"{name} has batch size {actual}, expected {expected}")
 
 
+def same_shape(value: Tensor, like: Tensor, name: str, like_name: str) -> None:
+    if value.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(value.shape)}, expected {like_name}'s {tuple(like.shape)}"
+        )
+
+
 def tensor(value: object, name: str, min_dim: int = 0) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -65,11 +72,13 @@ def integer(value: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
 
 
-def probabilities(flat: Tensor, name: str) -> None:
+def probabilities(flat: Tensor, name: str, logits_hint: bool = True) -> None:
     """``flat [B, P]`` must hold a probability distribution per row.
 
     The tolerance on the row sums covers float32 rounding over maps of millions of
     positions (and the coarser half-precision types through their epsilon).
+    ``logits_hint`` suggests ``use_logits=True`` when the sums are off (for arguments
+    that may hold logits).
     """
     floating(flat, name)
     tolerance = max(1e-3, 10 * torch.finfo(flat.dtype).eps)
@@ -86,8 +95,8 @@ def probabilities(flat: Tensor, name: str) -> None:
                 ((sums - 1).abs() > tolerance).any(),
                 lambda: (
                     f"{name} must sum to 1 over its positions (tolerance {tolerance:g}), "
-                    f"got sums {[round(s, 6) for s in sums.tolist()]}; "
-                    "pass use_logits=True for logits"
+                    f"got sums {[round(s, 6) for s in sums.tolist()]}"
+                    + ("; pass use_logits=True for logits" if logits_hint else "")
                 ),
             ),
         )
