@@ -4,7 +4,9 @@ Public API (DESIGN section 3): ``sample``, ``expectation``, ``Expectation``,
 ``extract_patches``, ``SamplePatches``, ``attention_sampling``, ``SampleSoftmax``,
 ``MultinomialEntropy``; plus the ``PatchSource`` protocol that lazy slide levels
 satisfy, the cell-to-patch mapping ``patch_offsets``, ``sample_patches`` (the
-function behind ``SamplePatches``) and ``mask_attention`` (restrict sampling to a mask).
+function behind ``SamplePatches``) and ``mask_attention`` (restrict sampling to a mask);
+and the proposal distributions of DESIGN section 4b (``mix_uniform``, ``mix_prior``,
+``linear_decay``) for ``sample(..., proposal=...)``.
 """
 
 from .expectation import Expectation, expectation
@@ -16,6 +18,7 @@ from .layers import (
     sample_patches,
 )
 from .patches import PatchSource, extract_patches, gather_patches, patch_offsets
+from .proposals import linear_decay, mix_prior, mix_uniform
 from .regularizers import MultinomialEntropy
 from .sampling import mask_attention, sample
 
@@ -30,7 +33,10 @@ __all__ = [
     "expectation",
     "extract_patches",
     "gather_patches",
+    "linear_decay",
     "mask_attention",
+    "mix_prior",
+    "mix_uniform",
     "patch_offsets",
     "sample",
     "sample_patches",

@@ -144,11 +144,7 @@ def mask_attention(attention: Tensor, mask: Tensor, use_logits: bool = False) ->
     A batch item with no allowed position (or no attention mass on them) is a
     ``ValueError``.
     """
-    _checks.tensor(mask, "mask")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-    _checks.same_shape(mask, attention, "mask", "the attention map")
-    mask = mask.to(attention.device)
+    mask = _checks.bool_mask(mask, attention, "the attention map")
     if use_logits:
         restricted = attention.masked_fill(~mask, float("-inf"))
         empty = ~mask.flatten(1).any(1)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline import Expectation, expectation, sample
+from pipeline import Expectation, expectation, mix_prior, mix_uniform, sample
 from tests.pipeline.exact_draws import ordered_draws
 
 D = 3  # feature size
@@ -194,6 +194,7 @@ ATTENTION_WITH_ZEROS = torch.tensor([0.45, 0.0, 0.3, 0.05, 0.2, 0.0], dtype=torc
 PROPOSALS = {
     # Positive everywhere: the attention's zeros get their exact gradient f_k too.
     "covers_everything": torch.tensor([0.1, 0.2, 0.15, 0.25, 0.1, 0.2], dtype=torch.float64),
+    "mix_uniform": mix_uniform(ATTENTION_WITH_ZEROS.view(1, 6), 0.3).view(6),
     # Zero at a position where the attention is zero as well.
     "zero_outside_support": torch.tensor([0.1, 0.25, 0.2, 0.15, 0.3, 0.0], dtype=torch.float64),
     # Only the attention's support: exhausted within N = 5 draws without replacement.
@@ -241,9 +242,19 @@ def test_proposal_formulas_by_hand():
     torch.testing.assert_close(a.grad, torch.tensor([[4.0, 3.75]], dtype=torch.float64))
 
 
+EQUAL_PROPOSALS = {
+    "clone": lambda a: a.clone(),
+    "mix_uniform_0": lambda a: mix_uniform(a, 0.0),
+    "mix_prior_0": lambda a: mix_prior(a, torch.arange(a.numel()).view(a.shape) % 3 + 1, 0.0),
+}
+
+
 @pytest.mark.parametrize("replace", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_proposal_equal_to_the_attention_reproduces_the_estimator_bit_for_bit(replace, dtype):
+@pytest.mark.parametrize("make_proposal", sorted(EQUAL_PROPOSALS))
+def test_proposal_equal_to_the_attention_reproduces_the_estimator_bit_for_bit(
+    replace, dtype, make_proposal
+):
     # Item 1 has a support of 3 positions < N = 5: the exhausted case too.
     attention = torch.softmax(torch.randn(2, 12, generator=torch.Generator().manual_seed(10)), 1)
     attention[1] = 0
@@ -267,7 +278,8 @@ def test_proposal_equal_to_the_attention_reproduces_the_estimator_bit_for_bit(re
         (out * cotangent).sum().backward()
         return out, a.grad, f.grad
 
-    for today, with_q in zip(run(None), run(attention.clone()), strict=True):
+    proposal = EQUAL_PROPOSALS[make_proposal](attention)
+    for today, with_q in zip(run(None), run(proposal), strict=True):
         assert torch.equal(today, with_q)
 
 
