@@ -6,7 +6,8 @@ Public API (DESIGN section 3): ``sample``, ``expectation``, ``Expectation``,
 satisfy, the cell-to-patch mapping ``patch_offsets``, ``sample_patches`` (the
 function behind ``SamplePatches``), ``mask_attention`` (restrict sampling to a mask),
 ``mask_on_grid`` (a mask pooled to the attention grid) and ``Draw`` (everything one
-``AttentionSampling.draw`` produced).
+``AttentionSampling.draw`` produced); and the proposal distributions of DESIGN section
+4b (``mix_uniform``, ``mix_prior``, ``linear_decay``) for ``sample(..., proposal=...)``.
 """
 
 from .expectation import Expectation, expectation
@@ -20,6 +21,7 @@ from .layers import (
     sample_patches,
 )
 from .patches import PatchSource, extract_patches, gather_patches, patch_offsets
+from .proposals import linear_decay, mix_prior, mix_uniform
 from .regularizers import MultinomialEntropy
 from .sampling import mask_attention, sample
 
@@ -35,8 +37,11 @@ __all__ = [
     "expectation",
     "extract_patches",
     "gather_patches",
+    "linear_decay",
     "mask_attention",
     "mask_on_grid",
+    "mix_prior",
+    "mix_uniform",
     "patch_offsets",
     "sample",
     "sample_patches",

@@ -9,23 +9,43 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from numbers import Real
 
 import torch
 from torch import Tensor
 
 
 def positive_int(value: object, name: str) -> int:
-    """``value`` as an ``int`` >= 1: any integer type (``numpy.int64``, a 0-d integer
-    tensor) through ``operator.index``; bools and floats are rejected."""
+    """``value`` as an ``int`` >= 1 (see ``_int_at_least``)."""
+    return _int_at_least(value, name, 1)
+
+
+def non_negative_int(value: object, name: str) -> int:
+    """``value`` as an ``int`` >= 0 (see ``_int_at_least``)."""
+    return _int_at_least(value, name, 0)
+
+
+def _int_at_least(value: object, name: str, minimum: int) -> int:
+    """Any integer type (``numpy.int64``, a 0-d integer tensor) through
+    ``operator.index``; bools and floats are rejected."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool")
     try:
         value = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def unit_interval(value: object, name: str) -> float:
+    """``value`` as a ``float`` in ``[0, 1]`` (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number in [0, 1], got {type(value).__name__}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
 
 
 def size_tuple(size: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
@@ -49,6 +69,22 @@ def same_batch(expected: int, actual: int, name: str) -> None:
         raise ValueError(f"{name} has batch size {actual}, expected {expected}")
 
 
+def same_shape(value: Tensor, like: Tensor, name: str, like_name: str) -> None:
+    if value.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(value.shape)}, expected {like_name}'s {tuple(like.shape)}"
+        )
+
+
+def bool_mask(mask: object, like: Tensor, like_name: str) -> Tensor:
+    """``mask`` as a bool tensor of ``like``'s shape, moved to ``like``'s device."""
+    tensor(mask, "mask")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    same_shape(mask, like, "mask", like_name)
+    return mask.to(like.device)
+
+
 def tensor(value: object, name: str, min_dim: int = 0) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -69,11 +105,13 @@ def integer(value: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
 
 
-def probabilities(flat: Tensor, name: str) -> None:
+def probabilities(flat: Tensor, name: str, logits_hint: bool = True) -> None:
     """``flat [B, P]`` must hold a probability distribution per row.
 
     The tolerance on the row sums covers float32 rounding over maps of millions of
     positions (and the coarser half-precision types through their epsilon).
+    ``logits_hint`` suggests ``use_logits=True`` when the sums are off (for arguments
+    that may hold logits).
     """
     floating(flat, name)
     tolerance = max(1e-3, 10 * torch.finfo(flat.dtype).eps)
@@ -90,8 +128,30 @@ def probabilities(flat: Tensor, name: str) -> None:
                 ((sums - 1).abs() > tolerance).any(),
                 lambda: (
                     f"{name} must sum to 1 over its positions (tolerance {tolerance:g}), "
-                    f"got sums {[round(s, 6) for s in sums.tolist()]}; "
-                    "pass use_logits=True for logits"
+                    f"got sums {[round(s, 6) for s in sums.tolist()]}"
+                    + ("; pass use_logits=True for logits" if logits_hint else "")
+                ),
+            ),
+        )
+
+
+def weights(flat: Tensor, name: str) -> None:
+    """``flat [B, P]`` must hold finite, non-negative weights, not all zero in a row."""
+    floating(flat, name)
+    with torch.no_grad():
+        lowest = flat.amin(dim=1)
+        empty = flat.amax(dim=1) <= 0
+        _first_failure(
+            (~flat.isfinite().all(), lambda: f"{name} contains NaN or inf"),
+            (
+                (lowest < 0).any(),
+                lambda: f"{name} contains negative weights (min {lowest.min().item():g})",
+            ),
+            (
+                empty.any(),
+                lambda: (
+                    f"{name} is zero everywhere for batch item(s) "
+                    f"{empty.nonzero().flatten().tolist()}"
                 ),
             ),
         )

@@ -14,13 +14,25 @@ mass still available at draw ``m``.
   ``dF/da_m = (E_m pm_m / a_m + sum_{j<m} f_j - m f_m) / N``, which is biased; it is
   kept for comparison.
 
-Exhausted support: a draw of probability zero means every position of positive
-probability was drawn before it (Gumbel top-k draws them last), and from there on
-every ``E_m`` is the exact sum. Such a batch item returns the exact sum
+Draws from a proposal ``q`` (DESIGN section 4b; ``q_m`` its probability at draw ``m``,
+a constant, as is ``Q_m = 1 - sum_{j<m} q_j`` without replacement):
+
+- With replacement: ``F = mean_m (a_m / q_m) f_m``; ``dF/df_m = a_m / (N q_m)``,
+  ``dF/da_m = f_m / (N q_m)``.
+- Without replacement: ``E_m = sum_{j<m} a_j f_j + (Q_m a_m / q_m) f_m``, so
+  ``w_m = (Q_m a_m / q_m + (N-1-m) a_m) / N`` and ``dF/da_m = f_m (Q_m / q_m + N-1-m) / N``.
+
+With ``q = a`` these are the formulas above, bit for bit (``a_m / q_m`` is then exactly
+1). Only ``"unbiased"`` is defined for a proposal.
+
+Exhausted support: a draw of probability zero under the distribution drawn from
+(``a``, or ``q``) means every position of positive probability was drawn before it
+(Gumbel top-k draws them last), and from there on every ``E_m`` is the exact sum
+(``a > 0`` implies ``q > 0``). Such a batch item returns the exact sum
 ``sum_m a_m f_m`` outright, with its exact gradients (``a_m`` for the features,
-``f_m`` for the attention), for both estimators; ``pm_m / a_m`` is never formed as
-``0/0``. Whether this happens depends only on the map (its support has at most ``N``
-positions), so the estimator stays unbiased.
+``f_m`` for the attention), for both estimators; ``Q_m / q_m`` is never formed as
+``0/0``. Whether this happens depends only on that distribution (its support has at
+most ``N`` positions), so the estimator stays unbiased.
 """
 
 from __future__ import annotations
@@ -39,6 +51,8 @@ def expectation(
     sampled_attention: Tensor,
     replace: bool = False,
     estimator: str = "unbiased",
+    *,
+    sampled_proposal: Tensor | None = None,
 ) -> Tensor:
     """Estimate the attention-weighted mean of all features from ``N`` sampled ones.
 
@@ -50,7 +64,12 @@ def expectation(
         replace: whether the positions were drawn with replacement.
         estimator: ``"unbiased"`` (default) or ``"reference"``, the attention gradient
             used without replacement (see the module docstring); with replacement both
-            are the same.
+            are the same. ``"reference"`` with ``sampled_proposal`` is a ``ValueError``:
+            the reference library defines no estimator for draws from a proposal.
+        sampled_proposal (Tensor[B, N] | None): when the positions were drawn from a
+            proposal ``q`` (``sample(..., proposal=q)``, its third output), ``q`` at
+            those positions; a constant (no gradient). ``None``: drawn from the
+            attention itself.
 
     Returns:
         Tensor[B, ...]: the estimate. Its gradient w.r.t. ``features`` and
@@ -68,13 +87,30 @@ def expectation(
         )
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if sampled_proposal is not None:
+        _checks.tensor(sampled_proposal, "sampled_proposal")
+        _checks.floating(sampled_proposal, "sampled_proposal")
+        _checks.same_shape(
+            sampled_proposal, sampled_attention, "sampled_proposal", "sampled_attention"
+        )
+        if estimator == "reference":
+            raise ValueError(
+                "estimator='reference' is not defined for draws from a proposal "
+                "(sampled_proposal given); use estimator='unbiased'"
+            )
+        sampled_proposal = sampled_proposal.detach()
     if replace:
-        return _WithReplacement.apply(features, sampled_attention)
-    return _WithoutReplacement.apply(features, sampled_attention, estimator == "reference")
+        return _WithReplacement.apply(features, sampled_attention, sampled_proposal)
+    return _WithoutReplacement.apply(
+        features, sampled_attention, sampled_proposal, estimator == "reference"
+    )
 
 
 class Expectation(nn.Module):
-    """Module form of :func:`expectation`; ``forward(features, sampled_attention)``."""
+    """Module form of :func:`expectation`.
+
+    ``forward(features, sampled_attention, *, sampled_proposal=None)``.
+    """
 
     def __init__(self, replace: bool = False, estimator: str = "unbiased") -> None:
         super().__init__()
@@ -83,8 +119,16 @@ class Expectation(nn.Module):
         self.replace = replace
         self.estimator = estimator
 
-    def forward(self, features: Tensor, sampled_attention: Tensor) -> Tensor:
-        return expectation(features, sampled_attention, self.replace, self.estimator)
+    def forward(
+        self, features: Tensor, sampled_attention: Tensor, *, sampled_proposal: Tensor | None = None
+    ) -> Tensor:
+        return expectation(
+            features,
+            sampled_attention,
+            self.replace,
+            self.estimator,
+            sampled_proposal=sampled_proposal,
+        )
 
     def extra_repr(self) -> str:
         return f"replace={self.replace}, estimator={self.estimator!r}"
@@ -100,64 +144,84 @@ def _dot(grad: Tensor, features: Tensor) -> Tensor:
     return (grad.unsqueeze(1) * features).flatten(2).sum(-1)
 
 
-def _inverse(attention: Tensor) -> Tensor:
-    """``1 / a`` where ``a > 0`` and 0 where a zero-probability position was drawn."""
-    positive = attention > 0
-    return torch.where(positive, 1 / torch.where(positive, attention, 1), 0)
+def _divide(numerator: Tensor | float, probability: Tensor) -> Tensor:
+    """``numerator / probability`` where ``probability > 0``, 0 where a zero-probability
+    position was drawn (never ``0/0``)."""
+    positive = probability > 0
+    return torch.where(positive, numerator / torch.where(positive, probability, 1), 0)
 
 
 class _WithReplacement(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, features: Tensor, attention: Tensor) -> Tensor:
-        ctx.save_for_backward(features, attention)
-        return features.mean(dim=1)
+    def forward(
+        ctx: FunctionCtx, features: Tensor, attention: Tensor, proposal: Tensor | None
+    ) -> Tensor:
+        ctx.attention_dtype = attention.dtype
+        if proposal is None:
+            ctx.save_for_backward(features, attention, None)
+            return features.mean(dim=1)
+        # Importance weights a_m / q_m, exactly 1 where q = a.
+        importance = _divide(attention.detach().to(features.dtype), proposal.to(features.dtype))
+        ctx.save_for_backward(features, proposal, importance)
+        return (_per_draw(importance, features) * features).mean(dim=1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        features, attention = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        features, drawn_from, importance = ctx.saved_tensors
         n = features.shape[1]
         grad_features = grad_attention = None
         if ctx.needs_input_grad[0]:
             grad_features = (grad.unsqueeze(1) / n).expand_as(features)
+            if importance is not None:
+                grad_features = grad_features * _per_draw(importance, features)
         if ctx.needs_input_grad[1]:
-            inverse = _inverse(attention.to(features.dtype))
-            grad_attention = (_dot(grad, features) * inverse / n).to(attention.dtype)
-        return grad_features, grad_attention
+            inverse = _divide(1, drawn_from.to(features.dtype))
+            grad_attention = (_dot(grad, features) * inverse / n).to(ctx.attention_dtype)
+        return grad_features, grad_attention, None
 
 
 class _WithoutReplacement(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, features: Tensor, attention: Tensor, reference: bool) -> Tensor:
+    def forward(
+        ctx: FunctionCtx,
+        features: Tensor,
+        attention: Tensor,
+        proposal: Tensor | None,
+        reference: bool,
+    ) -> Tensor:
         n = features.shape[1]
         # The remaining mass 1 - cumsum is computed in float64: late draws of a peaked
-        # map leave little mass and float32 cancellation would distort pm / a.
+        # map leave little mass and float32 cancellation would distort Q / q.
         a = attention.detach().to(torch.float64)
-        positive = a > 0
-        remaining = 1 - (a.cumsum(dim=1) - a)
-        # pm_m >= a_m always holds exactly; rounding must not break it, and after the
+        q = a if proposal is None else proposal.to(torch.float64)
+        positive = q > 0
+        remaining = 1 - (q.cumsum(dim=1) - q)  # Q_m (pm_m when q = a)
+        # Q_m >= q_m always holds exactly; rounding must not break it, and after the
         # support is exhausted the remaining mass is exactly 0.
-        remaining = torch.where(positive, torch.maximum(remaining, a), 0)
+        remaining = torch.where(positive, torch.maximum(remaining, q), 0)
         later = torch.arange(n - 1, -1, -1, device=a.device, dtype=a.dtype)  # N-1-m
         exhausted = (~positive).any(dim=1, keepdim=True)  # [B, 1]
-        weights = torch.where(exhausted, a, (remaining + later * a) / n)  # [B, N]
+        # Q_m a_m / q_m, with a_m / q_m exactly 1 where q = a: pm_m bit for bit.
+        current = remaining * _divide(a, q)
+        weights = torch.where(exhausted, a, (current + later * a) / n)  # [B, N]
         ctx.reference = reference
         ctx.attention_dtype = attention.dtype
-        ctx.save_for_backward(features, a, remaining, weights, exhausted)
+        ctx.save_for_backward(features, a, q, remaining, weights, exhausted)
         weights = weights.to(features.dtype)
         return (_per_draw(weights, features) * features).sum(dim=1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        features, a, remaining, weights, exhausted = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        features, a, q, remaining, weights, exhausted = ctx.saved_tensors
         n = features.shape[1]
         grad_features = grad_attention = None
         if ctx.needs_input_grad[0]:
             grad_features = _per_draw(weights.to(features.dtype), features) * grad.unsqueeze(1)
         if ctx.needs_input_grad[1]:
             g_f = _dot(grad, features).to(torch.float64)  # <grad, f_m>, [B, N]
-            ratio = remaining * _inverse(a)  # pm_m / a_m, 0 for zero-probability draws
+            ratio = remaining * _divide(1, q)  # Q_m / q_m, 0 for zero-probability draws
             if ctx.reference:
                 # <grad, E_m> = sum_{j<m} a_j <grad, f_j> + pm_m <grad, f_m>
                 g_estimate = _exclusive_cumsum(a * g_f) + remaining * g_f
@@ -167,7 +231,7 @@ class _WithoutReplacement(torch.autograd.Function):
                 later = torch.arange(n - 1, -1, -1, device=a.device, dtype=a.dtype)
                 per_draw = g_f * (ratio + later)
             grad_attention = torch.where(exhausted, g_f, per_draw / n).to(ctx.attention_dtype)
-        return grad_features, grad_attention, None
+        return grad_features, grad_attention, None, None
 
 
 def _exclusive_cumsum(x: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Draw positions from an attention distribution over an N-D map.
+"""Draw positions from an attention distribution over an N-D map, or from a proposal.
 
 Only the drawn positions are gathered from the map, so the forward and the backward
 cost ``O(B * (P + N))`` for ``P`` positions and ``N`` draws: no ``[B, N, P]`` buffer.
@@ -18,7 +18,9 @@ def sample(
     replace: bool = False,
     use_logits: bool = False,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+    *,
+    proposal: Tensor | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Sample ``n_samples`` positions per batch item from an attention map.
 
     Args:
@@ -31,16 +33,28 @@ def sample(
         use_logits: ``attention`` holds logits; the returned probabilities are then
             the softmax over all positions of the item.
         generator: a ``torch.Generator`` on ``attention``'s device, to repeat a run.
+        proposal (Tensor[B, *S] | None): probabilities ``q`` to draw the positions from
+            instead of the attention (DESIGN section 4b), e.g. ``mix_uniform(attention,
+            0.1)``; a constant (detached), moved to ``attention``'s device. Every
+            position of positive attention must have ``q > 0``, otherwise the estimate
+            would be biased (``ValueError`` with the number of such positions). With
+            replacement the draws are i.i.d. from ``q``; without, each draw picks a
+            position not drawn yet with probability proportional to ``q`` (Gumbel top-k
+            on ``log q``), in draw order.
 
     Returns:
         samples (LongTensor[B, N, len(S)]): the drawn positions, one index per map axis.
         sampled_attention (Tensor[B, N]): their probabilities, gathered from the map, so
             differentiable w.r.t. ``attention``.
+        sampled_proposal (Tensor[B, N]): only when ``proposal`` is given: ``q`` at the
+            samples, in ``proposal``'s dtype, without gradient; ``expectation`` needs it
+            (``sampled_proposal=``). Without a proposal the result is the pair
+            ``(samples, sampled_attention)``, with one the triple.
 
-    Without replacement, positions of probability zero are only drawn once every
-    positive-probability position has been; they come last, with probability 0
-    (``expectation`` then returns the exact sum). More samples than positions
-    without replacement is a ``ValueError``.
+    Without replacement, positions of probability zero (under the distribution drawn
+    from) are only drawn once every positive-probability position has been; they come
+    last, with probability 0 (``expectation`` then returns the exact sum). More samples
+    than positions without replacement is a ``ValueError``.
     """
     _checks.tensor(attention, "attention", min_dim=2)
     n_samples = _checks.positive_int(n_samples, "n_samples")
@@ -57,19 +71,49 @@ def sample(
     else:
         _checks.probabilities(flat, "attention")
         probabilities = flat
+    if proposal is None:
+        drawn_from = probabilities
+    else:
+        drawn_from = _covering_proposal(proposal, attention, probabilities)  # [B, P]
     with torch.no_grad():
         # Sampling in at least float32: half-precision Gumbel keys tie too often.
-        work_dtype = torch.promote_types(flat.dtype, torch.float32)
+        work_dtype = torch.promote_types(drawn_from.dtype, torch.float32)
         if replace:
             index = torch.multinomial(
-                probabilities.to(work_dtype), n_samples, replacement=True, generator=generator
+                drawn_from.to(work_dtype), n_samples, replacement=True, generator=generator
             )
         else:
-            keys = flat.to(work_dtype) if use_logits else probabilities.to(work_dtype).log()
+            if use_logits and proposal is None:
+                keys = flat.to(work_dtype)
+            else:
+                keys = drawn_from.to(work_dtype).log()
             index = _gumbel_top_k(keys, n_samples, generator)  # [B, N]
     sampled_attention = probabilities.gather(1, index)  # [B, N]
     samples = torch.stack(torch.unravel_index(index, space), dim=-1)  # [B, N, len(S)]
-    return samples, sampled_attention
+    if proposal is None:
+        return samples, sampled_attention
+    return samples, sampled_attention, drawn_from.gather(1, index)
+
+
+def _covering_proposal(proposal: Tensor, attention: Tensor, probabilities: Tensor) -> Tensor:
+    """``proposal`` detached and flattened to ``[B, P]``, checked to cover the attention.
+
+    ``probabilities [B, P]`` is the attention as probabilities (the softmax of logits).
+    """
+    _checks.tensor(proposal, "proposal")
+    _checks.same_shape(proposal, attention, "proposal", "attention")
+    flat = proposal.detach().to(attention.device).flatten(1)  # [B, P]
+    _checks.probabilities(flat, "proposal", logits_hint=False)
+    uncovered = ((probabilities.detach() > 0) & (flat <= 0)).sum(dim=1)  # [B]
+    if uncovered.any():
+        items = uncovered.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, items[:5])) + (", ..." if len(items) > 5 else "")
+        raise ValueError(
+            f"proposal is 0 at {uncovered.sum().item()} position(s) where the attention is "
+            f"positive (batch item(s) {shown}); draws from it never reach them, which would "
+            "bias the estimate: every position with attention > 0 needs proposal > 0"
+        )
+    return flat
 
 
 def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
@@ -100,15 +144,7 @@ def mask_attention(attention: Tensor, mask: Tensor, use_logits: bool = False) ->
     A batch item with no allowed position (or no attention mass on them) is a
     ``ValueError``.
     """
-    _checks.tensor(mask, "mask")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-    if mask.shape != attention.shape:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected the attention map's "
-            f"{tuple(attention.shape)}"
-        )
-    mask = mask.to(attention.device)
+    mask = _checks.bool_mask(mask, attention, "the attention map")
     if use_logits:
         restricted = attention.masked_fill(~mask, float("-inf"))
         empty = ~mask.flatten(1).any(1)

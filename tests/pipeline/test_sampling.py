@@ -19,6 +19,18 @@ def _seeded(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _check_pair_frequencies(flat, distribution, replace):
+    """Frequencies of the ordered pairs ``flat [TRIALS, 2]`` (flat position indices of
+    the first and second draw) within 5 sigma of exact enumeration from ``distribution [P]``.
+    """
+    p = len(distribution)
+    index, weight = ordered_draws(distribution, 2, replace)
+    exact = torch.zeros(p * p, dtype=torch.float64)
+    exact[index[:, 0] * p + index[:, 1]] = weight
+    frequency = torch.bincount(flat[:, 0] * p + flat[:, 1], minlength=p * p).double() / TRIALS
+    assert (frequency - exact).abs().le(sigma_bound(exact, TRIALS)).all()
+
+
 @pytest.mark.parametrize("space", [(7,), (3, 5), (2, 3, 4)])
 @pytest.mark.parametrize("replace", [False, True])
 def test_sampled_probabilities_are_the_map_at_the_samples(space, replace):
@@ -49,13 +61,8 @@ def test_ordered_pairs_without_replacement_match_enumeration(use_logits):
         attention = probabilities.log().expand(TRIALS, 2, 3) + 1.5  # shifted logits
     samples, _ = sample(2, attention, use_logits=use_logits, generator=_seeded(5))
     flat = samples[..., 0] * 3 + samples[..., 1]  # [TRIALS, 2]
-    counts = torch.bincount(flat[:, 0] * 6 + flat[:, 1], minlength=36).double()
-    index, weight = ordered_draws(probabilities.flatten(), 2, replace=False)
-    exact = torch.zeros(36, dtype=torch.float64)
-    exact[index[:, 0] * 6 + index[:, 1]] = weight
-    frequency = counts / TRIALS
-    assert (frequency - exact).abs().le(sigma_bound(exact, TRIALS)).all()
-    assert counts.view(6, 6).diagonal().sum() == 0  # never the same position twice
+    _check_pair_frequencies(flat, probabilities.flatten(), replace=False)
+    assert (flat[:, 0] != flat[:, 1]).all()  # never the same position twice
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -76,10 +83,7 @@ def test_inclusion_and_first_draw_frequencies_without_replacement(n):
 def test_draws_with_replacement_are_independent_categoricals():
     probabilities = _map((1, 6), seed=7)[0]
     samples, _ = sample(2, probabilities.expand(TRIALS, 6), replace=True, generator=_seeded(8))
-    pair = samples[..., 0, 0] * 6 + samples[..., 1, 0]
-    frequency = torch.bincount(pair, minlength=36).double() / TRIALS
-    exact = torch.outer(probabilities, probabilities).flatten()
-    assert (frequency - exact).abs().le(sigma_bound(exact, TRIALS)).all()
+    _check_pair_frequencies(samples[..., 0], probabilities, replace=True)
 
 
 @pytest.mark.parametrize("replace", [False, True])
@@ -217,3 +221,104 @@ def test_mask_errors():
         mask_attention(attention, torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
         mask_attention(attention, torch.ones(2, 3, 3))
+
+
+# --- sampling from a proposal (DESIGN section 4b) ---
+
+# Attention with zeros, and a proposal that differs from it: positive wherever the
+# attention is, also on some (not all) of its zeros.
+ATTENTION_6 = torch.tensor([0.45, 0.0, 0.3, 0.05, 0.2, 0.0], dtype=torch.float64)
+PROPOSAL_6 = torch.tensor([0.1, 0.25, 0.2, 0.15, 0.3, 0.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("use_logits", [False, True])
+def test_ordered_pairs_from_a_proposal_match_enumeration(use_logits):
+    # Draws follow q, not a: every ordered pair against its exact probability
+    # q_i * q_j / (1 - q_i); the probabilities returned are a's and q's at the draws.
+    attention = ATTENTION_6.view(1, 2, 3).expand(TRIALS, 2, 3)
+    if use_logits:
+        attention = ATTENTION_6.log().view(1, 2, 3).expand(TRIALS, 2, 3) + 1.5
+    proposal = PROPOSAL_6.view(1, 2, 3).expand(TRIALS, 2, 3)
+    samples, sampled, sampled_proposal = sample(
+        2, attention, use_logits=use_logits, generator=_seeded(22), proposal=proposal
+    )
+    flat = samples[..., 0] * 3 + samples[..., 1]  # [TRIALS, 2]
+    _check_pair_frequencies(flat, PROPOSAL_6, replace=False)
+    probabilities = torch.softmax(attention.flatten(1), 1) if use_logits else attention.flatten(1)
+    torch.testing.assert_close(sampled, probabilities.gather(1, flat), rtol=0, atol=0)
+    torch.testing.assert_close(sampled_proposal, PROPOSAL_6[flat], rtol=0, atol=0)
+    assert not sampled_proposal.requires_grad
+
+
+def test_draws_with_replacement_from_a_proposal_are_independent_categoricals():
+    samples, _, _ = sample(
+        2,
+        ATTENTION_6.expand(TRIALS, 6),
+        replace=True,
+        generator=_seeded(23),
+        proposal=PROPOSAL_6.expand(TRIALS, 6),
+    )
+    _check_pair_frequencies(samples[..., 0], PROPOSAL_6, replace=True)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_proposal_equal_to_the_attention_gives_the_same_draws(replace):
+    attention = _map((3, 4, 5), seed=24, dtype=torch.float32)
+    samples, sampled = sample(6, attention, replace=replace, generator=_seeded(25))
+    again, sampled_again, sampled_proposal = sample(
+        6, attention, replace=replace, generator=_seeded(25), proposal=attention.clone()
+    )
+    assert torch.equal(samples, again) and torch.equal(sampled, sampled_again)
+    assert torch.equal(sampled_proposal, sampled)
+
+
+def test_draws_beyond_the_support_of_the_proposal_come_last_with_probability_zero():
+    attention = torch.tensor([[0.0, 0.7, 0.0, 0.3, 0.0]]).expand(500, 5)
+    proposal = torch.tensor([[0.0, 0.4, 0.0, 0.6, 0.0]]).expand(500, 5)
+    samples, sampled, sampled_proposal = sample(
+        4, attention, generator=_seeded(26), proposal=proposal
+    )
+    assert (samples[:, :2, 0].sort(1).values == torch.tensor([1, 3])).all()
+    assert (sampled_proposal[:, :2] > 0).all() and (sampled_proposal[:, 2:] == 0).all()
+    assert (sampled[:, 2:] == 0).all()
+    assert all(len(set(row)) == 4 for row in samples[..., 0].tolist())
+
+
+def test_gradient_flows_to_the_attention_not_the_proposal():
+    attention = ATTENTION_6.view(1, 6).clone().requires_grad_()
+    proposal = PROPOSAL_6.view(1, 6).clone().requires_grad_()
+    samples, sampled, sampled_proposal = sample(
+        3, attention, generator=_seeded(27), proposal=proposal
+    )
+    assert sampled_proposal.grad_fn is None
+    sampled.sum().backward()
+    expected = torch.zeros(1, 6, dtype=torch.float64)
+    expected[0, samples[0, :, 0]] = 1
+    assert torch.equal(attention.grad, expected) and proposal.grad is None
+
+
+def test_proposal_missing_positive_attention_is_rejected():
+    attention = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    proposal = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"proposal is 0 at 3 position.*item\(s\) 0, 1\)"):
+        sample(1, attention, proposal=proposal)
+    # Finite logits give every position positive attention.
+    with pytest.raises(ValueError, match="proposal is 0 at 1 position"):
+        sample(1, torch.zeros(1, 3), use_logits=True, proposal=torch.tensor([[0.5, 0.5, 0.0]]))
+    with pytest.raises(ValueError, match=r"at 21 position.*item\(s\) 0, 1, 2, 3, 4, \.\.\.\)"):
+        sample(1, attention[1:].expand(7, 4), proposal=proposal[:1].expand(7, 4))
+    # Zeros of the proposal where the attention is zero are fine.
+    assert len(sample(1, attention[:1], proposal=torch.tensor([[0.5, 0.5, 0.0, 0.0]]))) == 3
+
+
+def test_invalid_proposals_are_rejected():
+    attention = _map((2, 3, 3))
+    with pytest.raises(ValueError, match=r"proposal has shape \(2, 9\), expected attention's"):
+        sample(1, attention, proposal=attention.flatten(1))
+    with pytest.raises(ValueError, match="proposal must sum to 1") as error:
+        sample(1, attention, proposal=attention * 2)
+    assert "use_logits" not in str(error.value)
+    with pytest.raises(ValueError, match="proposal contains negative"):
+        sample(1, attention, proposal=attention - 0.5)
+    with pytest.raises(TypeError, match="proposal must be a torch.Tensor"):
+        sample(1, attention, proposal=attention.tolist())
