@@ -93,35 +93,28 @@ class TifffileSlide(Slide):
         """A file with a TIFF header."""
         return is_tiff(path)
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        path = os.fspath(path)
-        if not is_tiff(path):
-            raise SlideError(path, f"not a TIFF file (first bytes {_head(path)!r})")
-        try:
-            self._tif = tifffile.TiffFile(path)
-            series = self._tif.series[0]
-            pages = [level.keyframe for level in series.levels]
-        except Exception as exc:
-            raise SlideError(path, f"cannot parse the TIFF structure: {exc}") from exc
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-            for page in pages:
-                _check_page(path, page, os.fstat(self._fd).st_size)
-            levels = [TifffileLevel(self, k, page, pages[0]) for k, page in enumerate(pages)]
-            super().__init__(
-                path, levels, _mpp(self._tif, pages[0]), _properties(self._tif), threads
-            )
-        except BaseException:
-            self._close()
-            raise
+    _tif: tifffile.TiffFile | None = None
+    _fd: int | None = None
+
+    def _open(self) -> None:
+        if not is_tiff(self.path):
+            raise SlideError(self.path, f"not a TIFF file (first bytes {_head(self.path)!r})")
+        self._tif = tifffile.TiffFile(self.path)
+        pages = [level.keyframe for level in self._tif.series[0].levels]
+        self._fd = os.open(self.path, os.O_RDONLY)
+        for page in pages:
+            _check_page(self.path, page, os.fstat(self._fd).st_size)
+        self.levels.extend(TifffileLevel(self, k, page, pages[0]) for k, page in enumerate(pages))
+        self.mpp = _mpp(self._tif, pages[0])
+        self.properties = _properties(self._tif)
 
     def _close(self) -> None:
-        for level in getattr(self, "levels", ()):
+        for level in self.levels:
             level._release()
-        if getattr(self, "_fd", None) is not None:
+        if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if getattr(self, "_tif", None) is not None:
+        if self._tif is not None:
             self._tif.close()
             self._tif = None
 

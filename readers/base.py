@@ -1,9 +1,10 @@
 """``Slide`` and ``Level``: everything the backends share.
 
-A backend subclasses :class:`Slide` (open the file, build its levels, give the
-metadata, close) and :class:`Level` (decode one stored tile, ``_read_tile``).
-Validation, clipping, ``fill`` outside the image, tile bookkeeping, the Dask
-batching, the low-resolution view and pickling all live here, once.
+A backend subclasses :class:`Slide` (``_open``: open the file, build its levels,
+give the metadata; ``_close``) and :class:`Level` (decode one stored tile,
+``_read_tile``). Opening (base state, errors as :class:`SlideError`, cleanup on
+failure), validation, clipping, ``fill`` outside the image, tile bookkeeping, the
+Dask batching, the low-resolution view and pickling all live here, once.
 
 Conventions (``readers._types``): locations are ``(y, x)``, sizes ``(h, w)``,
 images are ``uint8 [h, w, 3]`` RGB.
@@ -16,7 +17,6 @@ import os
 import uuid
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -91,6 +91,12 @@ class Level(ABC):
     """
 
     def __init__(self, slide: Slide, index: int, shape: HWC, downsample: float, tile_shape: HW):
+        if min(shape[0], shape[1], tile_shape[0], tile_shape[1]) < 1:
+            raise SlideError(
+                slide.path,
+                f"level {index} has shape {tuple(shape[:2])} and tiles {tuple(tile_shape)}, "
+                f"expected positive heights and widths",
+            )
         self.slide = slide
         self.index = index
         self.shape: HWC = (int(shape[0]), int(shape[1]), 3)
@@ -332,7 +338,7 @@ class Slide(ABC):
         path: the file or directory.
         backend: name of the backend that opened it (``"openslide"``, ``"tifffile"``,
             ``"zarr"``).
-        levels: the resolution levels, level 0 (full resolution) first.
+        levels: tuple of the resolution levels, level 0 (full resolution) first.
         mpp: ``(y, x)`` microns per level-0 pixel, or ``None`` when the file does not say.
         properties: ``dict[str, str]`` of the file's metadata.
         threads: threads used to decode the tiles of one ``read_patches`` call.
@@ -344,25 +350,47 @@ class Slide(ABC):
 
     backend: ClassVar[str]
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        levels: Sequence[Level],
-        mpp: tuple[float, float] | None,
-        properties: dict[str, str],
-        threads: int | None = None,
-    ):
-        self.path = os.fspath(path)
-        self.levels: tuple[Level, ...] = tuple(levels)
-        self.mpp = mpp
-        self.properties = properties
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        """Open ``path``: the base state first, then the backend's ``_open``.
+
+        Anything ``_open`` raises becomes a :class:`SlideError` naming the path and,
+        in its reason, the backend (``"zarr: array has dtype float32, expected
+        uint8"``); the handles opened so far are closed.
+        """
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.path = os.fspath(path)
         self.threads = threads or default_threads()
         self._options: dict[str, Any] = {"threads": threads}
         self.closed = False
-        if not self.levels:
-            raise SlideError(self.path, "the file holds no image level")
+        self.mpp: tuple[float, float] | None = None
+        self.properties: dict[str, str] = {}
+        # A list while ``_open`` appends to it, level 0 first; a tuple once open.
+        self.levels: list[Level] | tuple[Level, ...] = []
+        try:
+            self._open()
+            if not self.levels:
+                raise SlideError(self.path, "the file holds no image level")
+        except SlideError as exc:
+            self.close()
+            raise SlideError(self.path, f"{self.backend}: {exc.reason}") from exc
+        except Exception as exc:  # libraries raise anything on a malformed file
+            self.close()
+            raise SlideError(self.path, f"{self.backend}: {type(exc).__name__}: {exc}") from exc
+        except BaseException:  # KeyboardInterrupt...: still release the handles
+            self.close()
+            raise
+        self.levels = tuple(self.levels)
+
+    @abstractmethod
+    def _open(self) -> None:
+        """Open ``self.path``: append the levels to ``self.levels``, set ``mpp``, ``properties``.
+
+        Called once by ``__init__`` with the base state set. Raise :class:`SlideError`
+        (``self.path`` and a reason, without the backend name) for what the file lacks;
+        anything else raised is wrapped the same way. Handles opened here are
+        released by ``_close``, also when ``_open`` fails half-way.
+        """
 
     @staticmethod
     @abstractmethod
