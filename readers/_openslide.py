@@ -33,7 +33,7 @@ class OpenSlideLevel(Level):
             int(props.get(f"openslide.level[{index}].tile-height", _FALLBACK_TILE)),
             int(props.get(f"openslide.level[{index}].tile-width", _FALLBACK_TILE)),
         )
-        super().__init__(slide, index, (h, w, 3), osr.level_downsamples[index], tile)
+        super().__init__(slide, index, (h, w), tile, osr.level_downsamples[index])
         self._osr = osr
 
     def _read_tile(self, ty: int, tx: int, box: Box) -> np.ndarray:

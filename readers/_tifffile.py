@@ -46,13 +46,10 @@ def is_tiff(path: str) -> bool:
 class TifffileLevel(Level):
     """A level backed by one TIFF page; tiles (or strips) decoded individually."""
 
-    def __init__(
-        self, slide: TifffileSlide, index: int, page: tifffile.TiffPage, level0: tifffile.TiffPage
-    ):
+    def __init__(self, slide: TifffileSlide, index: int, page: tifffile.TiffPage):
         h, w = page.imagelength, page.imagewidth
         tile = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, w)
-        downsample = (level0.imagelength / h + level0.imagewidth / w) / 2
-        super().__init__(slide, index, (h, w, 3), downsample, tile)
+        super().__init__(slide, index, (h, w), tile)  # TIFF stores no downsample
         self._page = page
         self._fd = slide._fd
         self._decode = page.decode  # a closure over the page's codec settings
@@ -104,7 +101,7 @@ class TifffileSlide(Slide):
         self._fd = os.open(self.path, os.O_RDONLY)
         for page in pages:
             _check_page(self.path, page, os.fstat(self._fd).st_size)
-        self.levels.extend(TifffileLevel(self, k, page, pages[0]) for k, page in enumerate(pages))
+        self.levels.extend(TifffileLevel(self, k, page) for k, page in enumerate(pages))
         self.mpp = _mpp(self._tif, pages[0])
         self.properties = _properties(self._tif)
 

@@ -27,7 +27,12 @@ class ZarrLevel(Level):
     """
 
     def __init__(
-        self, slide: ZarrSlide, index: int, array: zarr.Array, axes: str, downsample: float
+        self,
+        slide: ZarrSlide,
+        index: int,
+        array: zarr.Array,
+        axes: str,
+        downsample: float | None = None,
     ):
         if array.ndim != len(axes):
             raise SlideError(
@@ -45,9 +50,7 @@ class ZarrLevel(Level):
                 slide.path, f"level {index} array has {size['c']} channels, expected 1, 3 or 4"
             )
         chunk = dict(zip(axes, array.chunks, strict=True))
-        super().__init__(
-            slide, index, (size["y"], size["x"], 3), downsample, (chunk["y"], chunk["x"])
-        )
+        super().__init__(slide, index, (size["y"], size["x"]), (chunk["y"], chunk["x"]), downsample)
         self._array = array
         self._axes = axes
         self._to_yxc = [axes.index(a) for a in "yxc" if a in axes]
@@ -84,7 +87,7 @@ class ZarrSlide(Slide):
                     f"array has shape {node.shape}, expected [H, W] or [H, W, C]",
                 )
             self.properties = {"zarr.format": str(node.metadata.zarr_format)}
-            self.levels.append(ZarrLevel(self, 0, node, "yxc"[: node.ndim], 1.0))
+            self.levels.append(ZarrLevel(self, 0, node, "yxc"[: node.ndim]))
             return
         attrs = node.attrs.asdict()
         meta = attrs.get("ome", attrs)  # NGFF 0.5 nests under "ome"; 0.4 does not
@@ -94,12 +97,11 @@ class ZarrSlide(Slide):
         scales = [_scale(self.path, d, len(axes)) for d in multiscale["datasets"]]
         iy, ix = axes.index("y"), axes.index("x")
         for k, array in enumerate(arrays):
+            ds = None  # no stored pixel sizes: Level takes the ratio of the shapes
             if scales[k] is not None and scales[0] is not None:
-                ds = (scales[k][iy] / scales[0][iy] + scales[k][ix] / scales[0][ix]) / 2
-            else:
-                ds = (
-                    arrays[0].shape[iy] / array.shape[iy] + arrays[0].shape[ix] / array.shape[ix]
-                ) / 2
+                ds = Level.mean_ratio(
+                    (scales[k][iy], scales[k][ix]), (scales[0][iy], scales[0][ix])
+                )
             self.levels.append(ZarrLevel(self, k, array, axes, ds))
         self.mpp = _mpp(multiscale["axes"], scales[0], iy, ix)
         self.properties = {

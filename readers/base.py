@@ -90,7 +90,18 @@ class Level(ABC):
         index: position in ``slide.levels``.
     """
 
-    def __init__(self, slide: Slide, index: int, shape: HWC, downsample: float, tile_shape: HW):
+    def __init__(
+        self,
+        slide: Slide,
+        index: int,
+        shape: HW | HWC,
+        tile_shape: HW,
+        downsample: float | None = None,
+    ):
+        """``shape`` and ``tile_shape`` start with ``(h, w)``; ``downsample`` as the file
+        stores it, or ``None`` when it stores none: then the mean of the ratios of
+        ``slide.levels[0]`` (built first, so already appended) to ``shape``.
+        """
         if min(shape[0], shape[1], tile_shape[0], tile_shape[1]) < 1:
             raise SlideError(
                 slide.path,
@@ -100,8 +111,22 @@ class Level(ABC):
         self.slide = slide
         self.index = index
         self.shape: HWC = (int(shape[0]), int(shape[1]), 3)
-        self.downsample = float(downsample)
         self.tile_shape: HW = (int(tile_shape[0]), int(tile_shape[1]))
+        if downsample is None:
+            level0 = self.shape if index == 0 else slide.levels[0].shape
+            downsample = Level.mean_ratio(level0[:2], self.shape[:2])
+        self.downsample = float(downsample)
+
+    @staticmethod
+    def mean_ratio(numerator: tuple[float, float], denominator: tuple[float, float]) -> float:
+        """A downsample as OpenSlide computes it: the mean of the ``y`` and ``x`` ratios.
+
+        From level sizes ``(h, w)``, level 0 over the level: level 0
+        ``(1001, 1303)`` and a level ``(501, 652)`` give ``mean_ratio((1001, 1303),
+        (501, 652)) = (1001 / 501 + 1303 / 652) / 2 = 1.9982``, not 2. From pixel
+        sizes ``(y, x)`` (OME-Zarr ``scale``), the level over level 0.
+        """
+        return (numerator[0] / denominator[0] + numerator[1] / denominator[1]) / 2
 
     @abstractmethod
     def _read_tile(self, ty: int, tx: int, box: Box) -> np.ndarray | None:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from readers._types import as_hw
+from readers.base import Level
 
 Renderer = Callable[[int, int, int, int, float], np.ndarray]
 
@@ -72,10 +73,6 @@ def _mpp_pair(mpp) -> tuple[float, float]:
     if not (y > 0 and x > 0):
         raise ValueError(f"mpp must be positive (y, x) microns per pixel, got {mpp!r}")
     return float(y), float(x)
-
-
-def _level_downsample(level0: tuple[int, int], level: tuple[int, int]) -> float:
-    return (level0[0] / level[0] + level0[1] / level[1]) / 2
 
 
 def _tiles(
@@ -136,7 +133,7 @@ def write_tiff_pyramid(
     bigtiff = shapes[0][0] * shapes[0][1] * 3 * 4 // 3 > 2**31
     with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
         for k, (h, w) in enumerate(shapes):
-            ds = _level_downsample(shapes[0], (h, w))
+            ds = Level.mean_ratio(shapes[0], (h, w))
             tif.write(
                 (pixels for _, _, pixels in _tiles(render, (h, w), tile, ds, pad=True)),
                 shape=(h, w, 3),
@@ -181,7 +178,7 @@ def write_ome_zarr(
         array = group.create_array(
             str(k), shape=(3, h, w), chunks=(3, tile, tile), dtype=np.uint8, fill_value=0
         )
-        ds = _level_downsample(shapes[0], (h, w))
+        ds = Level.mean_ratio(shapes[0], (h, w))
         for y, x, pixels in _tiles(render, (h, w), tile, ds, pad=False):
             array[:, y : y + pixels.shape[0], x : x + pixels.shape[1]] = pixels.transpose(2, 0, 1)
         scale = [1.0, mpp_y * shapes[0][0] / h, mpp_x * shapes[0][1] / w]

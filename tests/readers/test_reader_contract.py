@@ -298,6 +298,14 @@ class TestZarr(SynthContract):
     backend, source = "zarr", "ome_zarr"
 
 
+class TestZarrUnscaled(SynthContract):
+    backend, source = "zarr", "ome_zarr_unscaled"
+
+    @pytest.fixture
+    def expected(self, synth_spec) -> Expected:
+        return Expected(synth_spec.level_shapes, (synth_spec.tile,) * 2, None)
+
+
 class TestTifffileCMU(CMUContract):
     backend = "tifffile"
 
