@@ -8,7 +8,6 @@ shared file position, so threads need no lock.
 from __future__ import annotations
 
 import os
-import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -145,10 +144,11 @@ def _check_page(path: str, page: tifffile.TiffPage, file_size: int) -> None:
 
 def _mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> tuple[float, float] | None:
     """``(y, x)`` microns per pixel from Aperio, OME or TIFF resolution metadata."""
-    if tif.is_svs:
-        match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", page.description)
-        if match:
-            return float(match.group(1)), float(match.group(1))
+    if page.is_svs:
+        # tifffile's parser turns numeric values into int/float, others stay str.
+        mpp = tifffile.tifffile.svs_description_metadata(page.description).get("MPP")
+        if isinstance(mpp, (int, float)):
+            return float(mpp), float(mpp)
     if tif.is_ome:
         pixels = ET.fromstring(tif.ome_metadata).find(".//{*}Pixels")
         if pixels is not None and "PhysicalSizeX" in pixels.attrib:
