@@ -1,7 +1,7 @@
 """Zarr backend: OME-Zarr multiscale pyramids (NGFF 0.4 and 0.5) and plain arrays.
 
 The axes are taken from the multiscale metadata; any order of ``y``, ``x`` and
-``c`` is read (``synthetic.write_ome_zarr`` writes ``c, y, x``, the NGFF order).
+``c`` is read (``readers.testing.write_ome_zarr`` writes ``c, y, x``, the NGFF order).
 A plain Zarr array ``[H, W, C]`` (or ``[H, W]``) is a one-level slide. One stored
 chunk is one tile.
 """

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import zarr
 
-from readers.synthetic import pyramid_shapes, render_he, write_ome_zarr, write_tiff_pyramid
+from readers.testing import pyramid_shapes, render_he, write_ome_zarr, write_tiff_pyramid
 
 
 @dataclass(frozen=True)

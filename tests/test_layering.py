@@ -20,6 +20,11 @@ def test_readers_import_is_light(heavy):
     assert heavy not in _modules_after("import readers")
 
 
+def test_readers_import_leaves_out_the_synthetic_writers():
+    # readers.testing is for tests, demos and benchmarks, not the reader API.
+    assert "readers.testing" not in _modules_after("import readers")
+
+
 @pytest.mark.parametrize("other", ["readers", "dask", "openslide", "tifffile", "zarr"])
 def test_pipeline_core_needs_torch_alone(other):
     assert other not in _modules_after("import pipeline")

@@ -20,7 +20,7 @@ import pytest
 import tifffile
 
 from readers import open_slide
-from readers.synthetic import render_he, write_tiff_pyramid
+from readers.testing import render_he, write_tiff_pyramid
 
 JPEG_TOLERANCE = 2
 

@@ -16,7 +16,7 @@ import tifffile
 import zarr
 
 from readers import SlideError, open_slide
-from readers.synthetic import write_tiff_pyramid
+from readers.testing import write_tiff_pyramid
 
 TIFF_BACKENDS = ["auto", "openslide", "tifffile"]
 ALL_BACKENDS = [*TIFF_BACKENDS, "zarr"]

@@ -1,4 +1,8 @@
-"""Writers of synthetic pyramidal slides, for tests, scripts, ``ats-wsi synth`` and the demo.
+"""Synthetic slides for tests, demos and benchmarks; not part of the reader API.
+
+Writers of pyramidal slides (``write_tiff_pyramid``, ``write_ome_zarr``) and a
+renderer of an H&E-like texture (``render_he``), used by the tests, the scripts,
+``ats-wsi synth`` and the demo. ``import readers`` does not import this module.
 
 A *renderer* draws any region of any level directly at that level's scale, so a
 pyramid of any size is written tile by tile in bounded memory::
