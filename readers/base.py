@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from readers._types import HW, HWC, YX, as_hw
+from readers._types import HW, HWC, YX, as_hw, as_int, as_yx
 from readers.errors import SlideError
 
 Box = tuple[int, int, int, int]
@@ -40,14 +40,6 @@ def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _as_location(location: Any) -> YX:
-    try:
-        y, x = (int(v) for v in location)
-    except (TypeError, ValueError):
-        raise TypeError(f"location must be a pair (y, x) of ints, got {location!r}") from None
-    return y, x
-
-
 def _as_offsets(offsets: Any) -> np.ndarray:
     arr = np.asarray(offsets)
     if arr.ndim != 2 or arr.shape[1] != 2:
@@ -58,9 +50,10 @@ def _as_offsets(offsets: Any) -> np.ndarray:
 
 
 def _as_fill(fill: Any) -> int:
-    if not isinstance(fill, (int, np.integer)) or not 0 <= fill <= 255:
+    fill = as_int(fill, "fill")
+    if not 0 <= fill <= 255:
         raise ValueError(f"fill must be an int in [0, 255], got {fill!r}")
-    return int(fill)
+    return fill
 
 
 def _as_rgb(tile: np.ndarray) -> np.ndarray:
@@ -193,8 +186,9 @@ class Level(ABC):
         Args:
             offsets: ``int [N, 2]`` top-left corners ``(y, x)`` in this level's pixel
                 grid; may lie partly or wholly outside the level.
-            size: ``(h, w)`` of every patch, any size (larger than a tile is fine).
-            fill: value of the pixels outside the level.
+            size: ``(h, w)`` of every patch, any size (larger than a tile is fine);
+                ints of any integer type (``numpy.int64``), not floats.
+            fill: value of the pixels outside the level, an int in ``[0, 255]``.
 
         Returns:
             ``uint8 [N, h, w, 3]`` RGB.
@@ -296,7 +290,8 @@ class Level(ABC):
         each tile decoded once, summed into the output; memory is bounded by the
         output and one block, never by the level.
         """
-        if not isinstance(factor, (int, np.integer)) or factor < 1:
+        factor = as_int(factor, "factor")
+        if factor < 1:
             raise ValueError(f"factor must be an int >= 1, got {factor!r}")
         H, W = self.shape[:2]
         th, tw = self.tile_shape
@@ -382,8 +377,10 @@ class Slide(ABC):
         in its reason, the backend (``"zarr: array has dtype float32, expected
         uint8"``); the handles opened so far are closed.
         """
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        if threads is not None:
+            threads = as_int(threads, "threads")
+            if threads < 1:
+                raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self.path = os.fspath(path)
         self.threads = threads or default_threads()
         self._options: dict[str, Any] = {"threads": threads}
@@ -455,9 +452,10 @@ class Slide(ABC):
         return self.levels[0].read_patches(offsets, size, fill)
 
     def _level(self, level: int) -> Level:
-        if not isinstance(level, (int, np.integer)) or not 0 <= level < len(self.levels):
+        index = as_int(level, "level")
+        if not 0 <= index < len(self.levels):
             raise ValueError(f"level must be an int in [0, {len(self.levels) - 1}], got {level!r}")
-        return self.levels[level]
+        return self.levels[index]
 
     def read_region(self, location: YX, level: int, size: HW) -> np.ndarray:
         """A region, OpenSlide's convention in ``(y, x)`` order.
@@ -469,11 +467,14 @@ class Slide(ABC):
             level: index into ``levels``.
             size: ``(h, w)`` in **the level's** pixels.
 
+        ``location``, ``level`` and ``size`` take any integer type (``numpy.int64``);
+        a float is a ``TypeError`` (a location ``(1.7, 0)`` is not pixel 1).
+
         Returns:
             ``uint8 [h, w, 3]`` RGB, 0 outside the slide.
         """
         lvl = self._level(level)
-        y, x = _as_location(location)
+        y, x = as_yx(location)
         origin = [[math.floor(y / lvl.downsample), math.floor(x / lvl.downsample)]]
         return lvl.read_patches(origin, size)[0]
 
@@ -500,7 +501,7 @@ class Slide(ABC):
         return self.level_for_downsample(mpp / (sum(self.mpp) / 2))
 
     def thumbnail(self, max_size: HW) -> np.ndarray:
-        """A low-resolution view of the whole slide fitting in ``max_size``.
+        """A low-resolution view of the whole slide fitting in ``max_size`` ``(h, w)`` (ints).
 
         Returns ``uint8 [h, w, 3]`` with ``h <= max_size[0]``, ``w <= max_size[1]``
         and the slide's aspect ratio (``h, w = round(H / d), round(W / d)`` for one

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from readers._types import as_hw
+from readers._types import as_hw, as_int
 from readers.base import Level
 
 Renderer = Callable[[int, int, int, int, float], np.ndarray]
@@ -67,7 +67,8 @@ def pyramid_shapes(
     H, W = as_hw(shape_hw, "shape_hw")
     if n_levels is None:
         n_levels = 1 + max(0, math.ceil(math.log2(max(H, W) / tile)))
-    if not isinstance(n_levels, int) or n_levels < 1:
+    n_levels = as_int(n_levels, "n_levels")
+    if n_levels < 1:
         raise ValueError(f"n_levels must be a positive int or None, got {n_levels!r}")
     return [(math.ceil(H / 2**k), math.ceil(W / 2**k)) for k in range(n_levels)]
 
@@ -127,6 +128,7 @@ def write_tiff_pyramid(
     """
     import tifffile
 
+    tile = as_int(tile, "tile")
     if tile <= 0 or tile % 16:
         raise ValueError(f"tile must be a positive multiple of 16, got {tile!r}")
     if compression not in ("jpeg", "deflate"):
