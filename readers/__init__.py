@@ -4,12 +4,14 @@
 stored tiles a request touches. Coordinates are ``(y, x)``, sizes ``(h, w)``,
 images ``uint8 [h, w, 3]`` RGB (``readers._types``). OpenSlide is imported when a
 slide is opened with it, not here.
+
+Synthetic slides for tests, demos and benchmarks are written by
+``readers.testing``, which is not part of the reader API and not imported here.
 """
 
 from readers.base import Level, Slide
 from readers.errors import SlideError
 from readers.registry import BACKENDS, open_slide
-from readers.synthetic import render_he, write_ome_zarr, write_tiff_pyramid
 
 __all__ = [
     "BACKENDS",
@@ -17,7 +19,4 @@ __all__ = [
     "Slide",
     "SlideError",
     "open_slide",
-    "render_he",
-    "write_ome_zarr",
-    "write_tiff_pyramid",
 ]

@@ -16,12 +16,9 @@ downsamples are exact.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from readers.base import Box, Level, Slide
-from readers.errors import SlideError
 
 _FALLBACK_TILE = 256
 """Read granularity for formats whose levels state no tile size."""
@@ -36,7 +33,7 @@ class OpenSlideLevel(Level):
             int(props.get(f"openslide.level[{index}].tile-height", _FALLBACK_TILE)),
             int(props.get(f"openslide.level[{index}].tile-width", _FALLBACK_TILE)),
         )
-        super().__init__(slide, index, (h, w, 3), osr.level_downsamples[index], tile)
+        super().__init__(slide, index, (h, w), tile, osr.level_downsamples[index])
         self._osr = osr
 
     def _read_tile(self, ty: int, tx: int, box: Box) -> np.ndarray:
@@ -74,32 +71,21 @@ class OpenSlideSlide(Slide):
         except Exception:  # detect_format raises on unreadable files in some versions
             return None
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    _osr = None  # the openslide.OpenSlide handle while open
+
+    def _open(self) -> None:
         import openslide
 
-        path = os.fspath(path)
-        try:
-            self._osr = openslide.OpenSlide(path)
-        except openslide.OpenSlideError as exc:
-            raise SlideError(path, f"OpenSlide cannot open it: {exc}") from exc
-        try:
-            props = dict(self._osr.properties)
-            mpp = None
-            if openslide.PROPERTY_NAME_MPP_X in props and openslide.PROPERTY_NAME_MPP_Y in props:
-                mpp = (
-                    float(props[openslide.PROPERTY_NAME_MPP_Y]),
-                    float(props[openslide.PROPERTY_NAME_MPP_X]),
-                )
-            levels = [OpenSlideLevel(self, k) for k in range(self._osr.level_count)]
-            super().__init__(path, levels, mpp, props, threads)
-        except openslide.OpenSlideError as exc:
-            self._close()
-            raise SlideError(path, f"OpenSlide cannot read it: {exc}") from exc
-        except BaseException:
-            self._close()
-            raise
+        self._osr = openslide.OpenSlide(self.path)
+        self.properties = dict(self._osr.properties)
+        if {openslide.PROPERTY_NAME_MPP_Y, openslide.PROPERTY_NAME_MPP_X} <= self.properties.keys():
+            self.mpp = (
+                float(self.properties[openslide.PROPERTY_NAME_MPP_Y]),
+                float(self.properties[openslide.PROPERTY_NAME_MPP_X]),
+            )
+        self.levels.extend(OpenSlideLevel(self, k) for k in range(self._osr.level_count))
 
     def _close(self) -> None:
-        if getattr(self, "_osr", None) is not None:
+        if self._osr is not None:
             self._osr.close()
             self._osr = None

@@ -8,7 +8,6 @@ shared file position, so threads need no lock.
 from __future__ import annotations
 
 import os
-import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -46,13 +45,10 @@ def is_tiff(path: str) -> bool:
 class TifffileLevel(Level):
     """A level backed by one TIFF page; tiles (or strips) decoded individually."""
 
-    def __init__(
-        self, slide: TifffileSlide, index: int, page: tifffile.TiffPage, level0: tifffile.TiffPage
-    ):
+    def __init__(self, slide: TifffileSlide, index: int, page: tifffile.TiffPage):
         h, w = page.imagelength, page.imagewidth
         tile = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, w)
-        downsample = (level0.imagelength / h + level0.imagewidth / w) / 2
-        super().__init__(slide, index, (h, w, 3), downsample, tile)
+        super().__init__(slide, index, (h, w), tile)  # TIFF stores no downsample
         self._page = page
         self._fd = slide._fd
         self._decode = page.decode  # a closure over the page's codec settings
@@ -93,35 +89,28 @@ class TifffileSlide(Slide):
         """A file with a TIFF header."""
         return is_tiff(path)
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        path = os.fspath(path)
-        if not is_tiff(path):
-            raise SlideError(path, f"not a TIFF file (first bytes {_head(path)!r})")
-        try:
-            self._tif = tifffile.TiffFile(path)
-            series = self._tif.series[0]
-            pages = [level.keyframe for level in series.levels]
-        except Exception as exc:
-            raise SlideError(path, f"cannot parse the TIFF structure: {exc}") from exc
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-            for page in pages:
-                _check_page(path, page, os.fstat(self._fd).st_size)
-            levels = [TifffileLevel(self, k, page, pages[0]) for k, page in enumerate(pages)]
-            super().__init__(
-                path, levels, _mpp(self._tif, pages[0]), _properties(self._tif), threads
-            )
-        except BaseException:
-            self._close()
-            raise
+    _tif: tifffile.TiffFile | None = None
+    _fd: int | None = None
+
+    def _open(self) -> None:
+        if not is_tiff(self.path):
+            raise SlideError(self.path, f"not a TIFF file (first bytes {_head(self.path)!r})")
+        self._tif = tifffile.TiffFile(self.path)
+        pages = [level.keyframe for level in self._tif.series[0].levels]
+        self._fd = os.open(self.path, os.O_RDONLY)
+        for page in pages:
+            _check_page(self.path, page, os.fstat(self._fd).st_size)
+        self.levels.extend(TifffileLevel(self, k, page) for k, page in enumerate(pages))
+        self.mpp = _mpp(self._tif, pages[0])
+        self.properties = _properties(self._tif)
 
     def _close(self) -> None:
-        for level in getattr(self, "levels", ()):
+        for level in self.levels:
             level._release()
-        if getattr(self, "_fd", None) is not None:
+        if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if getattr(self, "_tif", None) is not None:
+        if self._tif is not None:
             self._tif.close()
             self._tif = None
 
@@ -155,10 +144,11 @@ def _check_page(path: str, page: tifffile.TiffPage, file_size: int) -> None:
 
 def _mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> tuple[float, float] | None:
     """``(y, x)`` microns per pixel from Aperio, OME or TIFF resolution metadata."""
-    if tif.is_svs:
-        match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", page.description)
-        if match:
-            return float(match.group(1)), float(match.group(1))
+    if page.is_svs:
+        # tifffile's parser turns numeric values into int/float, others stay str.
+        mpp = tifffile.tifffile.svs_description_metadata(page.description).get("MPP")
+        if isinstance(mpp, (int, float)):
+            return float(mpp), float(mpp)
     if tif.is_ome:
         pixels = ET.fromstring(tif.ome_metadata).find(".//{*}Pixels")
         if pixels is not None and "PhysicalSizeX" in pixels.attrib:

@@ -1,9 +1,10 @@
 """``Slide`` and ``Level``: everything the backends share.
 
-A backend subclasses :class:`Slide` (open the file, build its levels, give the
-metadata, close) and :class:`Level` (decode one stored tile, ``_read_tile``).
-Validation, clipping, ``fill`` outside the image, tile bookkeeping, the Dask
-batching, the low-resolution view and pickling all live here, once.
+A backend subclasses :class:`Slide` (``_open``: open the file, build its levels,
+give the metadata; ``_close``) and :class:`Level` (decode one stored tile,
+``_read_tile``). Opening (base state, errors as :class:`SlideError`, cleanup on
+failure), validation, clipping, ``fill`` outside the image, tile bookkeeping, the
+Dask batching, the low-resolution view and pickling all live here, once.
 
 Conventions (``readers._types``): locations are ``(y, x)``, sizes ``(h, w)``,
 images are ``uint8 [h, w, 3]`` RGB.
@@ -16,12 +17,11 @@ import os
 import uuid
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-from readers._types import HW, HWC, YX, as_hw
+from readers._types import HW, HWC, YX, as_hw, as_int, as_yx
 from readers.errors import SlideError
 
 Box = tuple[int, int, int, int]
@@ -40,14 +40,6 @@ def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _as_location(location: Any) -> YX:
-    try:
-        y, x = (int(v) for v in location)
-    except (TypeError, ValueError):
-        raise TypeError(f"location must be a pair (y, x) of ints, got {location!r}") from None
-    return y, x
-
-
 def _as_offsets(offsets: Any) -> np.ndarray:
     arr = np.asarray(offsets)
     if arr.ndim != 2 or arr.shape[1] != 2:
@@ -58,9 +50,10 @@ def _as_offsets(offsets: Any) -> np.ndarray:
 
 
 def _as_fill(fill: Any) -> int:
-    if not isinstance(fill, (int, np.integer)) or not 0 <= fill <= 255:
+    fill = as_int(fill, "fill")
+    if not 0 <= fill <= 255:
         raise ValueError(f"fill must be an int in [0, 255], got {fill!r}")
-    return int(fill)
+    return fill
 
 
 def _as_rgb(tile: np.ndarray) -> np.ndarray:
@@ -90,12 +83,43 @@ class Level(ABC):
         index: position in ``slide.levels``.
     """
 
-    def __init__(self, slide: Slide, index: int, shape: HWC, downsample: float, tile_shape: HW):
+    def __init__(
+        self,
+        slide: Slide,
+        index: int,
+        shape: HW | HWC,
+        tile_shape: HW,
+        downsample: float | None = None,
+    ):
+        """``shape`` and ``tile_shape`` start with ``(h, w)``; ``downsample`` as the file
+        stores it, or ``None`` when it stores none: then the mean of the ratios of
+        ``slide.levels[0]`` (built first, so already appended) to ``shape``.
+        """
+        if min(shape[0], shape[1], tile_shape[0], tile_shape[1]) < 1:
+            raise SlideError(
+                slide.path,
+                f"level {index} has shape {tuple(shape[:2])} and tiles {tuple(tile_shape)}, "
+                f"expected positive heights and widths",
+            )
         self.slide = slide
         self.index = index
         self.shape: HWC = (int(shape[0]), int(shape[1]), 3)
-        self.downsample = float(downsample)
         self.tile_shape: HW = (int(tile_shape[0]), int(tile_shape[1]))
+        if downsample is None:
+            level0 = self.shape if index == 0 else slide.levels[0].shape
+            downsample = Level.mean_ratio(level0[:2], self.shape[:2])
+        self.downsample = float(downsample)
+
+    @staticmethod
+    def mean_ratio(numerator: tuple[float, float], denominator: tuple[float, float]) -> float:
+        """A downsample as OpenSlide computes it: the mean of the ``y`` and ``x`` ratios.
+
+        From level sizes ``(h, w)``, level 0 over the level: level 0
+        ``(1001, 1303)`` and a level ``(501, 652)`` give ``mean_ratio((1001, 1303),
+        (501, 652)) = (1001 / 501 + 1303 / 652) / 2 = 1.9982``, not 2. From pixel
+        sizes ``(y, x)`` (OME-Zarr ``scale``), the level over level 0.
+        """
+        return (numerator[0] / denominator[0] + numerator[1] / denominator[1]) / 2
 
     @abstractmethod
     def _read_tile(self, ty: int, tx: int, box: Box) -> np.ndarray | None:
@@ -162,8 +186,9 @@ class Level(ABC):
         Args:
             offsets: ``int [N, 2]`` top-left corners ``(y, x)`` in this level's pixel
                 grid; may lie partly or wholly outside the level.
-            size: ``(h, w)`` of every patch, any size (larger than a tile is fine).
-            fill: value of the pixels outside the level.
+            size: ``(h, w)`` of every patch, any size (larger than a tile is fine);
+                ints of any integer type (``numpy.int64``), not floats.
+            fill: value of the pixels outside the level, an int in ``[0, 255]``.
 
         Returns:
             ``uint8 [N, h, w, 3]`` RGB.
@@ -265,7 +290,8 @@ class Level(ABC):
         each tile decoded once, summed into the output; memory is bounded by the
         output and one block, never by the level.
         """
-        if not isinstance(factor, (int, np.integer)) or factor < 1:
+        factor = as_int(factor, "factor")
+        if factor < 1:
             raise ValueError(f"factor must be an int >= 1, got {factor!r}")
         H, W = self.shape[:2]
         th, tw = self.tile_shape
@@ -332,7 +358,7 @@ class Slide(ABC):
         path: the file or directory.
         backend: name of the backend that opened it (``"openslide"``, ``"tifffile"``,
             ``"zarr"``).
-        levels: the resolution levels, level 0 (full resolution) first.
+        levels: tuple of the resolution levels, level 0 (full resolution) first.
         mpp: ``(y, x)`` microns per level-0 pixel, or ``None`` when the file does not say.
         properties: ``dict[str, str]`` of the file's metadata.
         threads: threads used to decode the tiles of one ``read_patches`` call.
@@ -344,25 +370,49 @@ class Slide(ABC):
 
     backend: ClassVar[str]
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        levels: Sequence[Level],
-        mpp: tuple[float, float] | None,
-        properties: dict[str, str],
-        threads: int | None = None,
-    ):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        """Open ``path``: the base state first, then the backend's ``_open``.
+
+        Anything ``_open`` raises becomes a :class:`SlideError` naming the path and,
+        in its reason, the backend (``"zarr: array has dtype float32, expected
+        uint8"``); the handles opened so far are closed.
+        """
+        if threads is not None:
+            threads = as_int(threads, "threads")
+            if threads < 1:
+                raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self.path = os.fspath(path)
-        self.levels: tuple[Level, ...] = tuple(levels)
-        self.mpp = mpp
-        self.properties = properties
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self.threads = threads or default_threads()
         self._options: dict[str, Any] = {"threads": threads}
         self.closed = False
-        if not self.levels:
-            raise SlideError(self.path, "the file holds no image level")
+        self.mpp: tuple[float, float] | None = None
+        self.properties: dict[str, str] = {}
+        # A list while ``_open`` appends to it, level 0 first; a tuple once open.
+        self.levels: list[Level] | tuple[Level, ...] = []
+        try:
+            self._open()
+            if not self.levels:
+                raise SlideError(self.path, "the file holds no image level")
+        except SlideError as exc:
+            self.close()
+            raise SlideError(self.path, f"{self.backend}: {exc.reason}") from exc
+        except Exception as exc:  # libraries raise anything on a malformed file
+            self.close()
+            raise SlideError(self.path, f"{self.backend}: {type(exc).__name__}: {exc}") from exc
+        except BaseException:  # KeyboardInterrupt...: still release the handles
+            self.close()
+            raise
+        self.levels = tuple(self.levels)
+
+    @abstractmethod
+    def _open(self) -> None:
+        """Open ``self.path``: append the levels to ``self.levels``, set ``mpp``, ``properties``.
+
+        Called once by ``__init__`` with the base state set. Raise :class:`SlideError`
+        (``self.path`` and a reason, without the backend name) for what the file lacks;
+        anything else raised is wrapped the same way. Handles opened here are
+        released by ``_close``, also when ``_open`` fails half-way.
+        """
 
     @staticmethod
     @abstractmethod
@@ -402,9 +452,10 @@ class Slide(ABC):
         return self.levels[0].read_patches(offsets, size, fill)
 
     def _level(self, level: int) -> Level:
-        if not isinstance(level, (int, np.integer)) or not 0 <= level < len(self.levels):
+        index = as_int(level, "level")
+        if not 0 <= index < len(self.levels):
             raise ValueError(f"level must be an int in [0, {len(self.levels) - 1}], got {level!r}")
-        return self.levels[level]
+        return self.levels[index]
 
     def read_region(self, location: YX, level: int, size: HW) -> np.ndarray:
         """A region, OpenSlide's convention in ``(y, x)`` order.
@@ -416,11 +467,14 @@ class Slide(ABC):
             level: index into ``levels``.
             size: ``(h, w)`` in **the level's** pixels.
 
+        ``location``, ``level`` and ``size`` take any integer type (``numpy.int64``);
+        a float is a ``TypeError`` (a location ``(1.7, 0)`` is not pixel 1).
+
         Returns:
             ``uint8 [h, w, 3]`` RGB, 0 outside the slide.
         """
         lvl = self._level(level)
-        y, x = _as_location(location)
+        y, x = as_yx(location)
         origin = [[math.floor(y / lvl.downsample), math.floor(x / lvl.downsample)]]
         return lvl.read_patches(origin, size)[0]
 
@@ -447,7 +501,7 @@ class Slide(ABC):
         return self.level_for_downsample(mpp / (sum(self.mpp) / 2))
 
     def thumbnail(self, max_size: HW) -> np.ndarray:
-        """A low-resolution view of the whole slide fitting in ``max_size``.
+        """A low-resolution view of the whole slide fitting in ``max_size`` ``(h, w)`` (ints).
 
         Returns ``uint8 [h, w, 3]`` with ``h <= max_size[0]``, ``w <= max_size[1]``
         and the slide's aspect ratio (``h, w = round(H / d), round(W / d)`` for one

@@ -74,7 +74,7 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", threads: int | No
         try:
             return BACKENDS[name](path, threads=threads)
         except SlideError as exc:
-            reasons.append(f"{name}: {exc.reason}")
+            reasons.append(exc.reason)  # "<backend>: <what is wrong>"
     if not reasons:
         size = os.path.getsize(path) if os.path.isfile(path) else None
         what = "an empty file" if size == 0 else "not a slide format any backend recognises"

@@ -90,7 +90,7 @@ def _tissue_tiles(seed: int) -> np.ndarray:
 
 
 def make_slide(path: Path, side: int) -> None:
-    from readers.synthetic import write_tiff_pyramid
+    from readers.testing import write_tiff_pyramid
 
     if path.exists():
         return

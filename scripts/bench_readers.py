@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from readers import open_slide, write_tiff_pyramid
+from readers import open_slide
+from readers.testing import write_tiff_pyramid
 
 PATCH = 256
 TILE = 256

@@ -8,6 +8,7 @@ Session-scoped, written once into a temporary directory:
 - ``jpeg_tiff``: pyramidal tiled TIFF, JPEG tiles; OpenSlide reads it as generic-tiff.
 - ``deflate_tiff``: the same pixels, deflate (lossless) tiles.
 - ``ome_zarr``: the same pixels as an OME-Zarr (NGFF 0.5, axes c, y, x).
+- ``ome_zarr_unscaled``: that OME-Zarr without ``scale`` transforms.
 - ``cmu_svs``: the real CMU-1-Small-Region.svs (one level, no pyramid); skips
   when ``../shared/data/`` is absent (override with ``ATS_WSI_TEST_DATA``).
 """
@@ -15,12 +16,14 @@ Session-scoped, written once into a temporary directory:
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zarr
 
-from readers.synthetic import pyramid_shapes, render_he, write_ome_zarr, write_tiff_pyramid
+from readers.testing import pyramid_shapes, render_he, write_ome_zarr, write_tiff_pyramid
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,20 @@ def ome_zarr(synth_dir) -> Path:
         write_ome_zarr(
             path, SYNTH.shape, render_he, tile=SYNTH.tile, n_levels=SYNTH.levels, mpp=SYNTH.mpp
         )
+    return path
+
+
+@pytest.fixture(scope="session")
+def ome_zarr_unscaled(ome_zarr) -> Path:
+    """``ome_zarr`` without ``scale`` transforms: downsamples from the shapes, no mpp."""
+    path = ome_zarr.with_name("synth-unscaled.ome.zarr")
+    if not path.exists():
+        shutil.copytree(ome_zarr, path)
+        group = zarr.open_group(path, mode="r+")
+        ome = group.attrs["ome"]
+        for dataset in ome["multiscales"][0]["datasets"]:
+            del dataset["coordinateTransformations"]
+        group.attrs["ome"] = ome
     return path
 
 

@@ -24,6 +24,17 @@ def test_core_contract_lists_every_core_module():
 
 @pytest.mark.parametrize("heavy", ["openslide", "torch", "pipeline"])
 def test_readers_import_is_light(heavy):
-    code = "import readers, sys; print('\\n'.join(sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    assert heavy not in out.stdout.split()
+    assert heavy not in _modules_after("import readers")
+
+
+def test_readers_import_leaves_out_the_synthetic_writers():
+    # readers.testing is for tests, demos and benchmarks, not the reader API.
+    assert "readers.testing" not in _modules_after("import readers")
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"{statement}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    return set(out.split())

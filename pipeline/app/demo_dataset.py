@@ -11,7 +11,7 @@ thumbnail is at chance, while the attention model can find the cells on the
 thumbnail and read the checkerboard in level-0 patches.
 
 Rendering is analytic and tile by tile, at each level's own scale, so slides of any
-size are written in bounded memory (``readers.synthetic.write_tiff_pyramid``).
+size are written in bounded memory (``readers.testing.write_tiff_pyramid``).
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def make_layout(
 
 def write_slide(path: str | os.PathLike, layout: SlideLayout, tile: int = 256) -> None:
     """Write ``layout`` as a JPEG-compressed tiled TIFF pyramid (0.5 um/px)."""
-    from readers.synthetic import write_tiff_pyramid
+    from readers.testing import write_tiff_pyramid
 
     write_tiff_pyramid(path, layout.shape, layout.render, tile=tile, mpp=0.5, compression="jpeg")
 

@@ -20,7 +20,7 @@ import pytest
 import tifffile
 
 from readers import open_slide
-from readers.synthetic import render_he
+from readers.testing import render_he, write_tiff_pyramid
 
 JPEG_TOLERANCE = 2
 
@@ -106,3 +106,13 @@ def test_tifffile_reads_ome_tiff_subifd_pyramid(tmp_path):
         np.testing.assert_array_equal(
             slide.levels[1].read_patches([[0, 0]], (150, 210))[0], levels[1]
         )
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+def test_aperio_mpp_over_resolution_tags(tmp_path, backend):
+    # The Aperio ImageDescription's MPP (0.25) wins over the resolution tags (0.5).
+    path = tmp_path / "aperio.svs"
+    description = "Aperio Image Library v12.0.0\r\n300x257 (64x64) RGB|AppMag = 40|MPP = 0.25"
+    write_tiff_pyramid(path, (300, 257), tile=64, n_levels=1, mpp=0.5, description=description)
+    with open_slide(path, backend=backend) as slide:
+        assert slide.mpp == pytest.approx((0.25, 0.25))

@@ -263,6 +263,38 @@ class ReaderContract:
         with pytest.raises(ValueError, match="level"):
             slide.read_region((0, 0), len(slide.levels), (4, 4))
 
+    def test_numpy_integers_accepted(self, slide):
+        k, i64 = len(slide.levels) - 1, np.int64
+        np.testing.assert_array_equal(
+            slide.read_region((i64(41), i64(23)), i64(k), (i64(20), i64(30))),
+            slide.read_region((41, 23), k, (20, 30)),
+        )
+        offsets = np.array([[5, 9], [300, 200]])
+        np.testing.assert_array_equal(
+            slide.levels[0].read_patches(offsets, np.array([16, 12]), fill=i64(7)),
+            slide.levels[0].read_patches(offsets, (16, 12), fill=7),
+        )
+        np.testing.assert_array_equal(
+            slide.thumbnail(np.array([64, 48])), slide.thumbnail((64, 48))
+        )
+
+    @pytest.mark.parametrize(
+        ("call", "name"),
+        [
+            (lambda slide: slide.read_region((1.7, 0), 0, (4, 4)), "location"),
+            (lambda slide: slide.read_region(np.array([2.0, 3.0]), 0, (4, 4)), "location"),
+            (lambda slide: slide.read_region((0, 0), 0, (4.0, 4)), "size"),
+            (lambda slide: slide.read_region((0, 0), 0.0, (4, 4)), "level"),
+            (lambda slide: slide.levels[0].read_patches([[0, 0]], (4, 4.5)), "size"),
+            (lambda slide: slide.levels[0].read_patches([[0, 0]], (4, 4), fill=1.0), "fill"),
+            (lambda slide: slide.thumbnail((64.0, 64)), "max_size"),
+        ],
+        ids=["location", "numpy-location", "size", "level", "patch-size", "fill", "max_size"],
+    )
+    def test_float_arguments_are_type_errors(self, slide, call, name):
+        with pytest.raises(TypeError, match=name):
+            call(slide)
+
 
 class SynthContract(ReaderContract):
     @pytest.fixture
@@ -296,6 +328,14 @@ class TestOpenSlideDeflate(SynthContract):
 
 class TestZarr(SynthContract):
     backend, source = "zarr", "ome_zarr"
+
+
+class TestZarrUnscaled(SynthContract):
+    backend, source = "zarr", "ome_zarr_unscaled"
+
+    @pytest.fixture
+    def expected(self, synth_spec) -> Expected:
+        return Expected(synth_spec.level_shapes, (synth_spec.tile,) * 2, None)
 
 
 class TestTifffileCMU(CMUContract):

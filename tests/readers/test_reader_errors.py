@@ -16,10 +16,11 @@ import tifffile
 import zarr
 
 from readers import SlideError, open_slide
-from readers.synthetic import write_tiff_pyramid
+from readers.testing import write_tiff_pyramid
 
 TIFF_BACKENDS = ["auto", "openslide", "tifffile"]
 ALL_BACKENDS = [*TIFF_BACKENDS, "zarr"]
+NAMED_BACKENDS = ["openslide", "tifffile", "zarr"]
 
 
 def damaged_copy(src, tmp_path, name: str):
@@ -83,16 +84,47 @@ def test_truncated_file(deflate_tiff, tmp_path, backend, keep):
     check_names_path(excinfo, path)
 
 
-@pytest.mark.parametrize("backend", TIFF_BACKENDS)
-def test_unsupported_compression(deflate_tiff, tmp_path, backend):
-    path = damaged_copy(deflate_tiff, tmp_path, "unknown-codec.tif")
+def unknown_codec_copy(src, tmp_path):
+    """A copy of ``src`` whose pages all name compression 60000 (no codec has it)."""
+    path = damaged_copy(src, tmp_path, "unknown-codec.tif")
     with tifffile.TiffFile(path) as tif:
         offsets = [page.tags["Compression"].valueoffset for page in tif.pages]
     for offset in offsets:
-        overwrite(path, offset, (60000).to_bytes(2, "little"))  # no codec has this number
+        overwrite(path, offset, (60000).to_bytes(2, "little"))
+    return path
+
+
+@pytest.mark.parametrize("backend", TIFF_BACKENDS)
+def test_unsupported_compression(deflate_tiff, tmp_path, backend):
+    path = unknown_codec_copy(deflate_tiff, tmp_path)
     with pytest.raises(SlideError) as excinfo:
         open_slide(path, backend=backend)
     check_names_path(excinfo, path, "compression", "60000")
+
+
+@pytest.mark.parametrize("backend", NAMED_BACKENDS)
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"these are not pixels\n" * 50, b"II*\x00" + bytes(60)],
+    ids=["empty", "text", "tiff-header"],
+)
+def test_failed_open_names_the_backend(tmp_path, backend, content):
+    path = tmp_path / "bad.svs"
+    path.write_bytes(content)
+    with pytest.raises(SlideError) as excinfo:
+        open_slide(path, backend=backend)
+    check_names_path(excinfo, path, f"{backend}: ")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+@pytest.mark.parametrize("backend", TIFF_BACKENDS)
+def test_failed_open_closes_its_handles(deflate_tiff, tmp_path, backend):
+    path = unknown_codec_copy(deflate_tiff, tmp_path)  # fails after the file is opened
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(SlideError):
+            open_slide(path, backend=backend)
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 @pytest.mark.parametrize("backend", TIFF_BACKENDS)
@@ -148,6 +180,94 @@ def test_zarr_group_without_multiscales(tmp_path):
     with pytest.raises(SlideError) as excinfo:
         open_slide(path)
     check_names_path(excinfo, path, "multiscales")
+
+
+def zarr_array(shape: tuple[int, ...], dtype=np.uint8):
+    """Writer of a plain Zarr array of ``shape`` and ``dtype``."""
+
+    def write(path) -> None:
+        zarr.create_array(path, shape=shape, dtype=dtype, chunks=shape or (1,))
+
+    return write
+
+
+def ome_group(ome: dict):
+    """Writer of a Zarr v3 group with attribute ``ome``: array ``"0"`` ``uint8 [3, 8, 8]``
+    and an empty subgroup ``"labels"``."""
+
+    def write(path) -> None:
+        group = zarr.open_group(path, mode="w", zarr_format=3)
+        group.create_array("0", shape=(3, 8, 8), dtype=np.uint8)
+        group.create_group("labels")
+        group.attrs["ome"] = ome
+
+    return write
+
+
+def multiscale(axes=("c", "y", "x"), **entry) -> dict:
+    """NGFF 0.5 metadata of one multiscale: ``axes`` (``None``: left out) and
+    ``entry``, whose ``datasets`` default to array ``"0"``."""
+    entry = {"datasets": [{"path": "0"}], **entry}
+    if axes is not None:
+        entry["axes"] = list(axes)
+    return {"version": "0.5", "multiscales": [entry]}
+
+
+def scaled(scale: list[float]) -> list[dict]:
+    """``datasets`` naming array ``"0"`` with a ``scale`` transform."""
+    return [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]
+
+
+MALFORMED_ZARR = {
+    # name: (writer, words the reason must hold)
+    "float array": (zarr_array((8, 8, 3), np.float32), ["dtype float32", "uint8"]),
+    "4-D array": (zarr_array((2, 8, 8, 3)), ["shape (2, 8, 8, 3)", "[H, W, C]"]),
+    "1-D array": (zarr_array((8,)), ["shape (8,)"]),
+    "empty array": (zarr_array((0, 8, 3)), ["shape (0, 8)", "positive"]),
+    "2-channel array": (zarr_array((8, 8, 2)), ["2 channels"]),
+    "OME group without axes": (ome_group(multiscale(axes=None)), ["without axes"]),
+    "OME axes z, y, x": (ome_group(multiscale(axes=("z", "y", "x"))), ["unsupported axes", "'z'"]),
+    "OME axis without a name": (
+        ome_group(multiscale(axes=({"type": "channel"}, "y", "x"))),
+        ["axes"],
+    ),
+    "OME axes y, x for a 3-D array": (
+        ome_group(multiscale(axes=("y", "x"))),
+        ["shape (3, 8, 8)", "'yx'"],
+    ),
+    "OME multiscales not a list": (
+        ome_group({"multiscales": {"axes": ["y", "x"]}}),
+        ["multiscales"],
+    ),
+    "OME without datasets": (ome_group(multiscale(datasets=[])), ["without datasets"]),
+    "OME dataset without path": (ome_group(multiscale(datasets=[{}])), ["no path"]),
+    "OME missing dataset": (
+        ome_group(multiscale(datasets=[{"path": "9"}])),
+        ["missing dataset '9'"],
+    ),
+    "OME dataset is a group": (
+        ome_group(multiscale(datasets=[{"path": "labels"}])),
+        ["'labels' is a group"],
+    ),
+    "OME scale too short": (
+        ome_group(multiscale(datasets=scaled([1.0, 0.5]))),
+        ["scale [1.0, 0.5]"],
+    ),
+    "OME scale of zero": (ome_group(multiscale(datasets=scaled([1.0, 0.0, 0.5]))), ["positive"]),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "zarr"])
+@pytest.mark.parametrize("case", MALFORMED_ZARR)
+def test_malformed_zarr(tmp_path, backend, case):
+    write, words = MALFORMED_ZARR[case]
+    path = tmp_path / "bad.zarr"
+    write(path)
+    with pytest.raises(SlideError) as excinfo:
+        open_slide(path, backend=backend)
+    check_names_path(excinfo, path, "zarr: ", *words)
+    # The backend's own reason, not a library exception (KeyError...) wrapped as is.
+    assert "Error" not in excinfo.value.reason
 
 
 def test_wrong_backend_for_file(jpeg_tiff):

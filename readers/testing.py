@@ -1,4 +1,8 @@
-"""Writers of synthetic pyramidal slides, for tests, scripts, ``ats-wsi synth`` and the demo.
+"""Synthetic slides for tests, demos and benchmarks; not part of the reader API.
+
+Writers of pyramidal slides (``write_tiff_pyramid``, ``write_ome_zarr``) and a
+renderer of an H&E-like texture (``render_he``), used by the tests, the scripts,
+``ats-wsi synth`` and the demo. ``import readers`` does not import this module.
 
 A *renderer* draws any region of any level directly at that level's scale, so a
 pyramid of any size is written tile by tile in bounded memory::
@@ -22,7 +26,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from readers._types import as_hw
+from readers._types import as_hw, as_int
+from readers.base import Level
 
 Renderer = Callable[[int, int, int, int, float], np.ndarray]
 
@@ -62,7 +67,8 @@ def pyramid_shapes(
     H, W = as_hw(shape_hw, "shape_hw")
     if n_levels is None:
         n_levels = 1 + max(0, math.ceil(math.log2(max(H, W) / tile)))
-    if not isinstance(n_levels, int) or n_levels < 1:
+    n_levels = as_int(n_levels, "n_levels")
+    if n_levels < 1:
         raise ValueError(f"n_levels must be a positive int or None, got {n_levels!r}")
     return [(math.ceil(H / 2**k), math.ceil(W / 2**k)) for k in range(n_levels)]
 
@@ -72,10 +78,6 @@ def _mpp_pair(mpp) -> tuple[float, float]:
     if not (y > 0 and x > 0):
         raise ValueError(f"mpp must be positive (y, x) microns per pixel, got {mpp!r}")
     return float(y), float(x)
-
-
-def _level_downsample(level0: tuple[int, int], level: tuple[int, int]) -> float:
-    return (level0[0] / level[0] + level0[1] / level[1]) / 2
 
 
 def _tiles(
@@ -126,6 +128,7 @@ def write_tiff_pyramid(
     """
     import tifffile
 
+    tile = as_int(tile, "tile")
     if tile <= 0 or tile % 16:
         raise ValueError(f"tile must be a positive multiple of 16, got {tile!r}")
     if compression not in ("jpeg", "deflate"):
@@ -136,7 +139,7 @@ def write_tiff_pyramid(
     bigtiff = shapes[0][0] * shapes[0][1] * 3 * 4 // 3 > 2**31
     with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
         for k, (h, w) in enumerate(shapes):
-            ds = _level_downsample(shapes[0], (h, w))
+            ds = Level.mean_ratio(shapes[0], (h, w))
             tif.write(
                 (pixels for _, _, pixels in _tiles(render, (h, w), tile, ds, pad=True)),
                 shape=(h, w, 3),
@@ -181,7 +184,7 @@ def write_ome_zarr(
         array = group.create_array(
             str(k), shape=(3, h, w), chunks=(3, tile, tile), dtype=np.uint8, fill_value=0
         )
-        ds = _level_downsample(shapes[0], (h, w))
+        ds = Level.mean_ratio(shapes[0], (h, w))
         for y, x, pixels in _tiles(render, (h, w), tile, ds, pad=False):
             array[:, y : y + pixels.shape[0], x : x + pixels.shape[1]] = pixels.transpose(2, 0, 1)
         scale = [1.0, mpp_y * shapes[0][0] / h, mpp_x * shapes[0][1] / w]

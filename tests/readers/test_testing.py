@@ -7,8 +7,9 @@ import pytest
 import tifffile
 import zarr
 
+import readers
 from readers import open_slide
-from readers.synthetic import pyramid_shapes, render_he, write_ome_zarr, write_tiff_pyramid
+from readers.testing import pyramid_shapes, render_he, write_ome_zarr, write_tiff_pyramid
 
 
 def test_pyramid_shapes_are_not_powers_of_two(synth_spec):
@@ -117,3 +118,8 @@ def test_renderer_output_is_validated(tmp_path, writer):
 def test_writer_arguments_are_validated(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         write_tiff_pyramid(tmp_path / "bad.tif", (64, 64), **kwargs)
+
+
+def test_writers_are_not_reader_api():
+    exported = set(readers.__all__) | set(vars(readers))
+    assert not {"render_he", "write_tiff_pyramid", "write_ome_zarr"} & exported
