@@ -7,7 +7,8 @@ satisfy, the cell-to-patch mapping ``patch_offsets``, ``sample_patches`` (the
 function behind ``SamplePatches``), ``mask_attention`` (restrict sampling to a mask),
 ``mask_on_grid`` (a mask pooled to the attention grid) and ``Draw`` (everything one
 ``AttentionSampling.draw`` produced); and the proposal distributions of DESIGN section
-4b (``mix_uniform``, ``mix_prior``, ``linear_decay``) for ``sample(..., proposal=...)``.
+4b (``mix_uniform``, ``mix_prior``, ``explore``, ``linear_decay``) for
+``sample(..., proposal=...)`` and the layers' ``exploration`` / ``prior_weight``.
 """
 
 from .expectation import Expectation, expectation
@@ -18,10 +19,11 @@ from .layers import (
     SampleSoftmax,
     attention_sampling,
     mask_on_grid,
+    prior_on_grid,
     sample_patches,
 )
 from .patches import PatchSource, extract_patches, gather_patches, patch_offsets
-from .proposals import linear_decay, mix_prior, mix_uniform
+from .proposals import explore, linear_decay, mix_prior, mix_uniform
 from .regularizers import MultinomialEntropy
 from .sampling import mask_attention, sample
 
@@ -35,6 +37,7 @@ __all__ = [
     "SampleSoftmax",
     "attention_sampling",
     "expectation",
+    "explore",
     "extract_patches",
     "gather_patches",
     "linear_decay",
@@ -43,6 +46,7 @@ __all__ = [
     "mix_prior",
     "mix_uniform",
     "patch_offsets",
+    "prior_on_grid",
     "sample",
     "sample_patches",
 ]

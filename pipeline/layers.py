@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import _checks
 from .expectation import ESTIMATORS, expectation
 from .patches import HighResolution, gather_patches
+from .proposals import Weight, explore, weight_at
 from .sampling import mask_attention, sample
 
 
@@ -32,7 +33,9 @@ def sample_patches(
     use_logits: bool = False,
     generator: torch.Generator | None = None,
     mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    *,
+    proposal: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sample ``n_patches`` cells of ``attention`` and read their patches from ``x_high``.
 
     Args:
@@ -46,10 +49,13 @@ def sample_patches(
         receptive_field: of the attention network, in ``x_low`` pixels (see
             ``patch_offsets`` for the mapping).
         mask (BoolTensor[B, *att] | None): True where sampling is allowed.
+        proposal (Tensor[B, *att] | None): draw from this distribution instead of
+            the attention (``sample(..., proposal=)``, DESIGN section 4b).
 
     Returns:
         patches (Tensor[B, N, C, *patch_size]) on ``x_low``'s device,
-        sampled_attention (Tensor[B, N]), offsets (LongTensor[B, N, d]) in ``x_high``.
+        sampled_attention (Tensor[B, N]), offsets (LongTensor[B, N, d]) in ``x_high``;
+        with a ``proposal``, also sampled_proposal (Tensor[B, N]) for ``expectation``.
     """
     _checks.tensor(x_low, "x_low", min_dim=3)
     _checks.tensor(attention, "attention", min_dim=2)
@@ -63,7 +69,8 @@ def sample_patches(
     patch_size = _checks.size_tuple(patch_size, len(low_size), "patch_size")
     if mask is not None:
         attention = mask_attention(attention, mask, use_logits)
-    samples, sampled_attention = sample(n_patches, attention, replace, use_logits, generator)
+    drawn = sample(n_patches, attention, replace, use_logits, generator, proposal=proposal)
+    samples, sampled_attention = drawn[:2]
     patches, offsets = gather_patches(
         x_high,
         samples,
@@ -73,15 +80,24 @@ def sample_patches(
         receptive_field,
         device=x_low.device,
     )
-    return patches, sampled_attention, offsets
+    return (patches, sampled_attention, offsets, *drawn[2:])
 
 
 class SamplePatches(nn.Module):
     """Module form of :func:`sample_patches`.
 
-    ``forward(x_low, x_high, attention, return_offsets=False, mask=None)`` returns
-    ``(patches [B, N, C, *patch_size], sampled_attention [B, N])``, plus the top-left
-    ``offsets [B, N, 2]`` in ``x_high``'s grid when ``return_offsets``.
+    ``forward(x_low, x_high, attention, return_offsets=False, mask=None, prior=None,
+    step=None)`` returns ``(patches [B, N, C, *patch_size], sampled_attention [B, N])``,
+    plus the top-left ``offsets [B, N, 2]`` in ``x_high``'s grid when ``return_offsets``.
+
+    Exploration (DESIGN section 4b): with ``exploration`` (``e``) or ``prior_weight``
+    (``w``) not 0 (constants, or schedules of the training ``step`` such as
+    ``linear_decay``), positions are drawn in training mode from the proposal
+    ``explore(attention, e, mask, prior, w)`` and ``forward`` returns one more output,
+    ``sampled_proposal [B, N]``, to pass to ``expectation(..., sampled_proposal=)``
+    (in eval mode the draws come from the attention and it equals
+    ``sampled_attention``). ``prior`` (``[B, *att]`` or a finer grid, average-pooled)
+    is a non-negative content prior such as tissue or stain density.
     """
 
     def __init__(
@@ -93,6 +109,8 @@ class SamplePatches(nn.Module):
         use_logits: bool = False,
         *,
         generator: torch.Generator | None = None,
+        exploration: Weight = 0.0,
+        prior_weight: Weight = 0.0,
     ) -> None:
         super().__init__()
         self.n_patches = _checks.positive_int(n_patches, "n_patches")
@@ -101,6 +119,15 @@ class SamplePatches(nn.Module):
         self.replace = replace
         self.use_logits = use_logits
         self.generator = generator
+        self.exploration = exploration
+        self.prior_weight = prior_weight
+        if use_logits and self.explores:
+            raise ValueError("exploration and priors mix probabilities: use_logits=False")
+
+    @property
+    def explores(self) -> bool:
+        """Whether a proposal may be used (``forward`` then returns ``sampled_proposal``)."""
+        return _explores(self.exploration, self.prior_weight)
 
     def forward(
         self,
@@ -109,8 +136,14 @@ class SamplePatches(nn.Module):
         attention: Tensor,
         return_offsets: bool = False,
         mask: Tensor | None = None,
+        prior: Tensor | None = None,
+        step: int | None = None,
     ) -> tuple[Tensor, ...]:
-        patches, sampled_attention, offsets = sample_patches(
+        if mask is not None:
+            mask = mask_on_grid(mask, attention.shape[1:])
+            attention = mask_attention(attention, mask, self.use_logits)
+        proposal = _proposal(self, attention, mask, prior, step)
+        patches, sampled_attention, offsets, *sampled_proposal = sample_patches(
             x_low,
             x_high,
             attention,
@@ -120,13 +153,12 @@ class SamplePatches(nn.Module):
             self.replace,
             self.use_logits,
             self.generator,
-            mask,
+            proposal=proposal,
         )
-        return (
-            (patches, sampled_attention, offsets)
-            if return_offsets
-            else (patches, sampled_attention)
-        )
+        out = (patches, sampled_attention) + ((offsets,) if return_offsets else ())
+        if self.explores:
+            out += (sampled_proposal[0] if sampled_proposal else sampled_attention.detach(),)
+        return out
 
     def extra_repr(self) -> str:
         return (
@@ -149,6 +181,8 @@ class Draw(NamedTuple):
         sampled_attention (Tensor[B, N]): the attention probability of each patch.
         regularizer (Tensor[]): the attention regularizer's value on ``attention``
             (a constant 0 without regularizer), to add to the training loss.
+        sampled_proposal (Tensor[B, N] | None): the proposal's probability of each
+            patch when the draw came from a proposal (exploration, prior), else None.
     """
 
     features: Tensor
@@ -157,6 +191,7 @@ class Draw(NamedTuple):
     offsets: Tensor
     sampled_attention: Tensor
     regularizer: Tensor
+    sampled_proposal: Tensor | None = None
 
 
 class AttentionSampling(nn.Module):
@@ -164,9 +199,10 @@ class AttentionSampling(nn.Module):
 
     ``forward(x_low, x_high, mask=None)`` returns
     ``(features [B, D], attention [B, *att], patches [B, N, C, *patch_size])``;
-    ``draw(x_low, x_high, mask=None, generator=None)`` returns all of one draw as a
-    :class:`Draw`, the regularizer's value included: the training loop adds
-    ``draw.regularizer`` to its loss.
+    ``draw(x_low, x_high, mask=None, generator=None, prior=None, step=None)`` returns
+    all of one draw as a :class:`Draw`, the regularizer's value included: the training
+    loop adds ``draw.regularizer`` to its loss. Exploration and priors as in
+    :class:`SamplePatches` (training mode only; the estimate stays unbiased).
     """
 
     def __init__(
@@ -180,10 +216,14 @@ class AttentionSampling(nn.Module):
         receptive_field: int,
         estimator: str,
         generator: torch.Generator | None,
+        exploration: Weight = 0.0,
+        prior_weight: Weight = 0.0,
     ) -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if estimator != "unbiased" and _explores(exploration, prior_weight):
+            raise ValueError(f"the {estimator!r} estimator is not defined under a proposal")
         self.attention = attention  # registered as a submodule when it is one
         self.feature = feature
         self.attention_regularizer = attention_regularizer
@@ -193,6 +233,8 @@ class AttentionSampling(nn.Module):
         self.receptive_field = receptive_field
         self.estimator = estimator
         self.generator = generator
+        self.exploration = exploration
+        self.prior_weight = prior_weight
 
     def draw(
         self,
@@ -200,6 +242,8 @@ class AttentionSampling(nn.Module):
         x_high: HighResolution,
         mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        prior: Tensor | None = None,
+        step: int | None = None,
     ) -> Draw:
         """One draw of patches and its estimate.
 
@@ -212,20 +256,24 @@ class AttentionSampling(nn.Module):
                 True, by adaptive max pooling). The attention is restricted and
                 renormalised for the sampling, the expectation and the regularizer.
             generator: overrides the module's ``generator`` for this draw.
+            prior (Tensor[B, *p] | None): content prior for the proposal, on the
+                attention grid or a finer one (average-pooled).
+            step: training step, for ``exploration`` / ``prior_weight`` schedules.
         """
         _checks.tensor(x_low, "x_low", min_dim=3)
         attention = self.attention(x_low)
         if attention.dim() == x_low.dim() and attention.shape[1] == 1:
             attention = attention.squeeze(1)  # [B, 1, *att] -> [B, *att]
         if mask is not None:
-            attention = mask_attention(attention, mask_on_grid(mask, attention.shape[1:]))
+            mask = mask_on_grid(mask, attention.shape[1:])
+            attention = mask_attention(attention, mask)
         regularizer = (
             attention.new_zeros(())
             if self.attention_regularizer is None
             else self.attention_regularizer(attention)
         )
         patch_size = x_low.shape[2:] if self.patch_size is None else self.patch_size
-        patches, sampled_attention, offsets = sample_patches(
+        patches, sampled_attention, offsets, *proposed = sample_patches(
             x_low,
             x_high,
             attention,
@@ -234,12 +282,19 @@ class AttentionSampling(nn.Module):
             self.receptive_field,
             self.replace,
             generator=self.generator if generator is None else generator,
+            proposal=_proposal(self, attention, mask, prior, step),
         )
+        sampled_proposal = proposed[0] if proposed else None
         batch, n = sampled_attention.shape
         features = self.feature(patches.flatten(0, 1))  # [B * N, ...]
         features = features.reshape(batch, n, *features.shape[1:])  # [B, N, ...]
-        features = expectation(features, sampled_attention, self.replace, self.estimator)
-        return Draw(features, attention, patches, offsets, sampled_attention, regularizer)
+        features = expectation(
+            features, sampled_attention, self.replace, self.estimator,
+            sampled_proposal=sampled_proposal,
+        )  # fmt: skip
+        return Draw(
+            features, attention, patches, offsets, sampled_attention, regularizer, sampled_proposal
+        )
 
     def forward(
         self, x_low: Tensor, x_high: HighResolution, mask: Tensor | None = None
@@ -247,6 +302,47 @@ class AttentionSampling(nn.Module):
         """``(features, attention, patches)`` of :meth:`draw`."""
         out = self.draw(x_low, x_high, mask)
         return out.features, out.attention, out.patches
+
+
+def _explores(exploration: Weight, prior_weight: Weight) -> bool:
+    return callable(exploration) or callable(prior_weight) or bool(exploration or prior_weight)
+
+
+def _proposal(
+    module: SamplePatches | AttentionSampling,
+    attention: Tensor,
+    mask: Tensor | None,
+    prior: Tensor | None,
+    step: int | None,
+) -> Tensor | None:
+    """The proposal of a draw by ``module`` (``None``: from the attention itself).
+
+    Only in training mode: prediction samples from the attention it learnt."""
+    if not (module.training and _explores(module.exploration, module.prior_weight)):
+        return None
+    grid = attention.shape[1:]
+    return explore(
+        attention,
+        weight_at(module.exploration, step, "exploration"),
+        mask,
+        None if prior is None else prior_on_grid(prior, grid),
+        weight_at(module.prior_weight, step, "prior_weight"),
+    )
+
+
+def prior_on_grid(prior: Tensor, grid: Sequence[int]) -> Tensor:
+    """``prior (Tensor[B, *p])`` averaged onto ``grid`` (the attention's spatial shape)."""
+    _checks.tensor(prior, "prior", min_dim=2)
+    grid = tuple(grid)
+    if tuple(prior.shape[1:]) == grid:
+        return prior
+    if prior.dim() - 1 != len(grid) or not 1 <= len(grid) <= 3:
+        raise ValueError(
+            f"prior has shape {tuple(prior.shape)}; expected [B, *grid] with the attention's "
+            f"{len(grid)} spatial axes (grid {grid})"
+        )
+    pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(grid) - 1]
+    return pool(prior[:, None].float(), grid)[:, 0]
 
 
 def mask_on_grid(mask: Tensor, grid: Sequence[int]) -> Tensor:
@@ -278,6 +374,8 @@ def attention_sampling(
     *,
     estimator: str = "unbiased",
     generator: torch.Generator | None = None,
+    exploration: Weight = 0.0,
+    prior_weight: Weight = 0.0,
 ) -> AttentionSampling:
     """Build the attention-sampling pipeline as one ``nn.Module``.
 
@@ -297,6 +395,12 @@ def attention_sampling(
             ``padding="same"`` networks); see ``patch_offsets``.
         estimator: ``"unbiased"`` or ``"reference"``, see ``expectation``.
         generator: a ``torch.Generator`` on the attention's device to repeat runs.
+        exploration / prior_weight: in training mode, draw from the proposal
+            ``explore(attention, exploration, mask, prior, prior_weight)`` (uniform
+            exploration over the allowed cells and a content prior passed to ``draw``);
+            a constant in ``[0, 1)`` or a schedule of the step (``linear_decay``).
+            The estimate and its gradients stay unbiased (DESIGN section 4b); 0 (the
+            default) draws from the attention itself.
 
     Returns:
         ``AttentionSampling``: ``forward(x_low, x_high, mask=None)`` ->
@@ -313,6 +417,8 @@ def attention_sampling(
         receptive_field,
         estimator,
         generator,
+        exploration,
+        prior_weight,
     )
 
 

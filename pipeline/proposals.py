@@ -102,3 +102,47 @@ def _normalised(weights: Tensor, name: str) -> Tensor:
 def _mix(attention: Tensor, other: Tensor, weight: float) -> Tensor:
     # At weight 0 this is 1 * a + 0 * other: attention's values exactly.
     return (1 - weight) * attention + weight * other
+
+
+Weight = float | Callable[[int], float]
+"""A mixing weight: a constant, or a schedule ``weight(step)`` such as ``linear_decay``."""
+
+
+def weight_at(weight: Weight, step: int | None, name: str) -> float:
+    """The value of ``weight`` at training step ``step`` (needed for a schedule)."""
+    if not callable(weight):
+        return _checks.unit_interval(weight, name)
+    if step is None:
+        raise ValueError(f"{name} is a schedule: pass the training step (step=...)")
+    return _checks.unit_interval(weight(_checks.non_negative_int(step, "step")), name)
+
+
+def explore(
+    attention: Tensor,
+    epsilon: float = 0.0,
+    mask: Tensor | None = None,
+    prior: Tensor | None = None,
+    prior_weight: float = 0.0,
+) -> Tensor | None:
+    """The proposal ``(1 - w) * ((1 - e) * a + e * u) + w * prior``, or ``None`` when
+    both weights are 0 (sample from the attention itself).
+
+    Args:
+        attention (Tensor[B, *S]): probabilities; only its values are used (the
+            proposal is a constant for the gradients).
+        epsilon: ``e``, weight of ``u``, uniform over ``mask`` (all positions if None).
+        mask (BoolTensor[B, *S] | None): allowed positions; the prior is restricted
+            to them too.
+        prior (Tensor[B, *S] | None): non-negative content prior, any scale.
+        prior_weight: ``w``, in ``[0, 1)`` so the proposal covers the attention.
+    """
+    if epsilon == 0 and (prior is None or prior_weight == 0):
+        return None
+    proposal = mix_uniform(attention.detach(), epsilon, mask)
+    if prior is not None and prior_weight > 0:
+        if prior_weight >= 1:  # the prior alone may miss cells of positive attention
+            raise ValueError(f"prior_weight must be < 1, got {prior_weight}")
+        if mask is not None:
+            prior = prior * _checks.bool_mask(mask, attention, "attention")
+        proposal = mix_prior(proposal, prior, prior_weight)
+    return proposal
