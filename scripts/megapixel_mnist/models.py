@@ -93,6 +93,11 @@ class ATSModel(nn.Module):
 
     estimator: "unbiased" (DESIGN section 4) or "reference" (the original library's
     attention gradient for sampling without replacement).
+    exploration / prior_weight: cold-start remedies of DESIGN section 4b, constants or
+    schedules of the training step (`pipeline.linear_decay`): in training, patches are
+    drawn from `(1 - w)((1 - e) a + e u) + w p`, `u` uniform and `p` the content prior,
+    here the low-resolution view's brightness (strokes and noise are bright, the
+    background is black); the estimate stays unbiased.
     """
 
     def __init__(
@@ -102,6 +107,8 @@ class ATSModel(nn.Module):
         regularizer: float = 1e-4,
         smooth: float = 1e-5,
         estimator: str = "unbiased",
+        exploration: pipeline.proposals.Weight = 0.0,
+        prior_weight: pipeline.proposals.Weight = 0.0,
     ) -> None:
         super().__init__()
         self.patch_size, self.n_patches = patch_size, n_patches
@@ -114,12 +121,16 @@ class ATSModel(nn.Module):
             attention_regularizer=pipeline.MultinomialEntropy(regularizer),
             receptive_field=0,
             estimator=estimator,
+            exploration=exploration,
+            prior_weight=prior_weight,
         )
         self.head = nn.Linear(FeatureNet.channels, N_CLASSES)
         keras_init(self)
 
-    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> Output:
-        return self.classify(self.ats.draw(x_low, x_high))
+    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor, step: int = 0) -> Output:
+        # A small floor keeps the prior positive on black canvases (no all-zero item).
+        prior = x_low[:, 0] + 1e-3 if self.ats.prior_weight else None
+        return self.classify(self.ats.draw(x_low, x_high, prior=prior, step=step))
 
     def classify(self, draw: pipeline.Draw) -> Output:
         """The output of one draw (``self.ats.draw``): figures show that draw's patches."""
@@ -135,7 +146,7 @@ class LowResCNN(nn.Module):
         self.head = nn.Linear(FeatureNet.channels, N_CLASSES)
         keras_init(self)
 
-    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> Output:
+    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor, step: int = 0) -> Output:
         return Output(self.head(self.features(x_low)), self.head.weight.new_zeros(()))
 
 
@@ -182,7 +193,7 @@ class FullModel(nn.Module):
         picked = dense[:, :, oy + pad][:, :, :, ox + pad]  # [B, D, h', w']
         return _l2_normalize(picked)
 
-    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> Output:
+    def forward(self, x_low: torch.Tensor, x_high: torch.Tensor, step: int = 0) -> Output:
         attention = self.attention(x_low)  # [B, h', w']
         features = self.patch_features(x_low, x_high)
         logits = self.head(torch.einsum("bhw,bdhw->bd", attention, features))
@@ -197,9 +208,17 @@ def exact_twin(model: ATSModel) -> FullModel:
     return twin
 
 
+def _schedule(start: float, steps: int) -> pipeline.proposals.Weight:
+    """`start` decaying linearly to 0 over `steps` training steps (constant if steps=0)."""
+    return pipeline.linear_decay(start, steps) if start and steps else start
+
+
 MODELS = {
-    "ats-unbiased": lambda cfg: ATSModel(cfg.patch_size, cfg.n_patches, cfg.regularizer,
-                                         estimator="unbiased"),
+    "ats-unbiased": lambda cfg: ATSModel(
+        cfg.patch_size, cfg.n_patches, cfg.regularizer, estimator="unbiased",
+        exploration=_schedule(cfg.exploration, cfg.remedy_steps),
+        prior_weight=_schedule(cfg.prior_weight, cfg.remedy_steps),
+    ),
     "ats-reference": lambda cfg: ATSModel(cfg.patch_size, cfg.n_patches, cfg.regularizer,
                                           estimator="reference"),
     "low-res-cnn": lambda cfg: LowResCNN(),

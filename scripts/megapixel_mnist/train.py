@@ -49,6 +49,9 @@ class Preset:
     lr: float = 1e-3
     clip_norm: float = 1.0
     seed: int = 0
+    exploration: float = 0.0
+    prior_weight: float = 0.0
+    remedy_steps: int = 0
 
 
 ALL = dict.fromkeys(MODELS, 1)
@@ -63,6 +66,10 @@ PRESETS = {
                batch_size=16, patch_size=32),
         Preset("tiny", CanvasConfig((160, 160), 0.12, 2), 8, 4, ALL, batch_size=4, patch_size=24,
                n_patches=3),
+        # The original authors' sanity setting: 500x500 canvases, no noise, scale 0.2,
+        # the paper's networks and patches; sized to about an hour on this 2-core CPU.
+        Preset("easy", CanvasConfig((500, 500), 0.2, 0), 2000, 500,
+               {"ats-unbiased": 6}, batch_size=32),
     )
 }  # fmt: skip
 
@@ -96,10 +103,11 @@ def build_model(name: str, preset: Preset) -> nn.Module:
     return MODELS[name](preset)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, preset: Preset):
-    """One optimisation step; returns (loss, number of errors) on the batch."""
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, preset: Preset,
+               step: int = 0):  # fmt: skip
+    """One optimisation step (the `step`-th); returns (loss, number of errors) on the batch."""
     x_low, x_high, y = batch
-    logits, regularizer = model(x_low, x_high)
+    logits, regularizer = model(x_low, x_high, step)
     loss = nn.functional.cross_entropy(logits, y) + regularizer
     optimizer.zero_grad()
     loss.backward()
@@ -142,18 +150,21 @@ class _DeviceLoader:
 def fit(name: str, model: nn.Module, train_loader, test_loader, preset: Preset, log) -> None:
     """Train `model` for its preset epochs, calling `log(row)` after each epoch."""
     optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
+    step, trained_seconds = 0, 0.0
     for epoch in range(1, preset.epochs[name] + 1):
         start = time.perf_counter()
         total_loss, errors, count = 0.0, 0, 0
         for batch in tqdm(train_loader, desc=f"{name} epoch {epoch}", leave=False):
-            loss, batch_errors = train_step(model, optimizer, batch, preset)
+            loss, batch_errors = train_step(model, optimizer, batch, preset, step)
+            step += 1
             total_loss += loss * len(batch[2])
             errors += batch_errors
             count += len(batch[2])
         train_seconds = time.perf_counter() - start
+        trained_seconds += train_seconds
         test_loss, test_error = evaluate(model, test_loader)
         log({
-            "model": name, "epoch": epoch,
+            "model": name, "epoch": epoch, "steps": step, "train_seconds": trained_seconds,
             "train_loss": total_loss / count, "train_error": errors / count,
             "test_loss": test_loss, "test_error": test_error,
             "train_seconds_per_image": train_seconds / count,
@@ -384,6 +395,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="override the preset's lr")
     parser.add_argument("--epochs", type=int, default=None,
                         help="override the preset's epochs (all models)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    parser.add_argument("--exploration", type=float, default=None,
+                        help="ATS: weight of uniform exploration (DESIGN 4b)")
+    parser.add_argument("--prior-weight", type=float, default=None,
+                        help="ATS: weight of the brightness prior of the low-res view")
+    parser.add_argument("--remedy-steps", type=int, default=None,
+                        help="ATS: decay both weights linearly to 0 over this many steps")
     parser.add_argument("--combine", type=Path, nargs="+", metavar="RUN_DIR",
                         help="only merge these runs' metrics and results into --out")
     parser.add_argument("--threads", type=int, default=None,
@@ -396,6 +414,9 @@ def main(argv: list[str] | None = None) -> None:
         preset = dataclasses.replace(preset, lr=args.lr)
     if args.epochs is not None:
         preset = dataclasses.replace(preset, epochs=dict.fromkeys(preset.epochs, args.epochs))
+    overrides = {"seed": args.seed, "exploration": args.exploration,
+                 "prior_weight": args.prior_weight, "remedy_steps": args.remedy_steps}
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
     if unknown:

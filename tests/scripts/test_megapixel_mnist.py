@@ -212,7 +212,7 @@ def test_tiny_run_writes_metrics_results_and_figures(tmp_path):
     assert names == ["ats-unbiased", "ats-unbiased (exact sum)", "ats-reference",
                      "ats-reference (exact sum)", "low-res-cnn", "full"]  # fmt: skip
     metrics = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert metrics[0].startswith("model,epoch,train_loss")
+    assert metrics[0].startswith("model,epoch,steps,train_seconds,train_loss")
     assert len(metrics) == 1 + sum(TINY.epochs.values())
     for r in results:
         assert 0 <= r["test_error"] <= 1 and r["test_seconds_per_image"] > 0
@@ -222,3 +222,18 @@ def test_tiny_run_writes_metrics_results_and_figures(tmp_path):
     assert full["peak_memory_mb_per_image"] > ats["peak_memory_mb_per_image"]
     for figure in ("test_error.png", "patches.png"):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cold_start_runs_arms_and_summarises(tmp_path):
+    from scripts.megapixel_mnist import cold_start
+
+    cold_start.main(["--preset", "tiny", "--arms", "plain", "explore+prior", "--seeds", "0",
+                     "--out", str(tmp_path)])  # fmt: skip
+    table = {r["arm"]: r for r in cold_start.summarise(tmp_path)}
+    assert set(table) == {"plain", "explore+prior"}
+    assert all(r["seeds"] == 1 and r["final_steps"] == 2 for r in table.values())
+    assert (tmp_path / "cold_start.png").stat().st_size > 0
+    assert "| explore+prior | 1 |" in (tmp_path / "cold_start.md").read_text()
+    rows = [{"steps": s, "test_error": e} for s, e in [(10, 0.9), (20, 0.4), (30, 0.05)]]
+    assert cold_start.first_below(rows, 0.5)["steps"] == 20
+    assert cold_start.first_below(rows, 0.01) is None
