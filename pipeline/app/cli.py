@@ -86,7 +86,10 @@ MODEL_OPTIONS = (
     "n_patches", "patch_size", "low_res_max_side", "low_res_level", "low_res_mpp",
     "patch_level", "patch_mpp", "entropy_strength",
 )  # fmt: skip
-TRAIN_OPTIONS = ("epochs", "lr", "batch_size", "val_fraction", "seed")
+TRAIN_OPTIONS = (
+    "epochs", "lr", "batch_size", "val_fraction", "seed", "exploration", "prior", "prior_weight",
+    "remedy_epochs",
+)  # fmt: skip
 
 
 def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
@@ -196,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"slides per optimizer step {_default(T, 'batch_size')}")
     p.add_argument("--val-fraction", type=float, help=_default(T, "val_fraction"))
     p.add_argument("--seed", type=int, help=_default(T, "seed"))
+    g = p.add_argument_group("cold start (DESIGN 4b: unbiased; training only)")
+    g.add_argument("--exploration", type=float,
+                   help=f"weight of uniform sampling over tissue {_default(T, 'exploration')}")
+    g.add_argument("--prior", choices=["none", "tissue", "hematoxylin"],
+                   help=f"content prior mixed into the sampling {_default(T, 'prior')}")
+    g.add_argument("--prior-weight", type=float,
+                   help=f"weight of the prior, < 1 {_default(T, 'prior_weight')}")
+    g.add_argument("--remedy-epochs", type=float,
+                   help="epochs over which both weights decay to 0 "
+                        f"{_default(T, 'remedy_epochs')}, 0: constant")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     _add_model_options(p)
     p.set_defaults(run=cmd_train)

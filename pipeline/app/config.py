@@ -101,6 +101,13 @@ class TrainConfig:
         val_fraction: share of the labelled slides held out for validation
             (stratified by class, chosen by ``seed``).
         seed: fixes the split, the slide order and the patch sampling of each epoch.
+        exploration: cold-start remedy (DESIGN section 4b): training draws patches
+            from the attention mixed with this weight of uniform over tissue; the
+            estimate stays unbiased. 0 (default) samples from the attention.
+        prior / prior_weight: a content prior (``"tissue"``, ``"hematoxylin"``, see
+            ``priors``) mixed into the proposal with this weight (< 1).
+        remedy_epochs: both weights decay linearly to 0 over this many epochs (0:
+            constant over the whole training). Prediction never explores.
     """
 
     epochs: int = 10
@@ -109,12 +116,24 @@ class TrainConfig:
     batch_size: int = 4
     val_fraction: float = 0.25
     seed: int = 0
+    exploration: float = 0.0
+    prior: str = "none"
+    prior_weight: float = 0.0
+    remedy_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         _as_ints(self, "epochs", "batch_size", "seed")
         _check_positive(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: expected in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.exploration <= 1.0:
+            raise ConfigError(f"exploration: expected in [0, 1], got {self.exploration}")
+        if not 0.0 <= self.prior_weight < 1.0:
+            raise ConfigError(f"prior_weight: expected in [0, 1), got {self.prior_weight}")
+        if self.prior_weight > 0 and self.prior == "none":
+            raise ConfigError("prior_weight > 0 needs a prior (tissue or hematoxylin)")
+        if self.remedy_epochs < 0:
+            raise ConfigError(f"remedy_epochs: expected >= 0, got {self.remedy_epochs}")
 
 
 @dataclass(frozen=True)

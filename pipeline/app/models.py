@@ -103,10 +103,13 @@ class SlideClassifier(nn.Module):
     """Attention-sampling classifier of ``config``: the core's ``AttentionSampling``
     with the configured networks, and a linear head on the estimated features.
 
-    ``classify(x_low, x_high, mask=None, generator=None)`` -> ``Classified``;
-    ``forward`` returns only the logits. ``x_high`` is a tensor, a slide level
-    (anything with ``shape`` and ``read_patches``) or a list of them, one per batch
-    item; ``mask`` restricts sampling (e.g. tissue, at ``x_low``'s resolution).
+    ``classify(x_low, x_high, mask=None, generator=None, prior=None, step=None)`` ->
+    ``Classified``; ``forward`` returns only the logits. ``x_high`` is a tensor, a
+    slide level (anything with ``shape`` and ``read_patches``) or a list of them, one
+    per batch item; ``mask`` restricts sampling (e.g. tissue, at ``x_low``'s
+    resolution); ``prior`` and ``step`` serve exploration in training (the core's
+    ``AttentionSampling.draw``; its weights are ``sampler.exploration`` and
+    ``sampler.prior_weight``).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -143,8 +146,10 @@ class SlideClassifier(nn.Module):
         x_high,
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        prior: torch.Tensor | None = None,
+        step: int | None = None,
     ) -> Classified:
-        draw = self.sampler.draw(x_low, x_high, mask, generator)
+        draw = self.sampler.draw(x_low, x_high, mask, generator, prior, step)
         return Classified(self.head(draw.features), draw)
 
     def forward(self, x_low: torch.Tensor, x_high, mask: torch.Tensor | None = None):

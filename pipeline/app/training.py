@@ -27,12 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import pipeline
 from pipeline.app import checkpoint
 from pipeline.app.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.app.errors import UserError
 from pipeline.app.files import atomic_write_bytes, read_csv, write_csv
 from pipeline.app.inference import slide_seed
 from pipeline.app.models import SlideClassifier
+from pipeline.app.priors import slide_prior
 from pipeline.app.runtime import resolve_device
 from pipeline.app.slides import low_res_tensor, open_view, sampling_mask
 
@@ -51,6 +53,7 @@ class LabelledSlide:
         path: the slide file; ``label``: class index.
         thumbnail: uint8 [h, w, 3]; ``tissue``: bool [h, w].
         patch_level: index of the level patches are read from.
+        prior: float32 [h, w] content prior for exploration (``priors``), or None.
     """
 
     path: Path
@@ -58,6 +61,7 @@ class LabelledSlide:
     thumbnail: np.ndarray
     tissue: np.ndarray
     patch_level: int
+    prior: np.ndarray | None = None
 
 
 def read_labels(
@@ -134,16 +138,20 @@ def run_slide(
     device: torch.device,
     generator: torch.Generator,
     scale: float | None = None,
+    step: int | None = None,
 ) -> StepResult:
-    """One slide forward; with a ``scale``, also the backward of ``loss * scale``."""
+    """One slide forward; with a ``scale``, also the backward of ``loss * scale``.
+    ``step`` (slides trained on so far) sets the exploration schedules' weights."""
     import readers
 
     x_low = low_res_tensor(slide.thumbnail, device)
     target = torch.tensor([slide.label], device=device)
+    prior = None if slide.prior is None else torch.from_numpy(slide.prior)[None].to(device)
     with readers.open_slide(slide.path) as opened:
         out = model.classify(
-            x_low, opened.levels[slide.patch_level], sampling_mask(slide.tissue, device), generator
-        )
+            x_low, opened.levels[slide.patch_level], sampling_mask(slide.tissue, device),
+            generator, prior=prior, step=step,
+        )  # fmt: skip
         loss = F.cross_entropy(out.logits, target)
         regularizer = out.draw.regularizer
         if scale is not None:
@@ -191,6 +199,22 @@ def new_model(config: ModelConfig, seed: int, device: torch.device) -> SlideClas
         return SlideClassifier(config).to(device)
 
 
+def explore_slides(
+    model: SlideClassifier, slides: list[LabelledSlide], config: TrainConfig
+) -> None:
+    """Set the model's exploration schedules and the slides' priors from ``config``
+    (training mode only: ``SlideClassifier`` in eval mode samples from the attention)."""
+    total = round(config.remedy_epochs * len(slides))
+
+    def schedule(weight: float) -> pipeline.proposals.Weight:
+        return pipeline.linear_decay(weight, total) if weight and total else weight
+
+    model.sampler.exploration = schedule(config.exploration)
+    model.sampler.prior_weight = schedule(config.prior_weight)
+    for slide in slides:
+        slide.prior = slide_prior(config.prior, slide.thumbnail, slide.tissue)
+
+
 def train_epoch(
     model: SlideClassifier,
     optimizer: torch.optim.Optimizer,
@@ -209,8 +233,10 @@ def train_epoch(
     order = np.random.default_rng([config.seed, epoch]).permutation(len(slides))
     steps = []
     bar = tqdm(order, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
+    seen = (epoch - 1) * len(slides)
     for n, i in enumerate(bar, start=1):
-        steps.append(run_slide(model, slides[i], device, generator, 1.0 / config.batch_size))
+        scale = 1.0 / config.batch_size
+        steps.append(run_slide(model, slides[i], device, generator, scale, seen + n - 1))
         if n % config.batch_size == 0 or n == len(order):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -271,6 +297,7 @@ def train(
         model, _ = checkpoint.load_model(out, device)
     else:
         model = new_model(run_config.model, cfg.seed, device)
+    explore_slides(model, train_set, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resuming:
         checkpoint.load_optimizer(out, optimizer)
