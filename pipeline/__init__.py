@@ -15,6 +15,7 @@ from .expectation import Expectation, expectation
 from .layers import (
     AttentionSampling,
     Draw,
+    Plan,
     SamplePatches,
     SampleSoftmax,
     attention_sampling,
@@ -30,6 +31,7 @@ from .sampling import mask_attention, sample
 __all__ = [
     "AttentionSampling",
     "Draw",
+    "Plan",
     "Expectation",
     "MultinomialEntropy",
     "PatchSource",

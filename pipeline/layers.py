@@ -194,6 +194,23 @@ class Draw(NamedTuple):
     sampled_proposal: Tensor | None = None
 
 
+class Plan(NamedTuple):
+    """The positions of a draw (``AttentionSampling.plan``), before any patch is read.
+
+    Attributes:
+        samples (LongTensor[B, N, d]): the drawn attention cells, in draw order.
+        drawn_probability (Tensor[B, N]): each cell's probability under the
+            distribution it was drawn from (the proposal, or the attention), detached.
+        from_proposal: whether that distribution was a proposal (exploration, prior).
+        attention_size: the attention map's spatial shape.
+    """
+
+    samples: Tensor
+    drawn_probability: Tensor
+    from_proposal: bool
+    attention_size: tuple[int, ...]
+
+
 class AttentionSampling(nn.Module):
     """The attention-sampling pipeline; build it with :func:`attention_sampling`.
 
@@ -260,6 +277,88 @@ class AttentionSampling(nn.Module):
                 attention grid or a finer one (average-pooled).
             step: training step, for ``exploration`` / ``prior_weight`` schedules.
         """
+        attention, mask = self._attend(x_low, mask)
+        samples, sampled_attention, sampled_proposal = self._sample(
+            attention, mask, generator, prior, step
+        )
+        patches, offsets = self.read(x_low, x_high, samples, attention.shape[1:])
+        return self._estimate(
+            attention, patches, offsets, samples, sampled_attention, sampled_proposal
+        )
+
+    def plan(
+        self,
+        x_low: Tensor,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        prior: Tensor | None = None,
+        step: int | None = None,
+    ) -> Plan:
+        """The positions of a draw, without reading or computing anything else: the
+        first half of :meth:`draw` for loops that read patches in the background
+        (``read``) while the model computes, and finish with :meth:`estimate`.
+        Arguments as in :meth:`draw`; no gradient is recorded."""
+        with torch.no_grad():
+            attention, mask = self._attend(x_low, mask)
+            samples, sampled_attention, sampled_proposal = self._sample(
+                attention, mask, generator, prior, step
+            )
+        drawn = sampled_attention if sampled_proposal is None else sampled_proposal
+        return Plan(samples, drawn, sampled_proposal is not None, tuple(attention.shape[1:]))
+
+    def read(
+        self, x_low: Tensor, x_high: HighResolution, samples: Tensor, attention_size: Sequence[int]
+    ) -> tuple[Tensor, Tensor]:
+        """``(patches [B, N, C, *patch_size], offsets [B, N, d])`` of the attention cells
+        ``samples (LongTensor[B, N, d])`` (``gather_patches`` with this module's
+        geometry); safe to run in another thread while the model computes."""
+        patch_size = x_low.shape[2:] if self.patch_size is None else self.patch_size
+        patch_size = _checks.size_tuple(patch_size, x_low.dim() - 2, "patch_size")
+        return gather_patches(
+            x_high, samples, attention_size, x_low.shape[2:], patch_size, self.receptive_field,
+            device=x_low.device,
+        )  # fmt: skip
+
+    def estimate(
+        self,
+        x_low: Tensor,
+        patches: Tensor,
+        offsets: Tensor,
+        plan: Plan,
+        mask: Tensor | None = None,
+        stale: bool = False,
+    ) -> Draw:
+        """The second half of :meth:`draw`: the attention (with gradient) and the
+        estimate from the patches of ``plan``'s positions.
+
+        ``stale``: the weights changed since ``plan`` was made (a training loop that
+        planned the next slides before its last optimizer step). The positions were
+        then drawn from the old attention ``q``, a proposal in DESIGN section 4b's
+        sense: the estimator weighs them by ``a / q`` with ``a`` the current
+        attention, so value and gradients stay unbiased.
+        """
+        attention, mask = self._attend(x_low, mask)
+        if tuple(attention.shape[1:]) != plan.attention_size:
+            raise ValueError(
+                f"the attention map is {tuple(attention.shape[1:])}, the plan was made on "
+                f"{plan.attention_size}"
+            )
+        flat = plan.samples.new_zeros(plan.samples.shape[:2])  # [B, N] flat cell index
+        for axis, size in enumerate(plan.attention_size):
+            flat = flat * size + plan.samples[..., axis]
+        sampled_attention = attention.flatten(1).gather(1, flat)
+        q = plan.drawn_probability if plan.from_proposal or stale else None
+        return self._estimate(attention, patches, offsets, plan.samples, sampled_attention, q)
+
+    def forward(
+        self, x_low: Tensor, x_high: HighResolution, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(features, attention, patches)`` of :meth:`draw`."""
+        out = self.draw(x_low, x_high, mask)
+        return out.features, out.attention, out.patches
+
+    def _attend(self, x_low: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The attention ``[B, *att]`` restricted to ``mask``, and the mask on its grid."""
         _checks.tensor(x_low, "x_low", min_dim=3)
         attention = self.attention(x_low)
         if attention.dim() == x_low.dim() and attention.shape[1] == 1:
@@ -267,24 +366,29 @@ class AttentionSampling(nn.Module):
         if mask is not None:
             mask = mask_on_grid(mask, attention.shape[1:])
             attention = mask_attention(attention, mask)
+        return attention, mask
+
+    def _sample(
+        self, attention, mask, generator, prior, step
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(samples, sampled_attention, sampled_proposal or None)`` of one draw."""
+        samples, sampled_attention, *proposed = sample(
+            self.n_patches,
+            attention,
+            self.replace,
+            generator=self.generator if generator is None else generator,
+            proposal=_proposal(self, attention, mask, prior, step),
+        )
+        return samples, sampled_attention, proposed[0] if proposed else None
+
+    def _estimate(
+        self, attention, patches, offsets, samples, sampled_attention, sampled_proposal
+    ) -> Draw:
         regularizer = (
             attention.new_zeros(())
             if self.attention_regularizer is None
             else self.attention_regularizer(attention)
         )
-        patch_size = x_low.shape[2:] if self.patch_size is None else self.patch_size
-        patches, sampled_attention, offsets, *proposed = sample_patches(
-            x_low,
-            x_high,
-            attention,
-            self.n_patches,
-            patch_size,
-            self.receptive_field,
-            self.replace,
-            generator=self.generator if generator is None else generator,
-            proposal=_proposal(self, attention, mask, prior, step),
-        )
-        sampled_proposal = proposed[0] if proposed else None
         batch, n = sampled_attention.shape
         features = self.feature(patches.flatten(0, 1))  # [B * N, ...]
         features = features.reshape(batch, n, *features.shape[1:])  # [B, N, ...]
@@ -295,13 +399,6 @@ class AttentionSampling(nn.Module):
         return Draw(
             features, attention, patches, offsets, sampled_attention, regularizer, sampled_proposal
         )
-
-    def forward(
-        self, x_low: Tensor, x_high: HighResolution, mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(features, attention, patches)`` of :meth:`draw`."""
-        out = self.draw(x_low, x_high, mask)
-        return out.features, out.attention, out.patches
 
 
 def _explores(exploration: Weight, prior_weight: Weight) -> bool:

@@ -133,3 +133,43 @@ def test_sample_patches_module_returns_the_proposal_and_checks():
     with pytest.raises(ValueError, match="prior_weight must be < 1"):
         model, _, x_low, x_high = _setup(prior_weight=1.0)
         model.train().draw(x_low, x_high, prior=torch.ones(1, 4, 4, dtype=torch.float64))
+
+
+def test_plan_read_estimate_is_draw():
+    model, _, x_low, x_high = _setup(exploration=0.4)
+    model.train()
+    whole = model.draw(x_low, x_high, generator=torch.Generator().manual_seed(5))
+    plan = model.plan(x_low, generator=torch.Generator().manual_seed(5))
+    patches, offsets = model.read(x_low, x_high, plan.samples, plan.attention_size)
+    parts = model.estimate(x_low, patches, offsets, plan)
+    for a, b in zip(whole, parts, strict=True):
+        assert torch.equal(a, b)
+    logits = model.attention.logits
+    grads = [torch.autograd.grad(d.features.sum(), logits)[0] for d in (whole, parts)]
+    assert torch.equal(*grads)
+
+
+def test_a_stale_plan_is_a_proposal_and_stays_unbiased():
+    # Plan with the old weights, then change them (an optimizer step), then estimate:
+    # the draws came from the old attention q, and a / q reweighting keeps the
+    # estimate of the new sum_k a_k f_k unbiased. Without stale=True it is biased.
+    model, a_old, x_low, x_high = _setup()
+    model.train()
+    a_new = torch.softmax(torch.linspace(-3, 3, 16, dtype=torch.float64), 0)
+    a_new[3] = 0.0
+    a_new = (a_new / a_new.sum()).view(4, 4)
+    generator = torch.Generator().manual_seed(6)
+    estimates = {True: [], False: []}
+    for _ in range(3000):
+        model.attention.logits.data = a_old.log()
+        plan = model.plan(x_low, generator=generator)
+        patches, offsets = model.read(x_low, x_high, plan.samples, plan.attention_size)
+        model.attention.logits.data = a_new.log()
+        for stale in (True, False):
+            estimates[stale].append(model.estimate(x_low, patches, offsets, plan, stale=stale)
+                                    .features[0, 0].detach())  # fmt: skip
+    exact = _exact(a_new, x_low, x_high)
+    for stale, unbiased in ((True, True), (False, False)):
+        values = torch.stack(estimates[stale])
+        within = abs(values.mean() - exact) < 5 * values.std() / len(values) ** 0.5
+        assert bool(within) == unbiased, stale
