@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="output directory (default runs/cold_start_<preset>)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     parser.add_argument("--remedy-epochs", type=float, default=4,
                         help="epochs over which the remedies' weights decay to 0")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             arm_preset = dataclasses.replace(
                 preset, seed=seed, remedy_steps=remedy_steps, **ARMS[arm],
-                epochs={"ats-unbiased": preset.epochs["ats-unbiased"]},
+                epochs={"ats-unbiased": args.epochs or preset.epochs["ats-unbiased"]},
             )  # fmt: skip
             run(arm_preset, out / arm / f"seed_{seed}", ["ats-unbiased"], torch.device("cpu"))
     summarise(out)
