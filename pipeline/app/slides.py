@@ -77,7 +77,8 @@ def low_res_tensor(thumbnail: np.ndarray, device: torch.device | str = "cpu") ->
     """uint8 [h, w, 3] thumbnail -> ``float [1, 3, h, w]`` in [0, 1] on ``device``."""
     # np.array copies: a caller's array may be read-only, and torch wants writable.
     rgb = torch.from_numpy(np.array(thumbnail[..., :3])).to(device)
-    return (rgb.permute(2, 0, 1).float() / 255.0)[None]
+    # contiguous: the same memory layout as stacked views, hence the same conv kernels.
+    return (rgb.permute(2, 0, 1).float() / 255.0)[None].contiguous()
 
 
 def sampling_mask(tissue: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor | None:

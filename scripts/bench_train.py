@@ -1,0 +1,239 @@
+"""Training throughput: the serial loop versus the streaming loop, on generated slides.
+
+    python scripts/bench_train.py [--cache DIR] [--slides 100] [--side 20000]
+
+Builds (once, in ``--cache``) ``--distinct`` generated JPEG pyramids of ``--side``
+pixels square (``bench_e2e``'s mosaic renderer) and hard-links them to ``--slides``
+names, so every slide is a separate file for the loops (own view, own handle) while
+the disk holds a few. Then, in one run, for two feature networks:
+
+- ``simulated accelerator``: a feature net whose forward and backward each wait a
+  fixed time per batch without using the CPU (``--latency`` ms per 16 patches, the
+  order of a ResNet-18 on 16 x 224^2 patches on a GPU), plus a cheap projection so
+  that gradients flow; the accelerator's busy fraction is its waiting time over the
+  wall time;
+- ``CPU``: the default small CNN, computed on this CPU.
+
+it reports slides per second of:
+
+- ``serial``: today's loop (``training.train_epoch``: one slide per forward, the
+  slide reopened every step, gradients accumulated over the batch);
+- ``streaming``: ``streaming.stream_epoch`` with mini-batches of ``--batch`` slides and
+  ``--depth`` batches read ahead;
+- ``bound``: ``1 / max(read time, compute time)`` per slide, both measured separately
+  in the same run (read: the patches of a planned batch alone; compute: a training step
+  on patches already in memory);
+
+and the peak RSS after 10 %, 50 % and 100 % of the slides of a streaming epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import TILE, MosaicSlide  # noqa: E402
+
+from pipeline.app.config import ModelConfig, TrainConfig  # noqa: E402
+from pipeline.app.streaming import (  # noqa: E402
+    Reader,
+    StreamItem,
+    ViewCache,
+    stack_views,
+    stream_epoch,
+)
+from pipeline.app.training import LabelledSlide, new_model, train_epoch  # noqa: E402
+
+
+class _Wait(torch.autograd.Function):
+    """Identity whose forward and backward sleep: a kernel running elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        _Wait.busy += seconds
+        time.sleep(seconds)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _Wait.busy += ctx.seconds
+        time.sleep(ctx.seconds)
+        return grad, None
+
+    busy = 0.0
+
+
+class SimulatedAccelerator(nn.Module):
+    """Patches ``[M, 3, p, p]`` -> features ``[M, 16]``: a mean-pool and a linear
+    layer (negligible CPU), waiting ``latency`` seconds per 16 patches each way."""
+
+    out_features = 16
+
+    def __init__(self, latency: float) -> None:
+        super().__init__()
+        self.latency = latency
+        self.project = nn.Linear(3, self.out_features)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        pooled = patches.mean(dim=(2, 3))  # [M, 3]
+        return self.project(_Wait.apply(pooled, self.latency * len(patches) / 16))
+
+
+def make_slides(cache: Path, n: int, distinct: int, side: int) -> list[Path]:
+    from readers.testing import write_tiff_pyramid
+
+    cache.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for k in range(distinct):
+        path = cache / f"source_{side}_{k}.tiff"
+        if not path.exists():
+            began = time.perf_counter()
+            tmp = path.with_suffix(".partial.tiff")
+            write_tiff_pyramid(tmp, (side, side), MosaicSlide(side, seed=k), tile=TILE,
+                               mpp=0.25, quality=85)  # fmt: skip
+            os.replace(tmp, path)
+            print(f"wrote {path} in {time.perf_counter() - began:.0f} s", flush=True)
+        sources.append(path)
+    links = cache / f"slides_{side}"
+    links.mkdir(exist_ok=True)
+    paths = []
+    for i in range(n):
+        link = links / f"slide_{i:03d}.tiff"
+        if not link.exists():
+            os.link(sources[i % distinct], link)
+        paths.append(link)
+    return paths
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(name, feature_net, paths, args, views_dir) -> dict:
+    config = ModelConfig(class_names=("negative", "positive"), n_patches=args.patches,
+                         patch_size=(args.patch, args.patch), low_res_max_side=256)  # fmt: skip
+    device = torch.device("cpu")
+    views = ViewCache(views_dir, config)
+    for path in paths:  # the view cache is filled once, as a first epoch would
+        views.load(path)
+
+    def model():
+        m = new_model(config, 0, device)
+        if feature_net is not None:
+            m.sampler.feature = feature_net()
+            m.head = nn.Linear(m.sampler.feature.out_features, 2)
+        return m
+
+    items = [StreamItem(p, i % 2) for i, p in enumerate(paths)]
+    result = {"network": name}
+
+    # Serial: today's loop, one slide per forward, each slide reopened per step.
+    labelled = [LabelledSlide(p, i % 2, *_view_fields(views.load(p))) for i, p in enumerate(paths)]
+    m = model()
+    _Wait.busy = 0.0
+    began = time.perf_counter()
+    train_epoch(m, torch.optim.AdamW(m.parameters()), labelled,
+                TrainConfig(batch_size=args.batch), 1, device, False)  # fmt: skip
+    wall = time.perf_counter() - began
+    result["serial slides/s"] = len(paths) / wall
+    result["serial busy"] = _Wait.busy / wall
+
+    # Streaming, with RSS at 10 %, 50 %, 100 % of the slides.
+    m = model()
+    rss, done = {}, [0]
+    marks = {round(len(paths) * f / args.batch) for f in (0.1, 0.5, 1.0)}
+
+    def on_step():
+        done[0] += 1
+        if done[0] in marks:
+            rss[done[0] * args.batch] = _peak_rss_mb()
+
+    _Wait.busy = 0.0
+    began = time.perf_counter()
+    stream_epoch(m, torch.optim.AdamW(m.parameters()), items, views, args.batch,
+                 torch.Generator().manual_seed(0), device, depth=args.depth,
+                 on_step=on_step)  # fmt: skip
+    wall = time.perf_counter() - began
+    result["streaming slides/s"] = len(paths) / wall
+    result["streaming busy"] = _Wait.busy / wall
+    result["peak RSS MB by slides"] = {k: round(v) for k, v in sorted(rss.items())}
+
+    # The bound: read and compute of the same batches, measured apart.
+    reader = Reader()
+    batches = [items[i : i + args.batch] for i in range(0, len(items), args.batch)]
+    read_s = compute_s = 0.0
+    optimizer = torch.optim.AdamW(m.parameters())
+    for batch in batches:
+        cached = [views.load(i.path) for i in batch]
+        x_low, mask, (h, w) = stack_views(cached, device)
+        plan = m.sampler.plan(x_low, mask, torch.Generator().manual_seed(1))
+        began = time.perf_counter()
+        ratios = [(h / v.tissue.shape[0], w / v.tissue.shape[1]) for v in cached]
+        patches, offsets = reader.submit(m, [i.path for i in batch],
+                                         [v.patch_level for v in cached], ratios, plan,
+                                         (h, w)).result()  # fmt: skip
+        read_s += time.perf_counter() - began
+        began = time.perf_counter()
+        out = m.sampler.estimate(x_low, patches, offsets, plan, mask)
+        loss = nn.functional.cross_entropy(m.head(out.features),
+                                           torch.tensor([i.label for i in batch]))  # fmt: skip
+        optimizer.zero_grad()
+        (loss + out.regularizer).backward()
+        optimizer.step()
+        compute_s += time.perf_counter() - began
+    reader.close()
+    result["read s/slide"] = read_s / len(paths)
+    result["compute s/slide"] = compute_s / len(paths)
+    result["bound slides/s"] = len(paths) / max(read_s, compute_s)
+    return result
+
+
+def _view_fields(view):
+    return view.thumbnail, view.tissue, view.patch_level
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path("runs/bench_train"))
+    parser.add_argument("--slides", type=int, default=100)
+    parser.add_argument("--distinct", type=int, default=4)
+    parser.add_argument("--side", type=int, default=20000)
+    parser.add_argument("--patches", type=int, default=16)
+    parser.add_argument("--patch", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--latency", type=float, default=10.0, help="ms per 16 patches")
+    args = parser.parse_args()
+    paths = make_slides(args.cache, args.slides, args.distinct, args.side)
+    rows = [
+        bench("simulated accelerator", lambda: SimulatedAccelerator(args.latency / 1000),
+              paths, args, args.cache / "views"),
+        bench("CPU (small CNN)", None, paths, args, args.cache / "views"),
+    ]  # fmt: skip
+    print(f"\n{args.slides} slides of {args.side}^2, N={args.patches} patches of {args.patch}^2, "
+          f"batch {args.batch}, depth {args.depth}, simulated latency {args.latency} ms/16 "
+          "patches each way\n")  # fmt: skip
+    print("| network | serial slides/s | streaming slides/s | speed-up | bound slides/s "
+          "| streaming / bound | busy serial | busy streaming | read s/slide | compute s/slide "
+          "| peak RSS MB at slides |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['network']} | {r['serial slides/s']:.2f} | {r['streaming slides/s']:.2f} "
+              f"| {r['streaming slides/s'] / r['serial slides/s']:.2f}x "
+              f"| {r['bound slides/s']:.2f} | {r['streaming slides/s'] / r['bound slides/s']:.0%} "
+              f"| {r['serial busy']:.0%} | {r['streaming busy']:.0%} "
+              f"| {r['read s/slide']:.3f} | {r['compute s/slide']:.3f} "
+              f"| {r['peak RSS MB by slides']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
