@@ -99,8 +99,18 @@ class TrainConfig:
         batch_size: slides whose gradients are accumulated per optimizer step (each
             slide runs alone through the network, so slides of any size mix).
         val_fraction: share of the labelled slides held out for validation
-            (stratified by class, chosen by ``seed``).
+            (stratified by class, grouped by case, chosen by ``seed``); it is taken
+            as one fold of ``round(1 / val_fraction)``, e.g. 0.3 holds out a third.
+            Unused with an external validation set or cross-validation folds.
         seed: fixes the split, the slide order and the patch sampling of each epoch.
+        select_metric: validation metric that picks the best epoch, one of
+            ``SELECT_METRICS`` (ties, and validation sets where it is undefined,
+            fall back to the lower validation loss).
+        patience: stop after this many epochs without a better validation metric
+            (0: never stop early).
+        balance: imbalanced classes: ``"none"``, ``"weights"`` (loss weighted by
+            ``n / (n_classes * n_class)``) or ``"sampling"`` (each epoch draws its
+            slides with replacement, every class equally likely).
     """
 
     epochs: int = 10
@@ -109,12 +119,36 @@ class TrainConfig:
     batch_size: int = 4
     val_fraction: float = 0.25
     seed: int = 0
+    select_metric: str = "roc_auc"
+    patience: int = 0
+    balance: str = "none"
 
     def __post_init__(self) -> None:
-        _as_ints(self, "epochs", "batch_size", "seed")
+        _as_ints(self, "epochs", "batch_size", "seed", "patience")
         _check_positive(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: expected in [0, 1), got {self.val_fraction}")
+        if self.patience < 0:
+            raise ConfigError(f"patience: expected >= 0, got {self.patience}")
+        _check_choice("select_metric", self.select_metric, SELECT_METRICS)
+        _check_choice("balance", self.balance, BALANCE_MODES)
+
+
+SELECT_METRICS = ("roc_auc", "balanced_accuracy")
+BALANCE_MODES = ("none", "weights", "sampling")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The options of ``evaluation.evaluate`` (``ats-wsi evaluate``).
+
+    Attributes:
+        n_bootstrap: stratified bootstrap resamples behind the 95 % intervals.
+        seed: of the resampling.
+    """
+
+    n_bootstrap: int = 1000
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +240,11 @@ def _as_ints(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if value is not None:
             object.__setattr__(config, name, _index(value, name))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {list(choices)}, got {value!r}")
 
 
 def _check_positive(**values: float) -> None:
