@@ -299,7 +299,7 @@ def write_roc_png(
     for c in shown:
         fpr, tpr, _ = skm.roc_curve(y_true == c, probs[:, c])
         one = skm.auc(fpr, tpr)
-        ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{class_names[c]} (AUC {one:.3f})")
+        ax.plot(fpr, tpr, label=f"{class_names[c]} (AUC {one:.3f})")
     ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="chance")
     kind = "" if len(class_names) == 2 else "one-vs-rest, macro "
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
@@ -329,7 +329,8 @@ def metrics_markdown(metrics: dict) -> str:
         "",
         f"**{counts['evaluated']} of {counts['labelled_slides']} labelled slides evaluated**; "
         f"not evaluated: {missed}. {counts['predictions_without_label']} predictions have no "
-        f"label; {counts['label_rows_left_out']} label rows were left out (listed below).",
+        f"label; {counts['label_rows_left_out']} label rows were left out"
+        + (" (listed below)." if metrics["label_problems"] else "."),
         "",
         "| metric | value | 95 % CI |",
         "| --- | --- | --- |",
