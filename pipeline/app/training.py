@@ -379,9 +379,6 @@ class _Labels:
     skipped: list[str]
     notes: list[str]
 
-    def split_key(self) -> list[tuple[str, str, str]]:
-        return sorted(self.pool.key() + (self.external.key() if self.external else []))
-
 
 def _read_tables(labels, slides, val_labels, val_slides) -> tuple[LabelTable, LabelTable | None]:
     pool = read_labels(labels, slides)
@@ -459,9 +456,10 @@ def train(
     pool, external = _read_tables(labels, slides, val_labels, val_slides)
     classes = sorted(set(pool.classes) | set(external.classes if external else ()))
     run_config, resuming = resolve_run(out, classes, model_config, train_config, resplit)
+    sets = saved_split(out, pool, external) if resuming else None
     data = _load(pool, external, run_config.model, log, progress)
-    if resuming:
-        train_set, val_set = _saved_split(out, data)
+    if sets is not None:
+        train_set, val_set = _apply_split(sets, data)
     elif external is not None:
         train_set, val_set = data.slides, data.val_slides
     else:
@@ -557,21 +555,29 @@ def _write_split(out: Path, data: _Labels, train_set, val_set) -> None:
     ])  # fmt: skip
 
 
-def _saved_split(out: Path, data: _Labels) -> tuple[list, list]:
-    """The train and validation slides of the split saved in ``out``; ``UserError``
-    when the labels differ from the ones it was made from."""
+def saved_split(out: Path, pool: LabelTable, external: LabelTable | None) -> dict[str, str]:
+    """The set (``train``, ``val`` or ``unread``) of each slide name in the split saved
+    in ``out``; ``UserError`` when the labels differ from the ones it was made from
+    (checked before any slide is read)."""
     saved = read_csv(out / SPLIT_FILE)
     if not saved:
         raise UserError(f"{out}: no {SPLIT_FILE} to resume from; train again with --resplit")
     before = {r["slide"]: (r["label"], r["case"]) for r in saved}
-    now = {name: (label, case) for name, label, case in data.split_key()}
+    now = {name: (label, case) for name, label, case in _split_key(pool, external)}
     if before != now:
         raise UserError(
-            f"{data.pool.source}: the labels changed since {out} was split "
+            f"{pool.source}: the labels changed since {out} was split "
             f"({_changes(before, now)}); resuming would train on validation slides. "
             "Use a new --out, or --resplit to split again and train from epoch 1"
         )
-    sets = {r["slide"]: r["set"] for r in saved}
+    return {r["slide"]: r["set"] for r in saved}
+
+
+def _split_key(pool: LabelTable, external: LabelTable | None) -> list[tuple[str, str, str]]:
+    return sorted(pool.key() + (external.key() if external else []))
+
+
+def _apply_split(sets: dict[str, str], data: _Labels) -> tuple[list, list]:
     slides = data.slides + data.val_slides
     return (
         [s for s in slides if sets[s.name] == "train"],
@@ -653,7 +659,10 @@ def cross_validate(
     log = log or tqdm.write
     out = Path(out)
     pool, _ = _read_tables(labels, slides, None, None)
-    run_config, _ = resolve_run(out / "fold_1", pool.classes, model_config, train_config, resplit)
+    run_config, resuming = resolve_run(out / "fold_1", pool.classes, model_config, train_config,
+                                       resplit)  # fmt: skip
+    if resuming:
+        saved_split(out / "fold_1", pool, None)  # refuse changed labels before reading slides
     data = _load(pool, None, run_config.model, log, progress)
     cfg = run_config.train
     assigned = assign_folds([s.label for s in data.slides], [s.case for s in data.slides],
@@ -664,7 +673,7 @@ def cross_validate(
         log(f"fold {k + 1}/{folds}")
         fold_config, resuming = resolve_run(fold_dir, pool.classes, run_config.model, cfg, resplit)
         if resuming:
-            train_set, val_set = _saved_split(fold_dir, data)
+            train_set, val_set = _apply_split(saved_split(fold_dir, pool, None), data)
         else:
             train_set = [s for s, f in zip(data.slides, assigned, strict=True) if f != k]
             val_set = [s for s, f in zip(data.slides, assigned, strict=True) if f == k]
