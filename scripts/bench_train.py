@@ -16,10 +16,11 @@ the disk holds a few. Then, in one run, for two feature networks:
 
 it reports slides per second of:
 
-- ``serial``: today's loop (``training.train_epoch``: one slide per forward, the
-  slide reopened every step, gradients accumulated over the batch);
+- ``serial``: the loop before streaming: one slide per step, its tiles read and then
+  computed, the slide reopened every step (``stream_epoch`` with one batch of one
+  slide in flight and a handle cache of one slide);
 - ``streaming``: ``streaming.stream_epoch`` with mini-batches of ``--batch`` slides and
-  ``--depth`` batches read ahead;
+  ``--depth`` batches in flight;
 - ``bound``: ``1 / max(read time, compute time)`` per slide, both measured separately
   in the same run (read: the patches of a planned batch alone; compute: a training step
   on patches already in memory);
@@ -42,7 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import TILE, MosaicSlide  # noqa: E402
 
-from pipeline.app.config import ModelConfig, TrainConfig  # noqa: E402
+from pipeline.app.config import ModelConfig  # noqa: E402
 from pipeline.app.streaming import (  # noqa: E402
     Reader,
     StreamItem,
@@ -50,7 +51,7 @@ from pipeline.app.streaming import (  # noqa: E402
     stack_views,
     stream_epoch,
 )
-from pipeline.app.training import LabelledSlide, new_model, train_epoch  # noqa: E402
+from pipeline.app.training import new_model  # noqa: E402
 
 
 class _Wait(torch.autograd.Function):
@@ -136,14 +137,15 @@ def bench(name, feature_net, paths, args, views_dir) -> dict:
     items = [StreamItem(p, i % 2) for i, p in enumerate(paths)]
     result = {"network": name}
 
-    # Serial: today's loop, one slide per forward, each slide reopened per step.
-    labelled = [LabelledSlide(p, i % 2, *_view_fields(views.load(p))) for i, p in enumerate(paths)]
+    # Serial: one slide per step, read then computed, each slide reopened per step.
     m = model()
     _Wait.busy = 0.0
+    reopening = Reader(max_open=1)
     began = time.perf_counter()
-    train_epoch(m, torch.optim.AdamW(m.parameters()), labelled,
-                TrainConfig(batch_size=args.batch), 1, device, False)  # fmt: skip
+    stream_epoch(m, torch.optim.AdamW(m.parameters()), items, views, 1,
+                 torch.Generator().manual_seed(0), device, depth=1, reader=reopening)  # fmt: skip
     wall = time.perf_counter() - began
+    reopening.close()
     result["serial slides/s"] = len(paths) / wall
     result["serial busy"] = _Wait.busy / wall
 
@@ -197,10 +199,6 @@ def bench(name, feature_net, paths, args, views_dir) -> dict:
     return result
 
 
-def _view_fields(view):
-    return view.thumbnail, view.tissue, view.patch_level
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_train"))
@@ -210,7 +208,7 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=16)
     parser.add_argument("--patch", type=int, default=224)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=3, help="batches in flight")
     parser.add_argument("--latency", type=float, default=10.0, help="ms per 16 patches")
     args = parser.parse_args()
     paths = make_slides(args.cache, args.slides, args.distinct, args.side)

@@ -30,6 +30,7 @@ ARMS = {
     "plain": {},
     "explore": {"exploration": 0.5},
     "explore+hematoxylin": {"exploration": 0.3, "prior": "hematoxylin", "prior_weight": 0.5},
+    "hematoxylin": {"prior": "hematoxylin", "prior_weight": 0.8},
 }
 TARGET = 0.95
 

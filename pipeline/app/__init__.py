@@ -5,9 +5,11 @@ Sits above the torch-only estimator core (``pipeline``) and ``readers``::
     from pipeline.app import train, predict, load_model
 
     result = train("slides/", "labels.csv", "run/")                 # -> TrainResult
+    cv = cross_validate("slides/", "labels.csv", "cv/", folds=5)    # -> CrossValidation
     summary = predict("run/", ["more_slides/"], "out/")             # -> PredictSummary
     model, config = load_model("run/")
     one = predict_slide(model, "slide.svs", seed=0)                 # -> SlideResult
+    evaluate("out/predictions.csv", "truth.csv", "metrics/")       # -> Evaluation
     with connect(workers=4) as client:                              # a local Dask cluster
         predict(model, ["more_slides/"], "out/", runner=on_cluster(client))
 
@@ -31,6 +33,11 @@ _EXPORTS = {
     "open_view": "pipeline.app.slides",
     "train": "pipeline.app.training",
     "TrainResult": "pipeline.app.training",
+    "cross_validate": "pipeline.app.training",
+    "CrossValidation": "pipeline.app.training",
+    "evaluate": "pipeline.app.evaluation",
+    "Evaluation": "pipeline.app.evaluation",
+    "read_labels": "pipeline.app.labels",
     "predict": "pipeline.app.prediction",
     "predict_slide": "pipeline.app.prediction",
     "slide_seed": "pipeline.app.prediction",

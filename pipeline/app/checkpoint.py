@@ -3,7 +3,8 @@
 ::
 
     RUN_DIR/config.json            RunConfig (model + training configuration)
-    RUN_DIR/model.safetensors      weights
+    RUN_DIR/model.safetensors      weights (of a trained run: the best epoch's)
+    RUN_DIR/model_last.safetensors the last epoch's weights, which training resumes from
     RUN_DIR/optimizer.safetensors  optimizer tensors (for resuming training)
     RUN_DIR/optimizer.json         optimizer hyper-parameters and scalars
 
@@ -29,6 +30,7 @@ from pipeline.app.models import SlideClassifier
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
+LAST_MODEL_FILE = "model_last.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 
@@ -63,11 +65,17 @@ def _build(
     return model.to(device or "cpu").eval(), config
 
 
-def save_model(run_dir: str | os.PathLike, model: SlideClassifier, config: RunConfig) -> None:
-    """Write the weights, then the config, of ``model`` into ``run_dir``."""
+def save_model(
+    run_dir: str | os.PathLike,
+    model: SlideClassifier,
+    config: RunConfig,
+    weights_file: str = MODEL_FILE,
+) -> None:
+    """Write the weights (into ``weights_file``), then the config, of ``model`` into
+    ``run_dir``."""
     config_json, weights = to_bytes(model, config)
     run_dir = Path(run_dir)
-    atomic_write_bytes(run_dir / MODEL_FILE, weights)
+    atomic_write_bytes(run_dir / weights_file, weights)
     atomic_write_bytes(run_dir / CONFIG_FILE, config_json.encode())
 
 
@@ -77,11 +85,13 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
 
 
 def load_model(
-    run_dir: str | os.PathLike, device: torch.device | str | None = None
+    run_dir: str | os.PathLike,
+    device: torch.device | str | None = None,
+    weights_file: str = MODEL_FILE,
 ) -> tuple[SlideClassifier, RunConfig]:
     """Rebuild the classifier of ``run_dir`` from its JSON config and safetensors
-    weights, on ``device`` (default CPU), in eval mode."""
-    path = Path(run_dir) / MODEL_FILE
+    weights (``weights_file``), on ``device`` (default CPU), in eval mode."""
+    path = Path(run_dir) / weights_file
     return _build(read_config(run_dir), _read(path, "model weights"), str(path), device)
 
 

@@ -22,7 +22,15 @@ import json
 import sys
 from collections.abc import Sequence
 
-from pipeline.app.config import DemoConfig, ModelConfig, PredictConfig, TrainConfig
+from pipeline.app.config import (
+    BALANCE_MODES,
+    SELECT_METRICS,
+    DemoConfig,
+    EvaluateConfig,
+    ModelConfig,
+    PredictConfig,
+    TrainConfig,
+)
 from pipeline.app.errors import UserError
 
 PROG = "ats-wsi"
@@ -87,8 +95,8 @@ MODEL_OPTIONS = (
     "patch_level", "patch_mpp", "entropy_strength",
 )  # fmt: skip
 TRAIN_OPTIONS = (
-    "epochs", "lr", "batch_size", "val_fraction", "seed", "exploration", "prior", "prior_weight",
-    "remedy_epochs",
+    "epochs", "lr", "batch_size", "val_fraction", "seed", "select_metric", "patience", "balance",
+    "exploration", "prior", "prior_weight", "remedy_epochs",
 )  # fmt: skip
 
 
@@ -103,21 +111,58 @@ def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.app.training import read_labels, train
+    from pipeline.app.labels import read_labels
+    from pipeline.app.training import CV_SUMMARY_FILE, cross_validate, train
 
-    classes = tuple(sorted({label for _, label in read_labels(args.labels, args.slides)}))
+    classes = set(read_labels(args.labels, args.slides).classes)
+    if args.val_labels is not None:
+        classes |= set(read_labels(args.val_labels, args.val_slides or args.slides).classes)
     if len(classes) < 2:
-        raise UserError(f"{args.labels}: need at least two classes, found {list(classes)}")
-    result = train(
-        args.slides,
-        args.labels,
-        args.out,
-        model_config=_model_config(args, classes),
+        raise UserError(f"{args.labels}: need at least two classes, found {sorted(classes)}")
+    options = dict(
+        model_config=_model_config(args, tuple(sorted(classes))),
         train_config=TrainConfig(**_given(args, TRAIN_OPTIONS)),
         device=args.device,
+        resplit=args.resplit,
     )
-    print(f"model saved in {result.run_dir} ({len(result.skipped)} slides skipped)")
+    if args.folds is not None:
+        cv = cross_validate(args.slides, args.labels, args.out, args.folds, **options)
+        print(f"{args.folds} fold models in {cv.run_dir}/fold_<k>; "
+              f"summary in {cv.run_dir / CV_SUMMARY_FILE}")  # fmt: skip
+        return 0
+    result = train(args.slides, args.labels, args.out, val_labels=args.val_labels,
+                   val_slides=args.val_slides, **options)  # fmt: skip
+    print(
+        f"model saved in {result.run_dir} (best epoch {result.best_epoch} of "
+        f"{len(result.history)}; {len(result.skipped)} slides skipped)"
+    )
     return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.app.evaluation import evaluate
+
+    result = evaluate(args.predictions, args.labels, args.out, **_given(args, EVALUATE_OPTIONS))
+    m = result.metrics
+
+    def show(name: str) -> str:
+        value, ci = m[name]["value"], m[name]["ci95"]
+        if value is None:
+            return f"{name.replace('_', ' ')} undefined"
+        interval = "" if ci is None else f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+        return f"{name.replace('_', ' ')} {value:.3f}{interval}"
+
+    counts = m["counts"]
+    missed = ", ".join(f"{n} {why}" for why, n in counts["not_evaluated"].items())
+    print(f"{counts['evaluated']} of {counts['labelled_slides']} labelled slides evaluated"
+          + (f" (not evaluated: {missed})" if missed else "")
+          + f"; {counts['predictions_without_label']} predictions without a label")  # fmt: skip
+    print(", ".join(show(n) for n in ("accuracy", "balanced_accuracy", "roc_auc")))
+    print(f"written: {', '.join(str(f) for f in result.files)}")
+    return 0
+
+
+EVALUATE_OPTIONS = ("n_bootstrap", "seed")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -190,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier (resumes an existing run directory)")
     p.add_argument("--slides", required=True, metavar="DIR")
-    p.add_argument("--labels", required=True, metavar="CSV", help="columns slide,label")
+    p.add_argument("--labels", required=True, metavar="CSV", help="columns slide,label[,case]")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     T = TrainConfig
     p.add_argument("--epochs", type=int, help=_default(T, "epochs"))
@@ -209,9 +254,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--remedy-epochs", type=float,
                    help="epochs over which both weights decay to 0 "
                         f"{_default(T, 'remedy_epochs')}, 0: constant")
+    p.add_argument("--select", dest="select_metric", choices=SELECT_METRICS, help="validation "
+                   f"metric that picks the best epoch {_default(T, 'select_metric')}")
+    p.add_argument("--patience", type=int, metavar="P", help="stop after P epochs without "
+                   f"improvement, 0 never {_default(T, 'patience')}")
+    p.add_argument("--balance", choices=BALANCE_MODES, help="imbalanced classes: weight the "
+                   f"loss or sample evenly {_default(T, 'balance')}")
+    validation = p.add_mutually_exclusive_group()
+    validation.add_argument("--folds", type=int, metavar="K",
+                            help="stratified, case-grouped K-fold cross-validation into "
+                            "RUN_DIR/fold_<k>/ and RUN_DIR/cv_summary.csv")
+    validation.add_argument("--val-labels", metavar="CSV",
+                            help="a fixed external validation set instead of a split")
+    p.add_argument("--val-slides", metavar="DIR", help="directory of --val-labels' slides "
+                   "(default: --slides)")
+    p.add_argument("--resplit", action="store_true",
+                   help="the labels changed under this run: split again, train from epoch 1")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     _add_model_options(p)
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of predictions against true labels, with CIs")
+    p.add_argument("--predictions", required=True, metavar="CSV",
+                   help="predictions.csv of ats-wsi predict (or its output directory)")
+    p.add_argument("--labels", required=True, metavar="CSV", help="columns slide,label")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where metrics.json, metrics.md and roc.png go")
+    E = EvaluateConfig
+    p.add_argument("--bootstrap", type=int, dest="n_bootstrap", metavar="N",
+                   help=f"bootstrap resamples for the 95%% CIs {_default(E, 'n_bootstrap')}")
+    p.add_argument("--seed", type=int, help=f"of the bootstrap {_default(E, 'seed')}")
+    p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify slides into CSV, heatmaps and GeoJSON")
     p.add_argument("--model", required=True, metavar="RUN_DIR")

@@ -96,10 +96,16 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training slides.
         lr / weight_decay: AdamW parameters.
-        batch_size: slides whose gradients are accumulated per optimizer step (each
-            slide runs alone through the network, so slides of any size mix).
+        batch_size: slides per optimizer step, stacked into one forward (views of
+            different shapes are padded; ``streaming``).
+        queue_depth: batches in flight in the streaming loop: 1 reads a batch's tiles
+            and then computes (serial); ``d`` reads ``d - 1`` batches ahead while the
+            model computes, their positions drawn with weights up to ``d - 1`` steps
+            old and weighed as a proposal (unbiased, DESIGN section 4b).
         val_fraction: share of the labelled slides held out for validation
-            (stratified by class, chosen by ``seed``).
+            (stratified by class, grouped by case, chosen by ``seed``); it is taken
+            as one fold of ``round(1 / val_fraction)``, e.g. 0.3 holds out a third.
+            Unused with an external validation set or cross-validation folds.
         seed: fixes the split, the slide order and the patch sampling of each epoch.
         exploration: cold-start remedy (DESIGN section 4b): training draws patches
             from the attention mixed with this weight of uniform over tissue; the
@@ -108,6 +114,14 @@ class TrainConfig:
             ``priors``) mixed into the proposal with this weight (< 1).
         remedy_epochs: both weights decay linearly to 0 over this many epochs (0:
             constant over the whole training). Prediction never explores.
+        select_metric: validation metric that picks the best epoch, one of
+            ``SELECT_METRICS`` (ties, and validation sets where it is undefined,
+            fall back to the lower validation loss).
+        patience: stop after this many epochs without a better validation metric
+            (0: never stop early).
+        balance: imbalanced classes: ``"none"``, ``"weights"`` (loss weighted by
+            ``n / (n_classes * n_class)``) or ``"sampling"`` (each epoch draws its
+            slides with replacement, every class equally likely).
     """
 
     epochs: int = 10
@@ -120,10 +134,15 @@ class TrainConfig:
     prior: str = "none"
     prior_weight: float = 0.0
     remedy_epochs: float = 0.0
+    select_metric: str = "roc_auc"
+    patience: int = 0
+    balance: str = "none"
+    queue_depth: int = 3
 
     def __post_init__(self) -> None:
-        _as_ints(self, "epochs", "batch_size", "seed")
-        _check_positive(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+        _as_ints(self, "epochs", "batch_size", "seed", "patience", "queue_depth")
+        _check_positive(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                        queue_depth=self.queue_depth)  # fmt: skip
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: expected in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.exploration <= 1.0:
@@ -134,6 +153,27 @@ class TrainConfig:
             raise ConfigError("prior_weight > 0 needs a prior (tissue or hematoxylin)")
         if self.remedy_epochs < 0:
             raise ConfigError(f"remedy_epochs: expected >= 0, got {self.remedy_epochs}")
+        if self.patience < 0:
+            raise ConfigError(f"patience: expected >= 0, got {self.patience}")
+        _check_choice("select_metric", self.select_metric, SELECT_METRICS)
+        _check_choice("balance", self.balance, BALANCE_MODES)
+
+
+SELECT_METRICS = ("roc_auc", "balanced_accuracy")
+BALANCE_MODES = ("none", "weights", "sampling")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The options of ``evaluation.evaluate`` (``ats-wsi evaluate``).
+
+    Attributes:
+        n_bootstrap: stratified bootstrap resamples behind the 95 % intervals.
+        seed: of the resampling.
+    """
+
+    n_bootstrap: int = 1000
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -225,6 +265,11 @@ def _as_ints(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if value is not None:
             object.__setattr__(config, name, _index(value, name))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {list(choices)}, got {value!r}")
 
 
 def _check_positive(**values: float) -> None:

@@ -20,10 +20,10 @@ from pipeline.app import demo_dataset, outputs
 from pipeline.app.baseline import low_res_accuracy, train_low_res
 from pipeline.app.config import DemoConfig, ModelConfig, TrainConfig
 from pipeline.app.files import read_csv
-from pipeline.app.inference import slide_name
+from pipeline.app.labels import read_labels
 from pipeline.app.prediction import predict
 from pipeline.app.runtime import default_device
-from pipeline.app.training import load_slides, read_labels, train
+from pipeline.app.training import load_slides, train
 
 
 @dataclass
@@ -75,13 +75,17 @@ def run_demo(
     )  # fmt: skip
     log("predicting the test slides")
     summary = predict(trained.model, [test_dir], out / "predictions", seed=seed, progress=progress)
-    truth = {slide_name(p): label for p, label in read_labels(test_labels, test_dir)}
+    truth = {r.name: r.label for r in read_labels(test_labels, test_dir).rows}
     rows = read_csv(summary.out_dir / outputs.PREDICTIONS)
     ats_accuracy = sum(r["label"] == truth[r["slide"]] for r in rows) / len(truth)
 
     log("training the low-resolution-only baseline (same feature CNN on thumbnails)")
-    train_slides, _ = load_slides(read_labels(train_labels, train_dir), model_config, log, False)
-    test_slides, _ = load_slides(read_labels(test_labels, test_dir), model_config, log, False)
+    train_slides, _ = load_slides(
+        read_labels(train_labels, train_dir).rows, model_config, log, progress=False
+    )
+    test_slides, _ = load_slides(
+        read_labels(test_labels, test_dir).rows, model_config, log, progress=False
+    )
     baseline = train_low_res(train_slides, model_config, train_config, device)
     baseline_accuracy = low_res_accuracy(baseline, test_slides)
 

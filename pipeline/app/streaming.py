@@ -10,13 +10,14 @@ three stages::
     estimate  main thread   attention again (with gradient), the feature net on all
                             B x N patches in one call, the expectation, backward, step
 
-With ``depth = 0`` the stages run one after the other (the serial loop). With
-``depth = d > 0`` the next ``d`` batches are planned and their reads submitted before
-the current batch computes, so reading overlaps computing and the accelerator waits
-only when a read is slower than a step. Their positions then come from weights up to
-``d`` steps old: the draws were made from the old attention ``q``, which is a proposal
-in DESIGN section 4b's sense, and ``AttentionSampling.estimate(..., stale=True)``
-weighs each draw by ``a / q`` with ``a`` the current attention. The estimate and its
+``depth`` is the number of batches in flight. With ``depth = 1`` the stages run one
+after the other (the serial loop). With ``depth = d > 1`` the next ``d - 1`` batches
+are planned and their reads submitted before the current batch computes, so reading
+overlaps computing and the accelerator waits only when a read is slower than a step.
+Their positions then come from weights up to ``d - 1`` steps old: the draws were made
+from the old attention ``q``, which is a proposal in DESIGN section 4b's sense, and
+``AttentionSampling.estimate(..., stale=True)`` weighs each draw by ``a / q`` with
+``a`` the current attention. The estimate and its
 gradients therefore stay unbiased; only their variance changes, and little, since
 one step moves the attention little. (Draw and features are independent given the
 positions: the step that made the weights stale does not bias anything.)
@@ -174,11 +175,13 @@ class StreamItem:
 
 @dataclass
 class StepResult:
-    """Per-slide outcome of a training or evaluation forward."""
+    """One slide's forward: cross-entropy, entropy regularizer, class probabilities
+    (float [n_classes]) and whether the argmax was right."""
 
     loss: float
     entropy_loss: float
     correct: bool
+    probs: np.ndarray
 
 
 @dataclass
@@ -266,23 +269,31 @@ def stream_epoch(
     batch_size: int,
     generator: torch.Generator,
     device: torch.device,
-    depth: int = 2,
+    depth: int = 3,
     reader: Reader | None = None,
     warn: Callable[[str], None] = print,
     prior: str = "none",
     first_slide: int = 0,
+    class_weights: np.ndarray | None = None,
     amp: bool = False,
+    progress: bool = False,
     on_step: Callable[[], None] | None = None,
 ) -> list[StepResult]:
     """One pass over ``items`` in mini-batches of ``batch_size`` slides, ``depth``
-    batches planned and read ahead (0: serial). See the module docstring.
+    batches in flight (1: serial). See the module docstring.
 
-    ``prior`` names the content prior of exploration (``priors``); ``first_slide``
-    counts the slides trained on before this epoch (the exploration schedules' step).
+    ``views`` has ``load(path) -> CachedView`` (a ``ViewCache``, or views held in
+    memory). ``prior`` names the content prior of exploration (``priors``);
+    ``first_slide`` counts the slides trained on before this epoch (the exploration
+    schedules' step). ``class_weights`` (float [n_classes]) weighs each slide's loss.
     ``amp``: mixed precision on CUDA. A slide that cannot be read (view or tiles) is
     skipped with a ``warn`` message; training goes on. ``on_step`` is called after
     every optimizer step (benchmarks). Returns one ``StepResult`` per slide trained on.
     """
+    from tqdm import tqdm
+
+    if depth < 1:
+        raise ValueError(f"depth: expected >= 1 batches in flight, got {depth}")
     model.train()
     own_reader = reader is None
     reader = reader or Reader()
@@ -290,11 +301,12 @@ def stream_epoch(
     queue: deque[_Planned] = deque()
     results: list[StepResult] = []
     steps, planned_slides = 0, first_slide
+    bar = tqdm(total=len(items), unit="slide", leave=False, disable=not progress)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: N patches of one size
     try:
         while True:
-            while len(queue) <= depth:
+            while len(queue) < depth:
                 planned = _plan_next(model, batches, views, generator, device, reader, steps,
                                      planned_slides, prior, warn)  # fmt: skip
                 if planned is None:
@@ -303,17 +315,20 @@ def stream_epoch(
                 queue.append(planned)
             if not queue:
                 return results
+            bar.update(len(queue[0].items))
             planned = queue.popleft()
             try:
                 patches, offsets = planned.read.result()
             except Exception as e:  # an unreadable tile: the batch is skipped, not the run
                 warn(f"skipping {[str(i.path) for i in planned.items]}: {type(e).__name__}: {e}")
                 continue
-            results += _train_step(model, optimizer, planned, patches, offsets, steps, device, amp)
+            results += _train_step(model, optimizer, planned, patches, offsets, steps, device,
+                                   class_weights, amp)  # fmt: skip
             steps += 1
             if on_step is not None:
                 on_step()
     finally:
+        bar.close()
         for planned in queue:
             planned.read.cancel()
         if own_reader:
@@ -348,7 +363,8 @@ def _plan_next(model, batches: Iterator, views, generator, device, reader, steps
     return None
 
 
-def _train_step(model, optimizer, planned: _Planned, patches, offsets, steps, device, amp):
+def _train_step(model, optimizer, planned: _Planned, patches, offsets, steps, device,
+                class_weights, amp):  # fmt: skip
     if device.type == "cuda":
         # Pinned host memory lets the copy overlap the kernels still running.
         patches = patches.pin_memory().to(device, non_blocking=True)
@@ -358,11 +374,18 @@ def _train_step(model, optimizer, planned: _Planned, patches, offsets, steps, de
                                      planned.mask, stale=planned.step != steps)  # fmt: skip
         logits = model.head(out.features)
     losses = F.cross_entropy(logits.float(), target, reduction="none")  # [B]
+    weighted = losses if class_weights is None else losses * _on(class_weights, device)[target]
     optimizer.zero_grad(set_to_none=True)
-    (losses.mean() + out.regularizer).backward()
+    (weighted.mean() + out.regularizer).backward()
     optimizer.step()
-    correct = (logits.argmax(1) == target).tolist()
+    probs = logits.detach().float().softmax(1).cpu().numpy()
     entropy = float(out.regularizer.detach())
-    return [StepResult(float(loss), entropy, ok) for loss, ok in zip(losses.tolist(), correct,
-                                                                   strict=True)]  # fmt: skip
+    return [
+        StepResult(float(loss), entropy, int(p.argmax()) == item.label, p)
+        for loss, p, item in zip(losses.tolist(), probs, planned.items, strict=True)
+    ]
+
+
+def _on(weights: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(weights, dtype=torch.float32, device=device)
 

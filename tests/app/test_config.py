@@ -51,3 +51,9 @@ def test_model_config_validation(kwargs, message):
 def test_train_config_validation():
     with pytest.raises(ValueError, match=r"val_fraction: expected in \[0, 1\), got 1.0"):
         TrainConfig(val_fraction=1.0)
+    with pytest.raises(ValueError, match=r"select_metric: expected one of \['roc_auc', "):
+        TrainConfig(select_metric="auc")
+    with pytest.raises(ValueError, match=r"balance: expected one of .*got 'yes'"):
+        TrainConfig(balance="yes")
+    with pytest.raises(ValueError, match="patience: expected >= 0, got -1"):
+        TrainConfig(patience=-1)

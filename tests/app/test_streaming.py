@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.app.config import TrainConfig
+from pipeline.app.labels import read_labels
+from pipeline.app.slides import low_res_tensor, sampling_mask
 from pipeline.app.streaming import (
     PaddedSource,
     Reader,
@@ -20,13 +21,13 @@ from pipeline.app.streaming import (
     ViewCache,
     stream_epoch,
 )
-from pipeline.app.training import load_slides, new_model, read_labels, train_epoch
+from pipeline.app.training import load_slides, new_model
 
 
 @pytest.fixture
 def labelled(dataset, small_model_config):
-    pairs = read_labels(dataset / "labels.csv", dataset)
-    slides, _ = load_slides(pairs, small_model_config, print, False)
+    slides, _ = load_slides(read_labels(dataset / "labels.csv", dataset).rows,
+                            small_model_config, print, False)  # fmt: skip
     return slides
 
 
@@ -43,26 +44,46 @@ def _stream(model, labelled, cache, order, **kwargs):
     return results, optimizer
 
 
-def test_depth_zero_with_single_slide_batches_is_the_serial_loop(
+def _serial_reference(model, labelled, order, generator):
+    """The loop before streaming, written out: one slide at a time, opened for its
+    step, classified with the model's own draw, one optimizer step per slide."""
+    import readers
+
+    optimizer = _optimizer(model)
+    model.train()
+    for i in order:
+        slide = labelled[i]
+        with readers.open_slide(slide.path) as opened:
+            out = model.classify(low_res_tensor(slide.thumbnail),
+                                 opened.levels[slide.patch_level],
+                                 sampling_mask(slide.tissue), generator)  # fmt: skip
+            loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([slide.label]))
+            optimizer.zero_grad()
+            (loss + out.draw.regularizer).backward()
+            optimizer.step()
+
+
+def test_one_batch_in_flight_of_single_slides_is_the_serial_loop(
     labelled, small_model_config, tmp_path
 ):
-    config = TrainConfig(epochs=1, batch_size=1, seed=0)
+    order = np.random.default_rng(5).permutation(len(labelled))
     serial = new_model(small_model_config, 0, torch.device("cpu"))
-    # train_epoch seeds its generator itself; replay its order and seed here.
-    from pipeline.app.inference import slide_seed
-
-    order = np.random.default_rng([config.seed, 1]).permutation(len(labelled))
-    train_epoch(serial, _optimizer(serial), labelled, config, 1, torch.device("cpu"), False)
+    _serial_reference(serial, labelled, order, torch.Generator().manual_seed(11))
     streamed = new_model(small_model_config, 0, torch.device("cpu"))
-    items = [StreamItem(labelled[i].path, labelled[i].label) for i in order]
-    generator = torch.Generator().manual_seed(slide_seed(config.seed, "epoch-1"))
-    results = stream_epoch(streamed, _optimizer(streamed), items,
-                           ViewCache(tmp_path, small_model_config), batch_size=1,
-                           generator=generator, device=torch.device("cpu"), depth=0)  # fmt: skip
+    results, _ = _stream(streamed, labelled, ViewCache(tmp_path, small_model_config), order,
+                         batch_size=1, depth=1)  # fmt: skip
     assert len(results) == len(labelled)
     for (name, a), b in zip(serial.state_dict().items(), streamed.state_dict().values(),
                             strict=True):  # fmt: skip
         assert torch.equal(a, b), name
+    # Reading ahead draws from weights one step old, weighed as a proposal: other
+    # (finite) weights, the documented difference.
+    ahead = new_model(small_model_config, 0, torch.device("cpu"))
+    _stream(ahead, labelled, ViewCache(tmp_path, small_model_config), order, batch_size=1,
+            depth=2)  # fmt: skip
+    weights = [(a, b) for a, b in zip(serial.parameters(), ahead.parameters(), strict=True)]
+    assert all(torch.isfinite(b).all() for _, b in weights)
+    assert any(not torch.equal(a, b) for a, b in weights)
 
 
 def test_reading_ahead_trains_on_every_slide_in_mini_batches(
@@ -75,7 +96,7 @@ def test_reading_ahead_trains_on_every_slide_in_mini_batches(
     submitted, steps = [], []
     real_submit = reader.submit
     reader.submit = lambda *a: submitted.append(len(steps)) or real_submit(*a)
-    results, _ = _stream(model, labelled, cache, range(len(labelled)), batch_size=3, depth=2,
+    results, _ = _stream(model, labelled, cache, range(len(labelled)), batch_size=3, depth=3,
                          reader=reader, on_step=lambda: steps.append(1))  # fmt: skip
     reader.close()
     assert len(results) == len(labelled) and len(steps) == 3  # 8 slides in batches of 3
@@ -98,7 +119,7 @@ def test_an_unreadable_slide_is_skipped_and_training_goes_on(
     results = stream_epoch(model, _optimizer(model), items,
                            ViewCache(tmp_path / "views", small_model_config), batch_size=2,
                            generator=torch.Generator().manual_seed(0),
-                           device=torch.device("cpu"), depth=1, warn=messages.append)  # fmt: skip
+                           device=torch.device("cpu"), depth=2, warn=messages.append)  # fmt: skip
     assert len(results) == len(labelled) - 1
     assert len(messages) == 1 and "broken.tiff" in messages[0]
 
