@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline.app import files, outputs
+from tests.app.geojson_rfc7946 import check_feature_collection, check_qupath
 
 
 def test_atomic_target_keeps_old_file_on_error(tmp_path):
@@ -75,7 +76,8 @@ def test_geojson_is_xy_ordered_and_clipped_to_the_slide(tmp_path):
     )  # fmt: skip
     outputs.write_geojson(tmp_path / "p.geojson", collection)
     data = json.loads((tmp_path / "p.geojson").read_text())
-    assert data["type"] == "FeatureCollection"
+    check_feature_collection(data)
+    check_qupath(data)
     slide, first, second = data["features"]
     assert slide["geometry"]["coordinates"] == [[[0, 0], [1000, 0], [1000, 100], [0, 100], [0, 0]]]
     assert slide["properties"]["objectType"] == "annotation"

@@ -18,6 +18,7 @@ from pipeline.app.config import RunConfig
 from pipeline.app.inference import predict_slide
 from pipeline.app.prediction import predict
 from pipeline.app.training import METRIC_COLUMNS, METRICS_FILE, STATE_FILE, train
+from tests.app.geojson_rfc7946 import check_feature_collection, check_qupath
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,8 @@ def test_heatmap_and_geojson(predicted, n_slides, slide_side):
             slide_side, slide_side,
         )  # fmt: skip
         data = json.loads(outputs.geojson_path(predicted.out_dir, result.slide).read_text())
+        check_feature_collection(data)
+        check_qupath(data)
         prediction, *features = data["features"]
         assert prediction["properties"]["classification"]["name"] == result.label
         assert len(features) == 6
