@@ -223,9 +223,11 @@ def _image(out_dir: Path, path: Path, alt: str, css: str, zoom: bool = False) ->
     except (FileNotFoundError, OSError):
         return f'<p class="missing">missing: {html.escape(relative)}</p>'
     factor = max(1, -(-SMALL_PATCH // max(width, height))) if zoom else 1
+    src = quote(relative)
+    # A link to the file itself: full size in a new tab (the page shows it smaller).
     return (
-        f'<img class="{css}" src="{quote(relative)}" alt="{html.escape(alt)}" '
-        f'width="{width * factor}" height="{height * factor}" loading="lazy" decoding="async">'
+        f'<a href="{src}"><img class="{css}" src="{src}" alt="{html.escape(alt)}" '
+        f'width="{width * factor}" height="{height * factor}" loading="lazy"></a>'
     )
 
 
@@ -293,9 +295,10 @@ td.error {{ color: #a00; max-width: 40em; }}
 .panel h2 {{ margin: 0.2em 0; font-size: 1.2em; }}
 .path {{ color: #666; margin: 0; font-size: 0.9em; }}
 .views {{ display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }}
-.views img {{ max-width: min(560px, 90vw); height: auto; display: block; }}
+.views figure {{ width: min(520px, 90vw); }}
+.views img {{ width: 100%; height: auto; display: block; }}
 figure {{ margin: 0; }}
-figcaption {{ font-size: 0.85em; color: #444; max-width: 560px; }}
+figcaption {{ font-size: 0.85em; color: #444; max-width: 520px; }}
 .gallery {{ display: flex; flex-wrap: wrap; gap: 8px; }}
 .gallery figcaption {{ font-size: 0.75em; }}
 img.patch {{ image-rendering: pixelated; display: block; }}
