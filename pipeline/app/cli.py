@@ -22,6 +22,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from pipeline.app import config
 from pipeline.app.config import (
     BALANCE_MODES,
     SELECT_METRICS,
@@ -29,6 +30,7 @@ from pipeline.app.config import (
     EvaluateConfig,
     ModelConfig,
     PredictConfig,
+    ReportConfig,
     TrainConfig,
 )
 from pipeline.app.errors import UserError
@@ -163,17 +165,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 EVALUATE_OPTIONS = ("n_bootstrap", "seed")
+REPORT_OPTIONS = ("heatmap_side", "heatmap_scale")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.app.cluster import connect, on_cluster
     from pipeline.app.prediction import predict
 
+    report = ReportConfig(report=not args.no_report, **_given(args, REPORT_OPTIONS))
     with connect(args.scheduler, args.workers) as client:
         summary = predict(
             args.model, args.slides, args.out, overwrite=args.overwrite, device=args.device,
             runner=None if client is None else on_cluster(client, args.device),
-            **_given(args, ["seed"]),
+            report=report, **_given(args, ["seed"]),
         )  # fmt: skip
     for result in summary.failed:
         print(f"{PROG}: failed: {result.error}", file=sys.stderr)
@@ -183,6 +187,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{len(summary.skipped)} already done; outputs in {summary.out_dir}"
     )
     return 1 if summary.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.app.report import write_report
+
+    print(f"wrote {write_report(args.out_dir)}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -296,7 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = p.add_mutually_exclusive_group()
     cluster.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler")
     cluster.add_argument("--workers", type=int, metavar="N", help="local Dask worker processes")
+    R = ReportConfig
+    p.add_argument("--heatmap-size", type=int, dest="heatmap_side", metavar="PIXELS",
+                   help=f"longer side of the heatmap and thumbnail {_default(R, 'heatmap_side')}")
+    p.add_argument("--heatmap-scale", choices=config.HEATMAP_SCALES,
+                   help=f"attention colour scale {_default(R, 'heatmap_scale')}")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
     p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("report", help="rebuild report.html from a predict output directory")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.set_defaults(run=cmd_report)
 
     p = sub.add_parser("demo", help="synthetic data, train, predict and a baseline, in minutes")
     d = DemoConfig

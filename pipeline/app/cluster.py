@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.app import checkpoint
+from pipeline.app import checkpoint, inference
 from pipeline.app.errors import ConfigError
 from pipeline.app.inference import Runner, SlideResult, error_result, predict_slide, slide_name
 from pipeline.app.models import SlideClassifier
@@ -177,10 +177,12 @@ def _load_payload(payload: ModelPayload) -> ModelPayload:
     return payload
 
 
-def _predict_task(payload: ModelPayload, path: str, seed: int, device: str | None) -> SlideResult:
+def _predict_task(
+    payload: ModelPayload, path: str, seed: int, device: str | None, display_side: int
+) -> SlideResult:
     # Parallelism comes from workers x threads; torch's own threads would oversubscribe.
     torch.set_num_threads(1)
-    return predict_slide(worker_model(payload, device), path, seed)
+    return predict_slide(worker_model(payload, device), path, seed, display_side)
 
 
 def predict_on_client(
@@ -189,6 +191,7 @@ def predict_on_client(
     paths: Iterable[str | os.PathLike],
     seed: int = 0,
     device: torch.device | str | None = None,
+    display_side: int = inference.DISPLAY_SIDE,
 ) -> Iterator[SlideResult]:
     """Classify ``paths`` on ``client``'s cluster, yielding each slide's ``SlideResult``
     as soon as it completes (completion order, each path exactly once).
@@ -199,6 +202,7 @@ def predict_on_client(
         paths: slide files, readable at the same paths on every worker.
         seed: run seed, as for ``predict_slide``; results equal a local run's.
         device: torch device on the workers; default CUDA where a worker has it.
+        display_side: longer side of each result's display thumbnail (``classify_view``).
 
     ``result.path`` is the path as given. Stopping the iteration early cancels the
     slides not yet yielded.
@@ -213,7 +217,7 @@ def predict_on_client(
     pending = {
         client.submit(
             _predict_task, weights, os.path.abspath(path), int(seed), device_name,
-            key=f"{TASK_PREFIX}-{slide_name(path)}-{run}-{i}",
+            int(display_side), key=f"{TASK_PREFIX}-{slide_name(path)}-{run}-{i}",
         ): path
         for i, path in enumerate(paths)
     }  # fmt: skip
@@ -231,8 +235,10 @@ def on_cluster(client: Client, device: torch.device | str | None = None) -> Runn
     """A ``Runner`` (see ``inference``) that runs each slide as a task on ``client``'s
     cluster, for ``prediction.predict(..., runner=on_cluster(client))``."""
 
-    def run(model: SlideClassifier, paths, seed: int) -> Iterator[SlideResult]:
-        return predict_on_client(client, model, paths, seed, device=device)
+    def run(
+        model: SlideClassifier, paths, seed: int, display_side: int = inference.DISPLAY_SIDE
+    ) -> Iterator[SlideResult]:
+        return predict_on_client(client, model, paths, seed, device, display_side)
 
     return run
 

@@ -187,6 +187,37 @@ class PredictConfig:
     seed: int = 0
 
 
+HEATMAP_SCALES = ("absolute", "relative")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """How ``predict`` draws each slide's pictures and whether it writes ``report.html``.
+
+    Attributes:
+        heatmap_side: longer side in pixels of the display thumbnail that the heatmap
+            and the patch boxes are drawn on (``Slide.thumbnail``, so never larger than
+            level 0): e.g. 1024 turns a 40,000 x 30,000 slide into 1024 x 768.
+        heatmap_scale: colour scale of the attention overlay: ``"absolute"`` (the
+            attention probability of each cell on a log scale from uniform attention,
+            ``1 / cells``, to 1: comparable between slides with the same attention
+            grid) or ``"relative"`` (linear, 0 to this slide's largest cell).
+        report: write ``report.html`` at the end of ``predict``.
+    """
+
+    heatmap_side: int = 1024
+    heatmap_scale: str = "absolute"
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        _as_ints(self, "heatmap_side")
+        _check_positive(heatmap_side=self.heatmap_side)
+        if self.heatmap_scale not in HEATMAP_SCALES:
+            raise ConfigError(
+                f"heatmap_scale: expected one of {list(HEATMAP_SCALES)}, got {self.heatmap_scale!r}"
+            )
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """The options of ``ats-wsi demo`` (``demo.run_demo``).

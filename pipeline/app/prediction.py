@@ -3,9 +3,10 @@
 ``predict`` lists the inputs, skips slides whose outputs are complete (unless
 ``overwrite``), hands the others to a runner (``inference.run_here`` in this process,
 or ``cluster.on_cluster(client)``), and records each result as soon as it is known:
-heatmap and GeoJSON first, then the ``predictions.csv`` row, every file replaced
-atomically. A crash therefore keeps every finished slide, and a row with status
-``ok`` always has its files.
+its pictures and GeoJSON first (``outputs.write_slide_files``), then the
+``predictions.csv`` row, every file replaced atomically. A crash therefore keeps
+every finished slide, and a row with status ``ok`` always has its files. At the end
+``report.html`` is rebuilt from the directory (``report.write_report``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 import torch
 
 from pipeline.app import outputs
-from pipeline.app.config import PredictConfig
+from pipeline.app.config import PredictConfig, ReportConfig
 from pipeline.app.errors import UserError
 from pipeline.app.files import read_csv, write_csv
 from pipeline.app.inference import Runner, SlideResult, run_here, slide_name
 from pipeline.app.models import SlideClassifier
+from pipeline.app.report import write_report
 from pipeline.app.runtime import resolve_device
 
 SLIDE_SUFFIXES = (
@@ -62,13 +64,20 @@ def list_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 class PredictionStore:
     """The outputs of a prediction directory, loaded from and saved to disk.
 
-    ``add`` writes a result's heatmap and GeoJSON, then rewrites
+    ``add`` writes a result's files (``outputs.write_slide_files``: gallery,
+    thumbnail, heatmap in ``heatmap_scale``, GeoJSON), then rewrites
     ``predictions.csv`` with the new row, each atomically.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, class_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        class_names: Sequence[str],
+        heatmap_scale: str = ReportConfig.heatmap_scale,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.class_names = tuple(class_names)
+        self.heatmap_scale = heatmap_scale
         self.columns = outputs.prediction_columns(self.class_names)
         self.rows = {r["slide"]: r for r in read_csv(self.out_dir / outputs.PREDICTIONS)}
 
@@ -85,13 +94,7 @@ class PredictionStore:
 
     def add(self, result: SlideResult) -> None:
         if result.status == "ok":
-            outputs.write_heatmap_png(
-                outputs.heatmap_path(self.out_dir, result.slide), result.thumbnail, result.attention
-            )
-            collection = outputs.patches_feature_collection(
-                result.boxes, result.patch_attention, result.slide_shape, result.slide, result.label
-            )
-            outputs.write_geojson(outputs.geojson_path(self.out_dir, result.slide), collection)
+            outputs.write_slide_files(self.out_dir, result, self.class_names, self.heatmap_scale)
         self.rows[result.slide] = result.row(self.class_names)
         write_csv(
             self.out_dir / outputs.PREDICTIONS,
@@ -126,6 +129,7 @@ def predict(
     device: torch.device | str | None = None,
     progress: bool = True,
     runner: Runner | None = None,
+    report: ReportConfig = ReportConfig(),  # noqa: B008 (frozen, never mutated)
 ) -> PredictSummary:
     """Classify every slide of ``slides`` (files and/or directories) into ``out_dir``.
 
@@ -137,6 +141,8 @@ def predict(
         runner: where the slides run: ``inference.run_here`` (default, this
             process) or ``cluster.on_cluster(client)`` (one task per slide on a Dask
             cluster); results are written here as they come.
+        report: heatmap size and colour scale, and whether ``report.html`` is
+            rebuilt at the end (also when every slide was already done).
 
     Returns a ``PredictSummary``; slides that failed are in ``summary.failed`` and
     have ``error`` rows in ``predictions.csv``.
@@ -149,13 +155,15 @@ def predict(
         model, _ = load_model(model, resolve_device(device))
     model.eval()
     paths = list_slides(slides)
-    store = PredictionStore(out_dir, model.config.class_names)
+    store = PredictionStore(out_dir, model.config.class_names, report.heatmap_scale)
     todo = [p for p in paths if overwrite or not store.is_done(p)]
     skipped = [p for p in paths if p not in todo]
     results = []
     with tqdm(total=len(todo), desc="predict", unit="slide", disable=not progress) as bar:
-        for result in (runner or run_here)(model, todo, seed):
+        for result in (runner or run_here)(model, todo, seed, display_side=report.heatmap_side):
             store.add(result)
             results.append(result)
             bar.update()
+    if report.report:
+        write_report(out_dir)
     return PredictSummary(Path(out_dir), results, skipped)

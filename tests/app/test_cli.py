@@ -8,6 +8,7 @@ import socket
 import subprocess
 
 import pytest
+from PIL import Image
 
 from pipeline.app import files, outputs
 from pipeline.app.cli import main
@@ -112,15 +113,21 @@ def test_synth_train_predict(tmp_path, capsys):
     assert "broken.svs" in result.stderr and "Traceback" not in result.stderr
     rows = {r["slide"]: r["status"] for r in files.read_csv(out / outputs.PREDICTIONS)}
     assert rows == {"broken": "error", **{f"slide_{i:03d}": "ok" for i in range(4)}}
+    page = (out / "report.html").read_text()  # written at the end of the run
+    assert page.count('<section class="panel"') == 5 and "not a slide format" in page
+    (out / "report.html").unlink()
     (data / "broken.svs").unlink()
     capsys.readouterr()
     assert main(["predict", "--model", str(run), "--slides", str(data), "--out", str(out)]) == 0
     assert "4 already done" in capsys.readouterr().out
+    assert (out / "report.html").is_file()  # rebuilt on resume, though nothing was new
 
     # The same prediction on a local Dask cluster of two worker processes.
     on_cluster = tmp_path / "on_cluster"
     argv = ["predict", "--model", str(run), "--slides", str(data), "--out", str(on_cluster)]
-    assert main([*argv, "--workers", "2"]) == 0
+    assert main([*argv, "--workers", "2", "--no-report", "--heatmap-size", "300"]) == 0
+    assert not (on_cluster / "report.html").exists()
+    assert Image.open(outputs.thumbnail_path(on_cluster, "slide_000")).size == (300, 300)
     local = [r for r in files.read_csv(out / outputs.PREDICTIONS) if r["status"] == "ok"]
     remote = files.read_csv(on_cluster / outputs.PREDICTIONS)
     assert [(r["slide"], r["label"]) for r in remote] == [(r["slide"], r["label"]) for r in local]

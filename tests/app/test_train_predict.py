@@ -18,6 +18,7 @@ from pipeline.app.config import RunConfig
 from pipeline.app.inference import predict_slide
 from pipeline.app.prediction import predict
 from pipeline.app.training import METRIC_COLUMNS, METRICS_FILE, STATE_FILE, train
+from tests.app.geojson_rfc7946 import check_feature_collection, check_qupath
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +123,40 @@ def test_predictions_csv(predicted, dataset, n_slides, slide_side):
 
 def test_heatmap_and_geojson(predicted, n_slides, slide_side):
     for result in predicted.results:
+        # The display thumbnail: the slide is smaller than the default 1024 px.
+        assert result.display.shape == (slide_side, slide_side, 3)
         img = Image.open(outputs.heatmap_path(predicted.out_dir, result.slide))
         img.load()
-        assert img.size == (128, 128)  # the thumbnail, (w, h)
+        assert img.size == (slide_side + outputs.COLOUR_BAR_WIDTH, slide_side)
+        assert Image.open(outputs.thumbnail_path(predicted.out_dir, result.slide)).size == (
+            slide_side, slide_side,
+        )  # fmt: skip
         data = json.loads(outputs.geojson_path(predicted.out_dir, result.slide).read_text())
-        features = data["features"]
+        check_feature_collection(data)
+        check_qupath(data)
+        prediction, *features = data["features"]
+        assert prediction["properties"]["classification"]["name"] == result.label
         assert len(features) == 6
-        for f in features:
+        for i, f in enumerate(features):
             ring = f["geometry"]["coordinates"][0]
             assert ring[0] == ring[-1] and len(ring) == 5
             xs, ys = [p[0] for p in ring], [p[1] for p in ring]
             assert 0 <= min(xs) < max(xs) <= slide_side and 0 <= min(ys) < max(ys) <= slide_side
-            assert 0 < f["properties"]["attention"] <= 1
-            assert f["properties"]["classification"]["name"] == result.label
+            assert 0 < f["properties"]["measurements"]["attention"] <= 1
+            assert f["properties"]["objectType"] == "detection"
+            # The gallery holds the very pixels of the patch, read again from the slide.
+            patch = np.asarray(Image.open(outputs.gallery_path(predicted.out_dir, result.slide, i)))
+            np.testing.assert_array_equal(patch, result.patches[i])
+
+
+def test_gallery_patches_are_the_slide_pixels(predicted, dataset):
+    import readers
+
+    result = predicted.results[1]
+    with readers.open_slide(dataset / "slide_001.tiff") as slide:
+        for box, patch in zip(result.boxes, result.patches, strict=True):
+            y, x, h, w = (int(v) for v in box)
+            np.testing.assert_array_equal(slide.read_region((y, x), 0, (h, w)), patch)
 
 
 def test_patches_are_in_tissue(predicted, dataset, n_slides, slide_side):
@@ -166,9 +188,9 @@ def test_rerun_skips_finished_slides(run, dataset, tmp_path, monkeypatch, n_slid
     calls = []
     real = inference.classify_view
 
-    def counting(model, view, seed):  # counts, then does the real work
+    def counting(model, view, *args):  # counts, then does the real work
         calls.append(view.path.name)
-        return real(model, view, seed)
+        return real(model, view, *args)
 
     monkeypatch.setattr(inference, "classify_view", counting)
     predict(run.model, [dataset], tmp_path, progress=False)
@@ -188,11 +210,11 @@ def test_crash_keeps_finished_rows(run, dataset, tmp_path, monkeypatch, n_slides
     real = inference.classify_view
     done = []
 
-    def crash_on_third(model, view, seed):  # injected fault: the process dies mid-run
+    def crash_on_third(model, view, *args):  # injected fault: the process dies mid-run
         if len(done) == 2:
             raise KeyboardInterrupt
         done.append(view.path.name)
-        return real(model, view, seed)
+        return real(model, view, *args)
 
     monkeypatch.setattr(inference, "classify_view", crash_on_third)
     with pytest.raises(KeyboardInterrupt):

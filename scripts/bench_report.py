@@ -1,0 +1,123 @@
+"""Page weight of report.html for a large batch (docs/report.md).
+
+Replicates the ``ok`` slides of an existing ``predict`` output directory into ``--n``
+slides (files hard-linked, rows copied under new names), builds the report, and
+opens it in headless Chromium (Debian ``chromium`` + ``chromium-driver``)::
+
+    python scripts/bench_report.py --source results/ --n 2000 --out /tmp/big-report
+
+Prints the build time, the HTML size, and what the browser fetched to show the top
+of the page (image count and bytes on disk) against the directory's total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.app import files, outputs
+from pipeline.app.report import REPORT, write_report
+
+FLAGS = (
+    "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run "
+    "--disable-background-networking --disable-component-update --disable-sync"
+).split()
+
+
+def replicate(source: Path, out: Path, n: int) -> None:
+    rows = [r for r in files.read_csv(source / outputs.PREDICTIONS) if r["status"] == "ok"]
+    if not rows:
+        raise SystemExit(f"{source}: no ok rows to replicate")
+    copies = []
+    for i in range(n):
+        row = dict(rows[i % len(rows)])
+        old, new = row["slide"], f"{row['slide']}-{i:05d}"
+        pairs = [(outputs.heatmap_path(source, old), outputs.heatmap_path(out, new)),
+                 (outputs.thumbnail_path(source, old), outputs.thumbnail_path(out, new)),
+                 (outputs.geojson_path(source, old), outputs.geojson_path(out, new))]  # fmt: skip
+        gallery = outputs.gallery_path(source, old, 0).parent
+        pairs += [(p, outputs.gallery_path(out, new, int(p.stem))) for p in gallery.glob("*.png")]
+        for src, dst in pairs:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(src, dst)
+        row["slide"] = new
+        copies.append(row)
+    files.write_csv(out / outputs.PREDICTIONS, list(rows[0]), copies)
+
+
+def browse(page: Path, n: int) -> dict:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    profile = tempfile.mkdtemp()
+    for flag in [*FLAGS, f"--user-data-dir={profile}", "--window-size=1300,1000"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        driver.get(page.as_uri())
+        time.sleep(2)  # let lazy images near the viewport arrive
+        timing = driver.execute_script(
+            "const t = performance.getEntriesByType('navigation')[0];"
+            "const paint = performance.getEntriesByName('first-contentful-paint')[0];"
+            "return [paint ? paint.startTime : -1, t.domContentLoadedEventEnd, t.loadEventEnd]"
+        )
+        # Resource timing skips file:// URLs: the loaded images are those decoded.
+        names = driver.execute_script(
+            "return Array.from(document.images).filter((i) => i.complete && i.naturalWidth)"
+            ".map((i) => i.src)"
+        )
+        images = driver.execute_script("return document.images.length")
+        # Jump to the middle panel, as a reviewer following a table link does.
+        driver.execute_script(f"document.getElementById('slide-{n // 2}').scrollIntoView()")
+        time.sleep(2)
+        after_jump = driver.execute_script(
+            "return Array.from(document.images).filter((i) => i.complete && i.naturalWidth)"
+            ".map((i) => i.src)"
+        )
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    from urllib.parse import unquote, urlparse
+
+    fetched = [Path(unquote(urlparse(n).path)) for n in names]
+    jumped = [Path(unquote(urlparse(n).path)) for n in after_jump]
+    return {
+        "first_contentful_paint_ms": timing[0],
+        "dom_content_loaded_ms": timing[1],
+        "load_ms": timing[2],
+        "img_elements": images,
+        "images_loaded": len(fetched),
+        "images_loaded_bytes": sum(p.stat().st_size for p in fetched if p.is_file()),
+        "images_loaded_after_jump_to_the_middle": len(jumped),
+        "bytes_loaded_after_jump": sum(p.stat().st_size for p in jumped if p.is_file()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source", required=True, type=Path, help="a predict output directory")
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    replicate(args.source, args.out, args.n)
+    start = time.perf_counter()
+    page = write_report(args.out)
+    built = time.perf_counter() - start
+    total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file() and p != page)
+    size = page.stat().st_size / 1e6
+    print(f"{args.n} slides: report built in {built:.1f} s, {size:.2f} MB HTML")
+    print(f"files beside it: {total / 1e6:.0f} MB")
+    for key, value in browse(args.out / REPORT, args.n).items():
+        print(f"{key}: {value:.0f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
