@@ -430,16 +430,7 @@ def _proposal(
 def prior_on_grid(prior: Tensor, grid: Sequence[int]) -> Tensor:
     """``prior (Tensor[B, *p])`` averaged onto ``grid`` (the attention's spatial shape)."""
     _checks.tensor(prior, "prior", min_dim=2)
-    grid = tuple(grid)
-    if tuple(prior.shape[1:]) == grid:
-        return prior
-    if prior.dim() - 1 != len(grid) or not 1 <= len(grid) <= 3:
-        raise ValueError(
-            f"prior has shape {tuple(prior.shape)}; expected [B, *grid] with the attention's "
-            f"{len(grid)} spatial axes (grid {grid})"
-        )
-    pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(grid) - 1]
-    return pool(prior[:, None].float(), grid)[:, 0]
+    return _pool_to_grid(prior.float(), grid, "prior", "avg")
 
 
 def mask_on_grid(mask: Tensor, grid: Sequence[int]) -> Tensor:
@@ -448,16 +439,23 @@ def mask_on_grid(mask: Tensor, grid: Sequence[int]) -> Tensor:
     _checks.tensor(mask, "mask", min_dim=2)
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-    grid = tuple(grid)
-    if tuple(mask.shape[1:]) == grid:
+    if tuple(mask.shape[1:]) == tuple(grid):
         return mask
-    if mask.dim() - 1 != len(grid) or not 1 <= len(grid) <= 3:
+    return _pool_to_grid(mask.float(), grid, "mask", "max") > 0.5
+
+
+def _pool_to_grid(x: Tensor, grid: Sequence[int], name: str, kind: str) -> Tensor:
+    """``x [B, *s]`` adaptively pooled (``"avg"`` or ``"max"``) to ``[B, *grid]``."""
+    grid = tuple(grid)
+    if tuple(x.shape[1:]) == grid:
+        return x
+    if x.dim() - 1 != len(grid) or not 1 <= len(grid) <= 3:
         raise ValueError(
-            f"mask has shape {tuple(mask.shape)}; expected [B, *grid] with the attention's "
+            f"{name} has shape {tuple(x.shape)}; expected [B, *grid] with the attention's "
             f"{len(grid)} spatial axes (grid {grid})"
         )
-    pool = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)[len(grid) - 1]
-    return pool(mask[:, None].float(), grid)[:, 0] > 0.5
+    pool = getattr(F, f"adaptive_{kind}_pool{len(grid)}d")
+    return pool(x[:, None], grid)[:, 0]
 
 
 def attention_sampling(
