@@ -27,14 +27,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.app import checkpoint
+from pipeline.app import checkpoint, encoders
+from pipeline.app.augment import Augmentation
 from pipeline.app.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.app.errors import UserError
 from pipeline.app.files import atomic_write_bytes, read_csv, write_csv
 from pipeline.app.inference import slide_seed
 from pipeline.app.models import SlideClassifier
 from pipeline.app.runtime import resolve_device
-from pipeline.app.slides import low_res_tensor, open_view, sampling_mask
+from pipeline.app.slides import level0_mpp, low_res_tensor, open_view, patch_view, sampling_mask
 
 METRICS_FILE = "metrics.csv"
 STATE_FILE = "train_state.json"
@@ -50,14 +51,12 @@ class LabelledSlide:
     Attributes:
         path: the slide file; ``label``: class index.
         thumbnail: uint8 [h, w, 3]; ``tissue``: bool [h, w].
-        patch_level: index of the level patches are read from.
     """
 
     path: Path
     label: int
     thumbnail: np.ndarray
     tissue: np.ndarray
-    patch_level: int
 
 
 def read_labels(
@@ -93,12 +92,8 @@ def load_slides(
             continue
         try:
             with open_view(path, config) as view:
-                level = view.patch_level.index
-                slides.append(
-                    LabelledSlide(
-                        path, config.class_names.index(label), view.thumbnail, view.tissue, level
-                    )
-                )
+                label_index = config.class_names.index(label)
+                slides.append(LabelledSlide(path, label_index, view.thumbnail, view.tissue))
         except Exception as e:  # every unreadable slide is reported and skipped
             skipped.append(f"{path}: {type(e).__name__}: {e}")
             warn(f"skipping {skipped[-1]}")
@@ -134,20 +129,29 @@ def run_slide(
     device: torch.device,
     generator: torch.Generator,
     scale: float | None = None,
+    augmentation: Augmentation | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
-    """One slide forward; with a ``scale``, also the backward of ``loss * scale``."""
+    """One slide forward; with a ``scale``, also the backward of ``loss * scale``
+    (through ``scaler`` when given: mixed precision, autocast on while it is enabled).
+    ``augmentation`` transforms the slide's views and patches (training only)."""
     import readers
 
     x_low = low_res_tensor(slide.thumbnail, device)
+    mask = sampling_mask(slide.tissue, device)
     target = torch.tensor([slide.label], device=device)
+    amp = scaler is not None and scaler.is_enabled()
     with readers.open_slide(slide.path) as opened:
-        out = model.classify(
-            x_low, opened.levels[slide.patch_level], sampling_mask(slide.tissue, device), generator
-        )
-        loss = F.cross_entropy(out.logits, target)
+        source, _ = patch_view(opened, model.config, level0_mpp(opened, model.config))
+        if augmentation is not None:
+            x_low, mask, source = augmentation.apply(x_low, mask, source, generator)
+        with torch.autocast(device.type, enabled=amp):
+            out = model.classify(x_low, source, mask, generator)
+            loss = F.cross_entropy(out.logits.float(), target)
         regularizer = out.draw.regularizer
         if scale is not None:
-            ((loss + regularizer) * scale).backward()
+            total = (loss + regularizer) * scale
+            (scaler.scale(total) if scaler is not None else total).backward()
     correct = int(out.logits.argmax(1)) == slide.label
     return StepResult(float(loss.detach()), float(regularizer.detach()), correct)
 
@@ -178,17 +182,30 @@ def resolve_run(
         epochs = (train_config or saved.train).epochs
         return RunConfig(saved.model, replace(saved.train, epochs=epochs)), True
     classes = tuple(sorted({label for _, label in pairs}))
-    model_config = model_config or ModelConfig(class_names=classes)
+    model_config = encoders.resolve(model_config or ModelConfig(class_names=classes))
     return RunConfig(model_config, train_config or TrainConfig()), False
 
 
 def new_model(config: ModelConfig, seed: int, device: torch.device) -> SlideClassifier:
-    """A freshly initialised classifier; its weights depend on ``seed`` only."""
+    """A freshly initialised classifier; its weights depend on ``seed`` only, and on
+    the encoder's weights file when ``config.feature_weights`` names one."""
     # The networks initialise from torch's global generator: fork it, so that the
     # caller's random state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SlideClassifier(config).to(device)
+        model = SlideClassifier(config)
+    if config.feature_weights is not None:
+        encoders.load_weights(model.feature_net, config.feature_weights)
+    return model.to(device)
+
+
+def make_optimizer(model: SlideClassifier, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the attention net and head at ``lr`` and the encoder's trainable
+    parameters at ``feature_lr`` (none when it is frozen)."""
+    encoder = {id(p) for p in model.feature_net.parameters()}
+    others = [p for p in model.parameters() if id(p) not in encoder]
+    groups = encoders.parameter_groups(others, model.feature_net, config.lr, config.feature_lr)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def train_epoch(
@@ -207,12 +224,18 @@ def train_epoch(
     model.train()
     generator = torch.Generator(device).manual_seed(slide_seed(config.seed, f"epoch-{epoch}"))
     order = np.random.default_rng([config.seed, epoch]).permutation(len(slides))
+    augmentation = Augmentation.from_config(config)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
     steps = []
     bar = tqdm(order, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
     for n, i in enumerate(bar, start=1):
-        steps.append(run_slide(model, slides[i], device, generator, 1.0 / config.batch_size))
+        steps.append(
+            run_slide(model, slides[i], device, generator, 1.0 / config.batch_size,
+                      augmentation, scaler)  # fmt: skip
+        )
         if n % config.batch_size == 0 or n == len(order):
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
     return steps
 
@@ -271,7 +294,9 @@ def train(
         model, _ = checkpoint.load_model(out, device)
     else:
         model = new_model(run_config.model, cfg.seed, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
+    if cfg.amp and device.type != "cuda":
+        log(f"amp: mixed precision needs CUDA; training in float32 on {device}")
     if resuming:
         checkpoint.load_optimizer(out, optimizer)
         history = json.loads((out / STATE_FILE).read_text())["history"]
