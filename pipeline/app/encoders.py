@@ -205,14 +205,23 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: encoder weights file not found") from None
     except Exception as e:  # a corrupt or foreign file: reported in one line
-        reason = f"{type(e).__name__}: {e}"
-        raise ConfigError(f"{path}: not a readable weights file ({reason})") from None
+        raise ConfigError(f"{path}: not a readable weights file ({_reason(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path}: expected a dict of tensors")
     return state
+
+
+def _reason(error: Exception) -> str:
+    """One line of ``error``: torch's refusal of a pickle keeps only its cause (the
+    rest of its text suggests ``weights_only=False``, which is not an option here)."""
+    text = " ".join(str(error).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0]
+        text = f"not a tensors-only checkpoint: {text.strip()}"
+    return f"{type(error).__name__}: {text}"
 
 
 def load_weights(encoder: nn.Module, path: str | os.PathLike) -> None:

@@ -45,6 +45,7 @@ class SlideResult:
             only when the slide has fewer tissue cells.
         patch_attention: float32 [N] attention probability of each patch.
         slide_shape: level-0 ``(H, W)``.
+        mpp: microns per pixel of the patches the model saw (None when unknown).
     """
 
     slide: str
@@ -58,6 +59,7 @@ class SlideResult:
     boxes: np.ndarray | None = None
     patch_attention: np.ndarray | None = None
     slide_shape: tuple[int, int] = (0, 0)
+    mpp: float | None = None
 
     def row(self, class_names: Sequence[str]) -> dict[str, str]:
         """This result as a ``predictions.csv`` row."""
@@ -66,6 +68,7 @@ class SlideResult:
             row.update(
                 {f"prob_{c}": f"{p:.6f}" for c, p in zip(class_names, self.probs, strict=True)}
             )
+        row["mpp"] = "" if self.mpp is None else f"{self.mpp:.6g}"
         row["error"] = self.error
         return row
 
@@ -114,6 +117,7 @@ def classify_view(model: SlideClassifier, view: SlideView, seed: int) -> SlideRe
         boxes=boxes[kept],
         patch_attention=patch_attention[kept],
         slide_shape=tuple(int(s) for s in view.slide.shape[:2]),
+        mpp=view.patch_mpp,
     )
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.app.errors import UserError
+from pipeline.app.files import read_csv
 
 if TYPE_CHECKING:
     import readers
@@ -106,6 +107,28 @@ def slide_mpp(
     if slide.mpp is not None:
         return float(sum(slide.mpp) / 2)
     return assume_mpp
+
+
+def read_slide_mpp(path: str | os.PathLike) -> tuple[tuple[str, float], ...]:
+    """``(slide, mpp)`` pairs of a CSV with columns ``slide`` (file name, with or
+    without its suffix) and ``mpp`` (microns per level-0 pixel, > 0)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: slide mpp CSV not found")
+    rows = read_csv(path)
+    if not rows or not {"slide", "mpp"} <= set(rows[0]):
+        found = sorted(rows[0]) if rows else "no rows"
+        raise UserError(f"{path}: expected columns 'slide' and 'mpp', found {found}")
+    pairs = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            mpp = float(row["mpp"])
+        except (TypeError, ValueError):
+            mpp = float("nan")
+        if not mpp > 0:
+            raise UserError(f"{path}, line {line}: mpp {row['mpp']!r} is not a number > 0")
+        pairs.append((row["slide"].strip(), mpp))
+    return tuple(pairs)
 
 
 def require_mpp(mpp: float | None, path: str | os.PathLike, option: str, wanted: float) -> float:
