@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.app.errors import UserError
-from pipeline.app.files import read_csv
+from pipeline.app.files import read_table
 
 if TYPE_CHECKING:
     import readers
@@ -112,13 +112,7 @@ def slide_mpp(
 def read_slide_mpp(path: str | os.PathLike) -> tuple[tuple[str, float], ...]:
     """``(slide, mpp)`` pairs of a CSV with columns ``slide`` (file name, with or
     without its suffix) and ``mpp`` (microns per level-0 pixel, > 0)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: slide mpp CSV not found")
-    rows = read_csv(path)
-    if not rows or not {"slide", "mpp"} <= set(rows[0]):
-        found = sorted(rows[0]) if rows else "no rows"
-        raise UserError(f"{path}: expected columns 'slide' and 'mpp', found {found}")
+    rows = read_table(path, ("slide", "mpp"), "slide mpp CSV")
     pairs = []
     for line, row in enumerate(rows, start=2):
         try:

@@ -31,7 +31,7 @@ from pipeline.app import checkpoint, encoders
 from pipeline.app.augment import Augmentation
 from pipeline.app.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.app.errors import UserError
-from pipeline.app.files import atomic_write_bytes, read_csv, write_csv
+from pipeline.app.files import atomic_write_bytes, read_table, write_csv
 from pipeline.app.inference import slide_seed
 from pipeline.app.models import SlideClassifier
 from pipeline.app.runtime import resolve_device
@@ -64,13 +64,7 @@ def read_labels(
 ) -> list[tuple[Path, str]]:
     """``(slide path, label)`` pairs of a CSV with columns ``slide`` and ``label``;
     relative slide names are taken inside ``slides_dir``."""
-    labels_csv = Path(labels_csv)
-    if not labels_csv.is_file():
-        raise FileNotFoundError(f"{labels_csv}: labels CSV not found")
-    rows = read_csv(labels_csv)
-    if not rows or not {"slide", "label"} <= set(rows[0]):
-        found = sorted(rows[0]) if rows else "no rows"
-        raise UserError(f"{labels_csv}: expected columns 'slide' and 'label', found {found}")
+    rows = read_table(labels_csv, ("slide", "label"), "labels CSV")
     return [(Path(slides_dir) / r["slide"], r["label"].strip()) for r in rows]
 
 
