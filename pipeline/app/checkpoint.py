@@ -11,10 +11,17 @@
 A model is serialised one way, ``to_bytes`` / ``from_bytes`` (config JSON text and
 safetensors bytes); the files above and the payload sent to Dask workers are those
 bytes. Each file is replaced atomically, so an interrupted save leaves the previous one.
+
+A frozen encoder with pretrained weights (``ModelConfig.freeze_features`` and
+``feature_weights``) is not copied into the weights: a foundation model's gigabyte
+would otherwise be in every run directory and every payload. It is read from its
+file when the model is rebuilt, and refused unless the file's SHA-256 is the one
+``config.json`` records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -23,7 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save, save_file
 
-from pipeline.app.config import RunConfig
+from pipeline.app import encoders
+from pipeline.app.config import ModelConfig, RunConfig
 from pipeline.app.errors import ConfigError
 from pipeline.app.files import atomic_target, atomic_write_bytes
 from pipeline.app.models import SlideClassifier
@@ -41,9 +49,24 @@ def to_bytes(model: SlideClassifier, config: RunConfig | None = None) -> tuple[s
     config = config or RunConfig(model=model.config)
     if config.model != model.config:
         raise ValueError("config.model differs from the model's own config")
+    skipped = _external_prefix(config.model)
     # contiguous CPU copies: safetensors stores neither views nor device tensors.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if skipped is None or not k.startswith(skipped)
+    }
     return config.to_json(), save(state)
+
+
+FEATURE_PREFIX = "sampler.feature."
+"""State-dict prefix of the feature network in a ``SlideClassifier``."""
+
+
+def _external_prefix(config: ModelConfig) -> str | None:
+    """The state-dict prefix read from the encoder's own weights file rather than
+    from the run's weights (a frozen pretrained encoder), else None."""
+    return FEATURE_PREFIX if config.freeze_features and config.feature_weights else None
 
 
 def from_bytes(
@@ -58,8 +81,15 @@ def _build(
     config: RunConfig, weights: bytes, source: str, device: torch.device | str | None
 ) -> tuple[SlideClassifier, RunConfig]:
     model = SlideClassifier(config.model)
+    external = _external_prefix(config.model)
+    if external is not None:
+        encoders.checked_sha256(config.model.feature_weights, config.model.feature_weights_sha256)
+        encoders.load_weights(model.feature_net, config.model.feature_weights)
     try:
-        model.load_state_dict(load(weights), strict=True)
+        state = load(weights)
+        if external is not None:
+            state.update({k: v for k, v in model.state_dict().items() if k.startswith(external)})
+        model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as e:
         raise ConfigError(f"{source}: weights do not match {CONFIG_FILE} ({e})") from None
     return model.to(device or "cpu").eval(), config
@@ -87,12 +117,27 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
 def load_model(
     run_dir: str | os.PathLike,
     device: torch.device | str | None = None,
+    *,
     weights_file: str = MODEL_FILE,
+    feature_weights: str | os.PathLike | None = None,
 ) -> tuple[SlideClassifier, RunConfig]:
     """Rebuild the classifier of ``run_dir`` from its JSON config and safetensors
-    weights (``weights_file``), on ``device`` (default CPU), in eval mode."""
+    weights (``weights_file``), on ``device`` (default CPU), in eval mode.
+
+    ``feature_weights`` names where the encoder's weights file is now, instead of
+    the path in ``config.json`` (it moved); it must hash as ``config.json`` records.
+    """
     path = Path(run_dir) / weights_file
-    return _build(read_config(run_dir), _read(path, "model weights"), str(path), device)
+    config = read_config(run_dir)
+    if feature_weights is not None:
+        if config.model.feature_weights_sha256 is None:
+            raise ConfigError(f"{run_dir}: the run's encoder was not made from a weights file")
+        moved = str(Path(feature_weights).absolute())
+        encoders.checked_sha256(moved, config.model.feature_weights_sha256)
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, feature_weights=moved)
+        )
+    return _build(config, _read(path, "model weights"), str(path), device)
 
 
 def _read(path: Path, what: str) -> bytes:

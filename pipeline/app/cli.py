@@ -95,11 +95,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 MODEL_OPTIONS = (
     "n_patches", "patch_size", "low_res_max_side", "low_res_level", "low_res_mpp",
     "patch_level", "patch_mpp", "entropy_strength",
+    "feature_net", "feature_weights", "feature_mean", "feature_std", "feature_input_size",
+    "assume_mpp",
 )  # fmt: skip
 TRAIN_OPTIONS = (
     "epochs", "lr", "batch_size", "val_fraction", "seed", "select_metric", "patience", "balance",
-    "exploration", "prior", "prior_weight", "remedy_epochs",
+    "exploration", "prior", "prior_weight", "remedy_epochs", "queue_depth",
+    "feature_lr", "color_jitter", "hed_jitter",
 )  # fmt: skip
+TRAIN_FLAGS = ("amp", "augment_flips")
 
 
 def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
@@ -107,9 +111,27 @@ def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
     options = _given(args, MODEL_OPTIONS)
     if "patch_size" in options:
         options["patch_size"] = (options["patch_size"],) * 2
+    if "feature_input_size" in options:
+        options["feature_input_size"] = (options["feature_input_size"],) * 2
     if args.no_tissue_mask:
         options["tissue_mask"] = False
-    return ModelConfig(class_names=class_names, **options)
+    if args.freeze_features:
+        options["freeze_features"] = True
+    return ModelConfig(class_names=class_names, slide_mpp=_slide_mpp(args), **options)
+
+
+def _slide_mpp(args: argparse.Namespace) -> tuple[tuple[str, float], ...]:
+    from pipeline.app.resolution import read_slide_mpp
+
+    return () if args.slide_mpp is None else read_slide_mpp(args.slide_mpp)
+
+
+def _channels(text: str) -> tuple[float, float, float]:
+    """``"0.485,0.456,0.406"`` -> three floats (argparse type of --feature-mean/std)."""
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected R,G,B (three numbers), got {text!r}")
+    return values
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -123,7 +145,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"{args.labels}: need at least two classes, found {sorted(classes)}")
     options = dict(
         model_config=_model_config(args, tuple(sorted(classes))),
-        train_config=TrainConfig(**_given(args, TRAIN_OPTIONS)),
+        train_config=TrainConfig(
+            **_given(args, TRAIN_OPTIONS), **{f: True for f in TRAIN_FLAGS if getattr(args, f)}
+        ),
         device=args.device,
         resplit=args.resplit,
     )
@@ -177,7 +201,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         summary = predict(
             args.model, args.slides, args.out, overwrite=args.overwrite, device=args.device,
             runner=None if client is None else on_cluster(client, args.device),
-            report=report, **_given(args, ["seed"]),
+            report=report, slide_mpp=_slide_mpp(args),
+            **_given(args, ["seed", "feature_weights", "assume_mpp"]),
         )  # fmt: skip
     for result in summary.failed:
         print(f"{PROG}: failed: {result.error}", file=sys.stderr)
@@ -216,13 +241,51 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--low-res-max-side", type=int,
                    help=f"longer side of the attention view {_default(M, 'low_res_max_side')}")
     g.add_argument("--low-res-level", type=int, help="pyramid level as the attention view")
-    g.add_argument("--low-res-mpp", type=float, help="microns per pixel of the attention view")
+    g.add_argument("--low-res-mpp", type=float,
+                   help="microns per pixel of the attention view, exactly")
     g.add_argument("--patch-level", type=int,
                    help=f"pyramid level of the patches {_default(M, 'patch_level')}")
-    g.add_argument("--patch-mpp", type=float, help="microns per pixel of the patches")
+    g.add_argument("--patch-mpp", type=float,
+                   help="microns per pixel of the patches, exactly (patches resampled)")
     g.add_argument("--no-tissue-mask", action="store_true", help="sample outside tissue too")
     g.add_argument("--entropy", type=float, dest="entropy_strength",
                    help=f"entropy regularizer strength {_default(M, 'entropy_strength')}")
+    g = p.add_argument_group("encoder (docs/encoders.md)")
+    g.add_argument("--feature-net", metavar="NAME",
+                   help=f"small, timm:<name> or module.path:factory {_default(M, 'feature_net')}")
+    g.add_argument("--feature-weights", metavar="PATH",
+                   help="local encoder weights: .safetensors, or .bin/.pth (tensors only)")
+    g.add_argument("--feature-mean", type=_channels, metavar="R,G,B",
+                   help="encoder input mean (default: the timm model's pretrained config)")
+    g.add_argument("--feature-std", type=_channels, metavar="R,G,B",
+                   help="encoder input std (default: the timm model's pretrained config)")
+    g.add_argument("--feature-input-size", type=int, metavar="N",
+                   help="side the encoder sees, patches resized to it (default: timm config)")
+    g.add_argument("--freeze-features", action="store_true",
+                   help="train only the attention net and head (batch norm in eval mode)")
+    _add_mpp_options(p)
+
+
+def _add_mpp_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("slides without mpp metadata (needed by --patch-mpp/--low-res-mpp)")
+    g.add_argument("--slide-mpp", metavar="CSV", help="columns slide,mpp (overrides the files)")
+    g.add_argument("--assume-mpp", type=float, metavar="X",
+                   help="microns per level-0 pixel of slides that state none")
+
+
+def _add_training_extras(p: argparse.ArgumentParser) -> None:
+    T = TrainConfig
+    g = p.add_argument_group("fine-tuning and augmentation")
+    g.add_argument("--feature-lr", type=float,
+                   help="learning rate of a fine-tuned encoder (default: --lr)")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision on CUDA (a no-op with a message on the CPU)")
+    g.add_argument("--augment-flips", action="store_true",
+                   help="random flips and 90-degree rotations of each training slide")
+    g.add_argument("--color-jitter", type=float, metavar="S",
+                   help=f"brightness/contrast/saturation of patches {_default(T, 'color_jitter')}")
+    g.add_argument("--hed-jitter", type=float, metavar="S",
+                   help=f"stain (HED) jitter of patches {_default(T, 'hed_jitter')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"slides per optimizer step {_default(T, 'batch_size')}")
     p.add_argument("--val-fraction", type=float, help=_default(T, "val_fraction"))
     p.add_argument("--seed", type=int, help=_default(T, "seed"))
+    p.add_argument("--queue-depth", type=int, help="batches in flight: 1 reads then computes, "
+                   f"more read ahead while the model computes {_default(T, 'queue_depth')}")
     g = p.add_argument_group("cold start (DESIGN 4b: unbiased; training only)")
     g.add_argument("--exploration", type=float,
                    help=f"weight of uniform sampling over tissue {_default(T, 'exploration')}")
@@ -283,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the labels changed under this run: split again, train from epoch 1")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     _add_model_options(p)
+    _add_training_extras(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of predictions against true labels, with CIs")
@@ -304,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo slides already done")
     p.add_argument("--seed", type=int, help=_default(PredictConfig, "seed"))
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--feature-weights", metavar="PATH",
+                   help="where the run's frozen encoder weights file is now (checked by SHA-256)")
+    _add_mpp_options(p)
     cluster = p.add_mutually_exclusive_group()
     cluster.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler")
     cluster.add_argument("--workers", type=int, metavar="N", help="local Dask worker processes")

@@ -27,8 +27,9 @@ class ModelConfig:
 
     Attributes:
         class_names: label of each output class, in output order.
-        attention_net / feature_net: names in ``models.ATTENTION_NETS`` /
-            ``models.FEATURE_NETS``.
+        attention_net: a name in ``models.ATTENTION_NETS``.
+        feature_net: a name in ``models.FEATURE_NETS``, ``"timm:<model name>"`` or
+            ``"<module.path>:<callable>"`` (``encoders``).
         width: channel width of the default networks.
         patch_size: ``(h, w)`` of each patch in pixels of the patch level.
         n_patches: patches sampled per slide.
@@ -44,9 +45,26 @@ class ModelConfig:
             states its mpp).
         patch_level: index of the pyramid level patches are read from (0 = full
             resolution), used when ``patch_mpp`` is None.
-        patch_mpp: microns per pixel wanted for patches; the closest level at least
-            as fine is used (slides without mpp fall back to ``patch_level``).
+        patch_mpp: microns per pixel of the patches, exactly: read from the
+            coarsest level at least as fine over ``patch_size * patch_mpp`` microns and
+            resampled to ``patch_size`` (``resolution``); e.g. 0.5 with 224 x 224
+            patches on a 0.25 mpp slide reads 448 x 448 level-0 pixels per patch.
         tissue_mask: restrict sampling to tissue (Otsu on saturation of the view).
+        feature_weights: local file of the encoder's initial weights (safetensors,
+            or ``.bin`` / ``.pth`` read with ``torch.load(weights_only=True)``).
+        feature_weights_sha256: its SHA-256, recorded when a run starts; a file that
+            hashes differently is refused.
+        feature_mean / feature_std / feature_input_size: the encoder's input
+            normalisation (per RGB channel, on [0, 1] pixels) and ``(h, w)`` input
+            size, applied inside the model; for ``timm:`` encoders taken from the
+            architecture's pretrained config unless given.
+        freeze_features: the encoder is not trained (batch norm kept in eval mode);
+            with ``feature_weights`` its weights are not copied into the run
+            directory but read from that file, checked against its SHA-256.
+        assume_mpp / slide_mpp: microns per level-0 pixel of slides whose files
+            state none: one value for every such slide, or ``(file name, mpp)`` pairs
+            (``--slide-mpp CSV``) that also override what a file states. Input
+            metadata, not part of the trained model: ``predict`` sets its own.
     """
 
     class_names: tuple[str, ...]
@@ -64,6 +82,14 @@ class ModelConfig:
     patch_level: int = 0
     patch_mpp: float | None = None
     tissue_mask: bool = True
+    feature_weights: str | None = None
+    feature_weights_sha256: str | None = None
+    feature_mean: tuple[float, ...] | None = None
+    feature_std: tuple[float, ...] | None = None
+    feature_input_size: tuple[int, int] | None = None
+    freeze_features: bool = False
+    assume_mpp: float | None = None
+    slide_mpp: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         _as_ints(self, "width", "n_patches", "receptive_field", "low_res_max_side",
@@ -87,6 +113,31 @@ class ModelConfig:
         object.__setattr__(self, "class_names", tuple(self.class_names))
         patch_size = tuple(_index(s, "patch_size") for s in self.patch_size)
         object.__setattr__(self, "patch_size", patch_size)
+        self._check_encoder_and_mpp()
+
+    def _check_encoder_and_mpp(self) -> None:
+        for name in ("feature_mean", "feature_std"):
+            value = getattr(self, name)
+            if value is not None:
+                if len(value) != 3:
+                    raise ConfigError(f"{name}: expected 3 values (R, G, B), got {list(value)}")
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.feature_std is not None and min(self.feature_std) <= 0:
+            raise ConfigError(f"feature_std: expected > 0, got {list(self.feature_std)}")
+        if self.feature_input_size is not None:
+            size = tuple(_index(s, "feature_input_size") for s in self.feature_input_size)
+            if len(size) != 2 or min(size) < 1:
+                raise ConfigError(f"feature_input_size: expected (height, width) >= 1, got {size}")
+            object.__setattr__(self, "feature_input_size", size)
+        for name in ("patch_mpp", "low_res_mpp", "assume_mpp"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name}: expected > 0 microns per pixel, got {value}")
+        pairs = tuple((str(name), float(mpp)) for name, mpp in self.slide_mpp)
+        bad = [f"{name}: {mpp}" for name, mpp in pairs if not mpp > 0]
+        if bad:
+            raise ConfigError(f"slide_mpp: expected > 0 microns per pixel, got {bad[:3]}")
+        object.__setattr__(self, "slide_mpp", pairs)
 
 
 @dataclass(frozen=True)
@@ -122,6 +173,15 @@ class TrainConfig:
         balance: imbalanced classes: ``"none"``, ``"weights"`` (loss weighted by
             ``n / (n_classes * n_class)``) or ``"sampling"`` (each epoch draws its
             slides with replacement, every class equally likely).
+        feature_lr: learning rate of the encoder when it is fine-tuned (default ``lr``).
+        amp: mixed precision (float16 autocast and gradient scaling) on CUDA; a no-op
+            on the CPU.
+        augment_flips: random flips and 90-degree rotations of each training slide
+            (its attention view and its patches alike).
+        color_jitter: strength of the brightness / contrast / saturation jitter of the
+            sampled patches (factors drawn in ``[1 - s, 1 + s]``; 0 = off).
+        hed_jitter: strength of the stain jitter of the sampled patches in HED space
+            (per stain, scale in ``[1 - s, 1 + s]`` and shift in ``[-s, s]``; 0 = off).
     """
 
     epochs: int = 10
@@ -138,11 +198,21 @@ class TrainConfig:
     patience: int = 0
     balance: str = "none"
     queue_depth: int = 3
+    feature_lr: float | None = None
+    amp: bool = False
+    augment_flips: bool = False
+    color_jitter: float = 0.0
+    hed_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         _as_ints(self, "epochs", "batch_size", "seed", "patience", "queue_depth")
         _check_positive(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                         queue_depth=self.queue_depth)  # fmt: skip
+        if self.feature_lr is not None and not self.feature_lr >= 0:
+            raise ConfigError(f"feature_lr: expected >= 0, got {self.feature_lr}")
+        for name in ("color_jitter", "hed_jitter"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}: expected in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: expected in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.exploration <= 1.0:

@@ -16,6 +16,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from pipeline.app.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
@@ -47,6 +49,20 @@ def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[di
     for row in rows:
         writer.writerow({c: row.get(c, "") for c in columns})
     atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def read_table(path: str | os.PathLike, columns: Sequence[str], what: str) -> list[dict[str, str]]:
+    """Rows of a user's CSV ``path`` (``what`` names it in errors) that must exist
+    and have at least ``columns``: ``FileNotFoundError`` / ``UserError`` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    rows = read_csv(path)
+    if not rows or not set(columns) <= set(rows[0]):
+        found = sorted(rows[0]) if rows else "no rows"
+        expected = " and ".join(repr(c) for c in columns)
+        raise UserError(f"{path}: expected columns {expected}, found {found}")
+    return rows
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:

@@ -51,6 +51,7 @@ class SlideResult:
         patches: uint8 [N, ph, pw, 3] the pixels of those patches as the feature
             network saw them (patch level, draw order, same rows as ``boxes``).
         slide_shape: level-0 ``(H, W)``.
+        mpp: microns per pixel of the patches the model saw (None when unknown).
     """
 
     slide: str
@@ -66,6 +67,7 @@ class SlideResult:
     patch_attention: np.ndarray | None = None
     patches: np.ndarray | None = None
     slide_shape: tuple[int, int] = (0, 0)
+    mpp: float | None = None
 
     def row(self, class_names: Sequence[str]) -> dict[str, str]:
         """This result as a ``predictions.csv`` row."""
@@ -74,6 +76,7 @@ class SlideResult:
             row.update(
                 {f"prob_{c}": f"{p:.6f}" for c, p in zip(class_names, self.probs, strict=True)}
             )
+        row["mpp"] = "" if self.mpp is None else f"{self.mpp:.6g}"
         row["error"] = self.error
         return row
 
@@ -133,6 +136,7 @@ def classify_view(
         patch_attention=patch_attention[kept],
         patches=patches[kept],
         slide_shape=tuple(int(s) for s in view.slide.shape[:2]),
+        mpp=view.patch_mpp,
     )
 
 

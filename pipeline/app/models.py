@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import pipeline
+from pipeline.app import encoders
 from pipeline.app.config import ModelConfig
 
 
@@ -74,6 +75,15 @@ ATTENTION_NETS: dict[str, Callable[[int], nn.Module]] = {"small": SmallAttention
 FEATURE_NETS: dict[str, Callable[[int], nn.Module]] = {"small": SmallFeatureCNN}
 
 
+def build_feature_net(config: ModelConfig) -> nn.Module:
+    """The feature network of ``config`` with random weights: a built-in one of
+    ``FEATURE_NETS``, or an external ``encoders.Encoder`` (``timm:`` / factory); it
+    has ``out_features``. Pretrained weights are loaded by ``encoders.load_weights``."""
+    if encoders.is_external(config.feature_net):
+        return encoders.build_external(config)
+    return _build(FEATURE_NETS, "feature", config.feature_net, config.width)
+
+
 def _build(registry: dict[str, Callable[[int], nn.Module]], kind: str, name: str, width: int):
     try:
         factory = registry[name]
@@ -110,12 +120,16 @@ class SlideClassifier(nn.Module):
     resolution); ``prior`` and ``step`` serve exploration in training (the core's
     ``AttentionSampling.draw``; its weights are ``sampler.exploration`` and
     ``sampler.prior_weight``).
+
+    With ``config.freeze_features`` the feature network's parameters do not require
+    gradients and it stays in eval mode (batch norm statistics fixed) whatever
+    ``train()`` is asked.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        feature_net = _build(FEATURE_NETS, "feature", config.feature_net, config.width)
+        features = build_feature_net(config)
         regularizer = (
             pipeline.MultinomialEntropy(config.entropy_strength)
             if config.entropy_strength > 0
@@ -123,14 +137,22 @@ class SlideClassifier(nn.Module):
         )
         self.sampler = pipeline.attention_sampling(
             _build(ATTENTION_NETS, "attention", config.attention_net, config.width),
-            feature_net,
+            features,
             patch_size=config.patch_size,
             n_patches=config.n_patches,
             replace=config.replace,
             attention_regularizer=regularizer,
             receptive_field=config.receptive_field,
         )
-        self.head = nn.Linear(feature_net.out_features, len(config.class_names))
+        self.head = nn.Linear(features.out_features, len(config.class_names))
+        if config.freeze_features:
+            features.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> SlideClassifier:
+        super().train(mode)
+        if self.config.freeze_features:
+            self.feature_net.eval()
+        return self
 
     @property
     def attention_net(self) -> nn.Module:
@@ -162,7 +184,7 @@ class LowResClassifier(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.feature_net = _build(FEATURE_NETS, "feature", config.feature_net, config.width)
+        self.feature_net = build_feature_net(config)
         self.head = nn.Linear(self.feature_net.out_features, len(config.class_names))
 
     def forward(self, x_low: torch.Tensor) -> torch.Tensor:

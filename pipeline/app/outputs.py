@@ -37,8 +37,9 @@ SCALE_KEY = "Description"
 
 
 def prediction_columns(class_names: Sequence[str]) -> list[str]:
-    """``slide, path, status, label, prob_<class>..., error``."""
-    return [*BASE_COLUMNS, *(f"prob_{c}" for c in class_names), "error"]
+    """``slide, path, status, label, prob_<class>..., mpp, error`` (``mpp``: microns per
+    pixel of the patches, empty when the slide's is unknown)."""
+    return [*BASE_COLUMNS, *(f"prob_{c}" for c in class_names), "mpp", "error"]
 
 
 def heatmap_path(out_dir: str | os.PathLike, slide: str) -> Path:

@@ -11,6 +11,7 @@ every finished slide, and a row with status ``ok`` always has its files. At the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -130,6 +131,9 @@ def predict(
     progress: bool = True,
     runner: Runner | None = None,
     report: ReportConfig = ReportConfig(),  # noqa: B008 (frozen, never mutated)
+    feature_weights: str | os.PathLike | None = None,
+    assume_mpp: float | None = None,
+    slide_mpp: Sequence[tuple[str, float]] = (),
 ) -> PredictSummary:
     """Classify every slide of ``slides`` (files and/or directories) into ``out_dir``.
 
@@ -143,6 +147,11 @@ def predict(
             cluster); results are written here as they come.
         report: heatmap size and colour scale, and whether ``report.html`` is
             rebuilt at the end (also when every slide was already done).
+        feature_weights: where the run's encoder weights file is now, for a run
+            directory whose frozen encoder is read from it (``checkpoint.load_model``).
+        assume_mpp / slide_mpp: microns per pixel of slides whose files state none
+            (``ModelConfig``); they replace the model config's own, so slides of
+            unknown mpp get error rows unless given here.
 
     Returns a ``PredictSummary``; slides that failed are in ``summary.failed`` and
     have ``error`` rows in ``predictions.csv``.
@@ -152,7 +161,10 @@ def predict(
     from pipeline.app.checkpoint import load_model
 
     if not isinstance(model, SlideClassifier):
-        model, _ = load_model(model, resolve_device(device))
+        model, _ = load_model(model, resolve_device(device), feature_weights=feature_weights)
+    model.config = dataclasses.replace(
+        model.config, assume_mpp=assume_mpp, slide_mpp=tuple(slide_mpp)
+    )
     model.eval()
     paths = list_slides(slides)
     store = PredictionStore(out_dir, model.config.class_names, report.heatmap_scale)

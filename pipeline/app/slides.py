@@ -2,9 +2,10 @@
 
 The attention view is the slide's thumbnail (``Slide.thumbnail``, bounded memory
 for any slide) plus its tissue mask; patches come from one pyramid level chosen by
-index or microns per pixel. The mapping of attention cells to that level is the
-core's (``x_low`` size vs the level's size), so any aspect ratio and any level
-downsample work.
+index, or from a view at exactly the requested microns per pixel (``resolution``;
+a slide whose mpp is unknown, and not given by the user, is a ``UserError``). The
+mapping of attention cells to that level is the core's (``x_low`` size vs the level's
+size), so any aspect ratio and any level downsample work.
 
 ``prefetch`` reads the next slide's view in a background thread while the caller
 computes on the current one: thumbnails are mostly file reads and JPEG decoding,
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import torch
 
+from pipeline.app import resolution
 from pipeline.app.config import ModelConfig
 from pipeline.app.tissue import tissue_mask
 
@@ -41,14 +43,17 @@ class SlideView:
         slide: the open ``readers.Slide`` (closed by ``close`` / the context manager).
         thumbnail: uint8 [h, w, 3], the attention view.
         tissue: bool [h, w], True on tissue (all True when the mask is off).
-        patch_level: the ``readers.Level`` patches are read from.
+        patch_level: what patches are read from: a ``readers.Level``, or a
+            ``resolution.ResampledLevel`` at the requested mpp.
+        patch_mpp: microns per pixel of the patches (None when the slide's is unknown).
     """
 
     path: Path
     slide: readers.Slide
     thumbnail: np.ndarray
     tissue: np.ndarray
-    patch_level: readers.Level
+    patch_level: readers.Level | resolution.ResampledLevel
+    patch_mpp: float | None = None
 
     def x_low(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """``float [1, 3, h, w]`` on ``device``: the thumbnail's RGB in [0, 1]."""
@@ -94,11 +99,8 @@ MAX_VIEW_PIXELS = 4096 * 4096
 """Largest attention view read when a level is asked for by index or mpp."""
 
 
-def choose_level(slide: readers.Slide, mpp: float | None, index: int, what: str) -> readers.Level:
-    """The level of ``slide`` at ``mpp`` microns per pixel (the coarsest at least
-    as fine) when both it and the slide's mpp are known, else level ``index``."""
-    if mpp is not None and slide.mpp is not None:
-        return slide.levels[slide.level_for_mpp(mpp)]
+def choose_level(slide: readers.Slide, index: int, what: str) -> readers.Level:
+    """Level ``index`` of ``slide``; ``what`` names its use in the error."""
     if index >= len(slide.levels):
         raise ValueError(
             f"{slide.path}: {what} level {index} requested, "
@@ -107,21 +109,44 @@ def choose_level(slide: readers.Slide, mpp: float | None, index: int, what: str)
     return slide.levels[index]
 
 
-def attention_view(slide: readers.Slide, config: ModelConfig) -> np.ndarray:
+def attention_view(slide: readers.Slide, config: ModelConfig, mpp0: float | None) -> np.ndarray:
     """The attention view, uint8 [h, w, 3]: the thumbnail of longer side
-    ``low_res_max_side``, or the whole level chosen by ``low_res_mpp`` /
-    ``low_res_level`` when either is set (at most ``MAX_VIEW_PIXELS``)."""
-    if config.low_res_mpp is None and config.low_res_level is None:
+    ``low_res_max_side``; the whole slide at exactly ``low_res_mpp`` microns per
+    pixel (``mpp0`` is the slide's level-0 mpp) or the whole level ``low_res_level``
+    when either is set (at most ``MAX_VIEW_PIXELS``)."""
+    if config.low_res_mpp is not None:
+        mpp0 = resolution.require_mpp(mpp0, slide.path, "--low-res-mpp", config.low_res_mpp)
+        h, w = resolution.view_shape(slide, mpp0, config.low_res_mpp)
+        what = f"at {config.low_res_mpp:g} mpp"
+    elif config.low_res_level is not None:
+        h, w = choose_level(slide, config.low_res_level, "attention").shape[:2]
+        what = f"level {config.low_res_level}"
+    else:
         side = config.low_res_max_side
         return slide.thumbnail((side, side))
-    level = choose_level(slide, config.low_res_mpp, config.low_res_level or 0, "attention")
-    h, w = level.shape[:2]
     if h * w > MAX_VIEW_PIXELS:
         raise ValueError(
-            f"{slide.path}: the attention level {level.index} is {h} x {w} pixels, more than "
+            f"{slide.path}: the attention view {what} is {h} x {w} pixels, more than "
             f"{MAX_VIEW_PIXELS} for a low-resolution view; ask for a coarser level or mpp"
         )
-    return slide.thumbnail((h, w))  # exactly that level, already that small
+    return slide.thumbnail((h, w))  # a stored level of that size is returned as it is
+
+
+def patch_view(
+    slide: readers.Slide, config: ModelConfig, mpp0: float | None
+) -> tuple[readers.Level | resolution.ResampledLevel, float | None]:
+    """What patches are read from and its microns per pixel: the view at exactly
+    ``patch_mpp`` when set (``resolution.patch_source``), else level ``patch_level``."""
+    if config.patch_mpp is not None:
+        mpp0 = resolution.require_mpp(mpp0, slide.path, "--patch-mpp", config.patch_mpp)
+        return resolution.patch_source(slide, mpp0, config.patch_mpp)
+    level = choose_level(slide, config.patch_level, "patch")
+    return level, None if mpp0 is None else mpp0 * float(level.downsample)
+
+
+def level0_mpp(slide: readers.Slide, config: ModelConfig) -> float | None:
+    """The slide's level-0 mpp as the user's options and the file give it."""
+    return resolution.slide_mpp(slide, slide.path, config.assume_mpp, config.slide_mpp)
 
 
 def open_view(path: str | os.PathLike, config: ModelConfig) -> SlideView:
@@ -134,12 +159,13 @@ def open_view(path: str | os.PathLike, config: ModelConfig) -> SlideView:
 
     slide = readers.open_slide(path)
     try:
-        thumbnail = attention_view(slide, config)
+        mpp0 = level0_mpp(slide, config)
+        thumbnail = attention_view(slide, config, mpp0)
         tissue = (
             tissue_mask(thumbnail) if config.tissue_mask else np.ones(thumbnail.shape[:2], bool)
         )
-        patch_level = choose_level(slide, config.patch_mpp, config.patch_level, "patch")
-        return SlideView(Path(path), slide, thumbnail, tissue, patch_level)
+        patch_level, patch_mpp = patch_view(slide, config, mpp0)
+        return SlideView(Path(path), slide, thumbnail, tissue, patch_level, patch_mpp)
     except BaseException:
         slide.close()
         raise

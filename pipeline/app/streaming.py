@@ -50,11 +50,12 @@ import torch
 import torch.nn.functional as F
 
 import pipeline
+from pipeline.app.augment import Augmentation
 from pipeline.app.config import ModelConfig
 from pipeline.app.files import atomic_write_bytes
 from pipeline.app.models import SlideClassifier
 from pipeline.app.priors import slide_prior
-from pipeline.app.slides import open_view
+from pipeline.app.slides import level0_mpp, open_view, patch_view
 
 if TYPE_CHECKING:
     import distributed
@@ -67,12 +68,10 @@ GLASS = 255
 
 @dataclass(frozen=True)
 class CachedView:
-    """A slide's attention view: thumbnail uint8 [h, w, 3], tissue bool [h, w], and
-    the index of its patch level."""
+    """A slide's attention view: thumbnail uint8 [h, w, 3] and tissue bool [h, w]."""
 
     thumbnail: np.ndarray
     tissue: np.ndarray
-    patch_level: int
 
 
 class ViewCache:
@@ -84,8 +83,8 @@ class ViewCache:
     plain arrays and are read with ``allow_pickle=False``.
     """
 
-    FIELDS = ("low_res_max_side", "low_res_level", "low_res_mpp", "patch_level", "patch_mpp",
-              "tissue_mask")  # fmt: skip
+    FIELDS = ("low_res_max_side", "low_res_level", "low_res_mpp", "tissue_mask", "assume_mpp",
+              "slide_mpp")  # fmt: skip
 
     def __init__(self, directory: str | os.PathLike, config: ModelConfig) -> None:
         self.directory = Path(directory)
@@ -102,14 +101,13 @@ class ViewCache:
         file = self.directory / f"{self.key(path)}.npz"
         try:
             with np.load(file, allow_pickle=False) as data:
-                return CachedView(data["thumbnail"], data["tissue"], int(data["patch_level"]))
+                return CachedView(data["thumbnail"], data["tissue"])
         except (FileNotFoundError, OSError, KeyError, ValueError):
             pass  # absent or unreadable (e.g. a crash mid-write elsewhere): recompute
         with open_view(path, self.config) as view:
-            cached = CachedView(view.thumbnail, view.tissue, view.patch_level.index)
+            cached = CachedView(view.thumbnail, view.tissue)
         buffer = io.BytesIO()
-        np.savez(buffer, thumbnail=cached.thumbnail, tissue=cached.tissue,
-                 patch_level=np.int64(cached.patch_level))  # fmt: skip
+        np.savez(buffer, thumbnail=cached.thumbnail, tissue=cached.tissue)
         atomic_write_bytes(file, buffer.getvalue())
         return cached
 
@@ -127,7 +125,7 @@ class SlideHandles:
         self.max_open = max_open
         self._open: OrderedDict[str, readers.Slide] = OrderedDict()
 
-    def level(self, path: str | os.PathLike, index: int) -> readers.Level:
+    def slide(self, path: str | os.PathLike) -> readers.Slide:
         import readers
 
         key = os.path.abspath(path)
@@ -137,7 +135,7 @@ class SlideHandles:
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()
         self._open.move_to_end(key)
-        return slide.levels[index]
+        return slide
 
     def __len__(self) -> int:
         return len(self._open)
@@ -203,11 +201,13 @@ class Reader:
         self.handles = SlideHandles(max_open)
         self._pool = None if client else ThreadPoolExecutor(1, thread_name_prefix="ats-read")
 
-    def submit(self, model: SlideClassifier, paths, levels, ratios, plan, low_size) -> Future:
-        """Read the patches of ``plan`` (slides ``paths`` at patch ``levels``, views
-        padded by ``ratios`` to ``low_size``); the future gives ``_read_batch``'s pair."""
-        args = (paths, levels, ratios, plan.samples.cpu(), plan.attention_size, low_size,
-                model.config.patch_size, model.config.receptive_field)  # fmt: skip
+    def submit(self, config: ModelConfig, paths, transforms, ratios, plan, low_size,
+               augmentation: Augmentation) -> Future:  # fmt: skip
+        """Read the patches of ``plan``: slides ``paths`` seen as ``config`` reads
+        patches, through their augmentation ``transforms`` and padded by ``ratios`` to
+        ``low_size``. The future gives ``_read_batch``'s pair."""
+        args = (config, augmentation, paths, transforms, ratios, plan.samples.cpu(),
+                plan.attention_size, low_size)  # fmt: skip
         if self.client is not None:
             return self.client.submit(_read_on_worker, *args, pure=False)
         return self._pool.submit(_read_batch, self.handles, *args)
@@ -218,15 +218,16 @@ class Reader:
         self.handles.close()
 
 
-def _read_batch(handles, paths, levels, ratios, samples, attention_size, low_size,
-                patch_size, receptive_field):  # fmt: skip
+def _read_batch(handles, config, augmentation, paths, transforms, ratios, samples,
+                attention_size, low_size):  # fmt: skip
     """Patches ``[B, N, 3, p, p]`` (float in [0, 1]) and offsets ``[B, N, 2]`` of a batch."""
-    sources = [
-        PaddedSource(handles.level(path, level), ratio)
-        for path, level, ratio in zip(paths, levels, ratios, strict=True)
-    ]
+    sources = []
+    for path, transform, ratio in zip(paths, transforms, ratios, strict=True):
+        slide = handles.slide(path)
+        source, _ = patch_view(slide, config, level0_mpp(slide, config))
+        sources.append(PaddedSource(augmentation.source(source, transform), ratio))
     return pipeline.gather_patches(
-        sources, samples, attention_size, low_size, patch_size, receptive_field
+        sources, samples, attention_size, low_size, config.patch_size, config.receptive_field
     )
 
 
@@ -272,6 +273,7 @@ def stream_epoch(
     depth: int = 3,
     reader: Reader | None = None,
     warn: Callable[[str], None] = print,
+    augmentation: Augmentation = Augmentation(),  # noqa: B008 (frozen)
     prior: str = "none",
     first_slide: int = 0,
     class_weights: np.ndarray | None = None,
@@ -283,11 +285,13 @@ def stream_epoch(
     batches in flight (1: serial). See the module docstring.
 
     ``views`` has ``load(path) -> CachedView`` (a ``ViewCache``, or views held in
-    memory). ``prior`` names the content prior of exploration (``priors``);
-    ``first_slide`` counts the slides trained on before this epoch (the exploration
-    schedules' step). ``class_weights`` (float [n_classes]) weighs each slide's loss.
-    ``amp``: mixed precision on CUDA. A slide that cannot be read (view or tiles) is
-    skipped with a ``warn`` message; training goes on. ``on_step`` is called after
+    memory). ``augmentation`` transforms each slide (its view when planned, its patch
+    source when read: attention and patches stay aligned). ``prior`` names the
+    content prior of exploration (``priors``); ``first_slide`` counts the slides
+    trained on before this epoch (the exploration schedules' step). ``class_weights``
+    (float [n_classes]) weighs each slide's loss. ``amp``: mixed precision on CUDA.
+    A slide that cannot be read (view or tiles) is skipped with a ``warn`` message;
+    training goes on. ``on_step`` is called after
     every optimizer step (benchmarks). Returns one ``StepResult`` per slide trained on.
     """
     from tqdm import tqdm
@@ -302,13 +306,14 @@ def stream_epoch(
     results: list[StepResult] = []
     steps, planned_slides = 0, first_slide
     bar = tqdm(total=len(items), unit="slide", leave=False, disable=not progress)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: N patches of one size
     try:
         while True:
             while len(queue) < depth:
                 planned = _plan_next(model, batches, views, generator, device, reader, steps,
-                                     planned_slides, prior, warn)  # fmt: skip
+                                     planned_slides, prior, augmentation, warn)  # fmt: skip
                 if planned is None:
                     break
                 planned_slides += len(planned.items)
@@ -323,7 +328,7 @@ def stream_epoch(
                 warn(f"skipping {[str(i.path) for i in planned.items]}: {type(e).__name__}: {e}")
                 continue
             results += _train_step(model, optimizer, planned, patches, offsets, steps, device,
-                                   class_weights, amp)  # fmt: skip
+                                   class_weights, scaler)  # fmt: skip
             steps += 1
             if on_step is not None:
                 on_step()
@@ -336,7 +341,7 @@ def stream_epoch(
 
 
 def _plan_next(model, batches: Iterator, views, generator, device, reader, steps, slides,
-               prior, warn):  # fmt: skip
+               prior, augmentation, warn):  # fmt: skip
     """Plan the next batch that has readable views, or None at the end."""
     for batch in batches:
         loaded = []
@@ -348,6 +353,8 @@ def _plan_next(model, batches: Iterator, views, generator, device, reader, steps
         if not loaded:
             continue
         items, cached = zip(*loaded, strict=True)
+        transforms = [augmentation.choose(generator) for _ in cached]
+        cached = [_transformed(v, augmentation, t) for v, t in zip(cached, transforms, strict=True)]
         x_low, mask, (h, w) = stack_views(cached, device)
         priors = None
         if prior != "none":
@@ -357,27 +364,37 @@ def _plan_next(model, batches: Iterator, views, generator, device, reader, steps
                 priors[i, : prior_map.shape[0], : prior_map.shape[1]] = torch.from_numpy(prior_map)
         plan = model.sampler.plan(x_low, mask, generator, priors, step=slides)
         ratios = [(h / v.tissue.shape[0], w / v.tissue.shape[1]) for v in cached]
-        read = reader.submit(model, [i.path for i in items], [v.patch_level for v in cached],
-                             ratios, plan, (h, w))  # fmt: skip
+        read = reader.submit(model.config, [i.path for i in items], transforms, ratios, plan,
+                             (h, w), augmentation)  # fmt: skip
         return _Planned(list(items), x_low, mask, plan, read, steps)
     return None
 
 
+def _transformed(view: CachedView, augmentation: Augmentation, transform) -> CachedView:
+    """``view`` under the slide's augmentation ``transform`` (geometry only)."""
+    if transform is None:
+        return view
+    thumbnail = augmentation.image(torch.from_numpy(view.thumbnail).permute(2, 0, 1), transform)
+    tissue = augmentation.image(torch.from_numpy(view.tissue), transform)
+    return CachedView(thumbnail.permute(1, 2, 0).numpy(), tissue.numpy())
+
+
 def _train_step(model, optimizer, planned: _Planned, patches, offsets, steps, device,
-                class_weights, amp):  # fmt: skip
+                class_weights, scaler):  # fmt: skip
     if device.type == "cuda":
         # Pinned host memory lets the copy overlap the kernels still running.
         patches = patches.pin_memory().to(device, non_blocking=True)
     target = torch.tensor([i.label for i in planned.items], device=device)
-    with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+    with torch.autocast(device.type, enabled=scaler.is_enabled()):
         out = model.sampler.estimate(planned.x_low, patches, offsets, planned.plan,
                                      planned.mask, stale=planned.step != steps)  # fmt: skip
         logits = model.head(out.features)
     losses = F.cross_entropy(logits.float(), target, reduction="none")  # [B]
     weighted = losses if class_weights is None else losses * _on(class_weights, device)[target]
     optimizer.zero_grad(set_to_none=True)
-    (weighted.mean() + out.regularizer).backward()
-    optimizer.step()
+    scaler.scale(weighted.mean() + out.regularizer).backward()
+    scaler.step(optimizer)
+    scaler.update()
     probs = logits.detach().float().softmax(1).cpu().numpy()
     entropy = float(out.regularizer.detach())
     return [

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 import pipeline
-from pipeline.app import checkpoint
+from pipeline.app import checkpoint, encoders
+from pipeline.app.augment import Augmentation
 from pipeline.app.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.app.errors import UserError
 from pipeline.app.evaluation import point_metrics
@@ -49,7 +50,7 @@ from pipeline.app.inference import slide_seed
 from pipeline.app.labels import LabelRow, LabelTable, read_labels
 from pipeline.app.models import SlideClassifier
 from pipeline.app.runtime import resolve_device
-from pipeline.app.slides import low_res_tensor, open_view, sampling_mask
+from pipeline.app.slides import level0_mpp, low_res_tensor, open_view, patch_view, sampling_mask
 from pipeline.app.streaming import CachedView, Reader, StepResult, StreamItem, stream_epoch
 
 METRICS_FILE = "metrics.csv"
@@ -69,7 +70,6 @@ class LabelledSlide:
     Attributes:
         path: the slide file; ``label``: class index.
         thumbnail: uint8 [h, w, 3]; ``tissue``: bool [h, w].
-        patch_level: index of the level patches are read from.
         name / case: the slide's name and its case (``labels.LabelRow``).
     """
 
@@ -77,13 +77,12 @@ class LabelledSlide:
     label: int
     thumbnail: np.ndarray
     tissue: np.ndarray
-    patch_level: int
     name: str
     case: str
 
     @property
     def view(self) -> CachedView:
-        return CachedView(self.thumbnail, self.tissue, self.patch_level)
+        return CachedView(self.thumbnail, self.tissue)
 
 
 def load_slides(
@@ -110,7 +109,7 @@ def load_slides(
                 slides.append(
                     LabelledSlide(
                         row.path, config.class_names.index(row.label), view.thumbnail,
-                        view.tissue, view.patch_level.index, row.name, row.case,
+                        view.tissue, row.name, row.case,
                     )
                 )  # fmt: skip
         except Exception as e:  # every unreadable slide is reported and skipped
@@ -187,11 +186,11 @@ def run_slide(
     import readers
 
     x_low = low_res_tensor(slide.thumbnail, device)
+    mask = sampling_mask(slide.tissue, device)
     target = torch.tensor([slide.label], device=device)
     with readers.open_slide(slide.path) as opened:
-        out = model.classify(
-            x_low, opened.levels[slide.patch_level], sampling_mask(slide.tissue, device), generator
-        )
+        source, _ = patch_view(opened, model.config, level0_mpp(opened, model.config))
+        out = model.classify(x_low, source, mask, generator)
         loss = F.cross_entropy(out.logits, target)
         regularizer = out.draw.regularizer
     probs = out.logits.detach().softmax(1)[0].cpu().numpy()
@@ -231,17 +230,30 @@ def resolve_run(
         saved = checkpoint.read_config(out)
         epochs = (train_config or saved.train).epochs
         return RunConfig(saved.model, replace(saved.train, epochs=epochs)), True
-    model_config = model_config or ModelConfig(class_names=tuple(classes))
+    model_config = encoders.resolve(model_config or ModelConfig(class_names=tuple(classes)))
     return RunConfig(model_config, train_config or TrainConfig()), False
 
 
 def new_model(config: ModelConfig, seed: int, device: torch.device) -> SlideClassifier:
-    """A freshly initialised classifier; its weights depend on ``seed`` only."""
+    """A freshly initialised classifier; its weights depend on ``seed`` only, and on
+    the encoder's weights file when ``config.feature_weights`` names one."""
     # The networks initialise from torch's global generator: fork it, so that the
     # caller's random state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SlideClassifier(config).to(device)
+        model = SlideClassifier(config)
+    if config.feature_weights is not None:
+        encoders.load_weights(model.feature_net, config.feature_weights)
+    return model.to(device)
+
+
+def make_optimizer(model: SlideClassifier, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the attention net and head at ``lr`` and the encoder's trainable
+    parameters at ``feature_lr`` (none when it is frozen)."""
+    encoder = {id(p) for p in model.feature_net.parameters()}
+    others = [p for p in model.parameters() if id(p) not in encoder]
+    groups = encoders.parameter_groups(others, model.feature_net, config.lr, config.feature_lr)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def set_exploration(model: SlideClassifier, n_slides: int, config: TrainConfig) -> None:
@@ -298,8 +310,10 @@ def train_epoch(
         model, optimizer, [StreamItem(slides[i].path, slides[i].label) for i in order],
         _Views(views), config.batch_size,
         torch.Generator(device).manual_seed(slide_seed(config.seed, f"epoch-{epoch}")),
-        device, depth=config.queue_depth, reader=reader, warn=warn, prior=config.prior,
-        first_slide=(epoch - 1) * len(slides), class_weights=weights, progress=progress,
+        device, depth=config.queue_depth, reader=reader, warn=warn,
+        augmentation=Augmentation.from_config(config), prior=config.prior,
+        first_slide=(epoch - 1) * len(slides), class_weights=weights, amp=config.amp,
+        progress=progress,
     )  # fmt: skip
 
 
@@ -492,11 +506,13 @@ def fit(
     if resuming:
         last = checkpoint.LAST_MODEL_FILE  # runs of earlier versions have only the one file
         weights = last if (out / last).is_file() else checkpoint.MODEL_FILE
-        model, _ = checkpoint.load_model(out, device, weights)
+        model, _ = checkpoint.load_model(out, device, weights_file=weights)
     else:
         model = new_model(run_config.model, cfg.seed, device)
     set_exploration(model, len(train_set), cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
+    if cfg.amp and device.type != "cuda":
+        log(f"amp: mixed precision needs CUDA; training in float32 on {device}")
     if resuming:
         checkpoint.load_optimizer(out, optimizer)
         state = json.loads((out / STATE_FILE).read_text())

@@ -23,7 +23,7 @@ def test_atomic_target_keeps_old_file_on_error(tmp_path):
 
 def test_csv_round_trip(tmp_path):
     columns = outputs.prediction_columns(["neg", "pos"])
-    assert columns == ["slide", "path", "status", "label", "prob_neg", "prob_pos", "error"]
+    assert columns == ["slide", "path", "status", "label", "prob_neg", "prob_pos", "mpp", "error"]
     rows = [{"slide": "a", "status": "ok", "prob_neg": "0.25"}, {"slide": "b", "error": "x, y"}]
     files.write_csv(tmp_path / "p.csv", columns, rows)
     back = files.read_csv(tmp_path / "p.csv")

@@ -33,7 +33,7 @@ def test_levels_by_index_and_by_mpp(dataset, small_model_config):
         assert view.patch_level.index == 1 and view.level0_scale == 2.0
     config = dataclasses.replace(small_model_config, low_res_mpp=1.5, tissue_mask=False)
     with open_view(dataset / "slide_001.tiff", config) as view:
-        assert view.thumbnail.shape == (512, 512, 3)  # level 1: the coarsest at most 1.5
+        assert view.thumbnail.shape == (341, 341, 3)  # exactly 1.5 mpp: 1024 * 0.5 / 1.5
         assert view.tissue.all() and view.mask() is None  # mask off: sample anywhere
 
 
@@ -43,7 +43,7 @@ def test_bad_level_choices_name_the_file(dataset, small_model_config, monkeypatc
     with pytest.raises(ValueError, match=r"slide_001.tiff: patch level 5 requested, .* 0..2"):
         open_view(path, config)
     monkeypatch.setattr("pipeline.app.slides.MAX_VIEW_PIXELS", 1000 * 1000)
-    with pytest.raises(ValueError, match=r"slide_001.tiff: the attention level 0 is 1024 x 1024"):
+    with pytest.raises(ValueError, match=r"slide_001.tiff: the attention view level 0 is 1024 x"):
         open_view(path, dataclasses.replace(small_model_config, low_res_level=0))
     assert MAX_VIEW_PIXELS >= 4096 * 4096
 

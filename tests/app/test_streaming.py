@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.app.labels import read_labels
-from pipeline.app.slides import low_res_tensor, sampling_mask
+from pipeline.app.slides import level0_mpp, low_res_tensor, patch_view, sampling_mask
 from pipeline.app.streaming import (
     PaddedSource,
     Reader,
@@ -54,8 +54,8 @@ def _serial_reference(model, labelled, order, generator):
     for i in order:
         slide = labelled[i]
         with readers.open_slide(slide.path) as opened:
-            out = model.classify(low_res_tensor(slide.thumbnail),
-                                 opened.levels[slide.patch_level],
+            source, _ = patch_view(opened, model.config, level0_mpp(opened, model.config))
+            out = model.classify(low_res_tensor(slide.thumbnail), source,
                                  sampling_mask(slide.tissue), generator)  # fmt: skip
             loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([slide.label]))
             optimizer.zero_grad()
@@ -133,7 +133,7 @@ def test_handles_stay_bounded(labelled):
     before = _open_files()
     for _ in range(3):
         for slide in labelled:
-            level = handles.level(slide.path, 0)
+            level = handles.slide(slide.path).levels[0]
             assert level.read_patches(np.array([[0, 0]]), (8, 8)).shape == (1, 8, 8, 3)
             assert len(handles) <= 2
     assert _open_files() - before <= 2 * 2  # at most two slides' descriptors
@@ -166,10 +166,22 @@ def test_view_cache_reads_once_and_notices_a_changed_file(
 
 def test_padded_source_keeps_the_mapping(labelled):
     handles = SlideHandles()
-    level = handles.level(labelled[0].path, 0)
+    level = handles.slide(labelled[0].path).levels[0]
     padded = PaddedSource(level, (1.5, 1.0))
     assert padded.shape == (round(level.shape[0] * 1.5), level.shape[1], 3)
     offsets = np.array([[10, 20], [level.shape[0] - 4, 0]])
     np.testing.assert_array_equal(padded.read_patches(offsets, (8, 8)),
                                   level.read_patches(offsets, (8, 8)))  # fmt: skip
     handles.close()
+
+
+def test_augmented_batches_train(labelled, small_model_config, tmp_path):
+    from pipeline.app.augment import Augmentation
+
+    model = new_model(small_model_config, 0, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results, _ = _stream(model, labelled, ViewCache(tmp_path, small_model_config),
+                         range(len(labelled)), batch_size=4, depth=2,
+                         augmentation=Augmentation(flips=True, color_jitter=0.2, hed_jitter=0.05))
+    assert len(results) == len(labelled) and all(np.isfinite(r.loss) for r in results)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

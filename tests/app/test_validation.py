@@ -222,7 +222,7 @@ def test_fewer_than_two_readable_classes_refuses(dataset, tmp_path, small_model_
 def fake_slides(labels):
     """LabelledSlides that are never read (only their labels matter here)."""
     empty = np.zeros((1, 1, 3), np.uint8)
-    return [LabelledSlide(None, y, empty, empty[..., 0] > 0, 0, f"s{i}", f"s{i}")
+    return [LabelledSlide(None, y, empty, empty[..., 0] > 0, f"s{i}", f"s{i}")
             for i, y in enumerate(labels)]  # fmt: skip
 
 
