@@ -20,7 +20,7 @@ from pipeline.app import demo_dataset, outputs
 from pipeline.app.baseline import low_res_accuracy, train_low_res
 from pipeline.app.config import DemoConfig, ModelConfig, TrainConfig
 from pipeline.app.files import read_csv
-from pipeline.app.inference import slide_name
+from pipeline.app.inputs import slide_name
 from pipeline.app.prediction import predict
 from pipeline.app.runtime import default_device
 from pipeline.app.training import load_slides, read_labels, train

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.app.boxes import patch_boxes
+from pipeline.app.inputs import slide_name
 from pipeline.app.models import SlideClassifier
 from pipeline.app.slides import SlideView, open_view, prefetch
 
@@ -72,15 +73,6 @@ class SlideResult:
 
 Runner = Callable[[SlideClassifier, Sequence[Path], int], Iterator[SlideResult]]
 """``runner(model, paths, seed)`` yields one ``SlideResult`` per path, in any order."""
-
-
-def slide_name(path: str | os.PathLike) -> str:
-    """Output name of a slide: its file name without the suffix."""
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def slide_seed(seed: int, path: str | os.PathLike) -> int:

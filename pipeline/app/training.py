@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pipeline.app import checkpoint
 from pipeline.app.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.app.errors import UserError
-from pipeline.app.files import atomic_write_bytes, read_csv, write_csv
+from pipeline.app.files import atomic_write_bytes, ensure_directory, read_table, write_csv
 from pipeline.app.inference import slide_seed
 from pipeline.app.models import SlideClassifier
 from pipeline.app.runtime import resolve_device
@@ -65,13 +65,7 @@ def read_labels(
 ) -> list[tuple[Path, str]]:
     """``(slide path, label)`` pairs of a CSV with columns ``slide`` and ``label``;
     relative slide names are taken inside ``slides_dir``."""
-    labels_csv = Path(labels_csv)
-    if not labels_csv.is_file():
-        raise FileNotFoundError(f"{labels_csv}: labels CSV not found")
-    rows = read_csv(labels_csv)
-    if not rows or not {"slide", "label"} <= set(rows[0]):
-        found = sorted(rows[0]) if rows else "no rows"
-        raise UserError(f"{labels_csv}: expected columns 'slide' and 'label', found {found}")
+    rows = read_table(labels_csv, required=("slide", "label"))
     return [(Path(slides_dir) / r["slide"], r["label"].strip()) for r in rows]
 
 
@@ -256,7 +250,7 @@ def train(
     from tqdm import tqdm
 
     log = log or tqdm.write
-    out = Path(out)
+    out = ensure_directory(out)
     device = resolve_device(device)
     pairs = read_labels(labels, slides)
     run_config, resuming = resolve_run(out, pairs, model_config, train_config)

@@ -235,21 +235,17 @@ def test_real_svs_without_pyramid(run, cmu_svs):
     assert (y + h > 0).all() and (y < 2967).all() and (x + w > 0).all() and (x < 2220).all()
 
 
-def test_list_slides(tmp_path):
-    from pipeline.app.prediction import list_slides
+def test_list_inputs(tmp_path):
+    from pipeline.app.inputs import list_inputs
 
     (tmp_path / "a").mkdir()
     for name in ("x.svs", "y.tiff", "notes.txt", ".hidden.svs"):
         (tmp_path / "a" / name).write_text("")
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "x.ndpi").write_text("")
     a = tmp_path / "a"
-    assert list_slides([a]) == [a / "x.svs", a / "y.tiff"]
-    assert list_slides([a, a / "y.tiff"]) == [a / "x.svs", a / "y.tiff"]  # once
-    with pytest.raises(ValueError, match="two inputs share the output name 'x'"):
-        list_slides([a, tmp_path / "b"])
-    with pytest.raises(FileNotFoundError, match="nope.svs"):
-        list_slides([tmp_path / "nope.svs"])
+    assert [(i.path, i.name, i.error) for i in list_inputs([a])] == [
+        (a / "x.svs", "x", ""), (a / "y.tiff", "y", "")
+    ]
+    assert [i.path for i in list_inputs([a, a / "y.tiff"])] == [a / "x.svs", a / "y.tiff"]  # once
 
 
 def test_fewer_tissue_cells_than_patches(run, dataset):
