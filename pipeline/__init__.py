@@ -5,36 +5,54 @@ Public API (DESIGN section 3): ``sample``, ``expectation``, ``Expectation``,
 ``MultinomialEntropy``; plus the ``PatchSource`` protocol that lazy slide levels
 satisfy, the cell-to-patch mapping ``patch_offsets``, ``sample_patches`` (the
 function behind ``SamplePatches``), ``mask_attention`` (restrict sampling to a mask),
-``mask_on_grid`` (a mask pooled to the attention grid) and ``Draw`` (everything one
-``AttentionSampling.draw`` produced); and the proposal distributions of DESIGN section
-4b (``mix_uniform``, ``mix_prior``, ``explore``, ``linear_decay``) for
+``mask_on_grid`` / ``prior_on_grid`` (a mask or prior pooled to the attention grid),
+``Draw`` (everything one ``AttentionSampling.draw`` produced) and ``Plan`` (its
+positions, for loops that read patches ahead); and the proposal distributions of DESIGN
+section 4b (``mix_uniform``, ``mix_prior``, ``explore``, ``linear_decay``) for
 ``sample(..., proposal=...)`` and the layers' ``exploration`` / ``prior_weight``.
+
+Names are imported on first use (PEP 562), so ``import pipeline`` (and the ``ats-wsi``
+command's ``--help``) does not load torch until a name is used.
 """
 
-from .expectation import Expectation, expectation
-from .layers import (
-    AttentionSampling,
-    Draw,
-    Plan,
-    SamplePatches,
-    SampleSoftmax,
-    attention_sampling,
-    mask_on_grid,
-    prior_on_grid,
-    sample_patches,
-)
-from .patches import PatchSource, extract_patches, gather_patches, patch_offsets
-from .proposals import explore, linear_decay, mix_prior, mix_uniform
-from .regularizers import MultinomialEntropy
-from .sampling import mask_attention, sample
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+_EXPORTS = {
+    "Expectation": "expectation",
+    "expectation": "expectation",
+    "AttentionSampling": "layers",
+    "Draw": "layers",
+    "Plan": "layers",
+    "SamplePatches": "layers",
+    "SampleSoftmax": "layers",
+    "attention_sampling": "layers",
+    "mask_on_grid": "layers",
+    "prior_on_grid": "layers",
+    "sample_patches": "layers",
+    "PatchSource": "patches",
+    "extract_patches": "patches",
+    "gather_patches": "patches",
+    "patch_offsets": "patches",
+    "explore": "proposals",
+    "linear_decay": "proposals",
+    "mix_prior": "proposals",
+    "mix_uniform": "proposals",
+    "MultinomialEntropy": "regularizers",
+    "mask_attention": "sampling",
+    "sample": "sampling",
+}
 
 __all__ = [
     "AttentionSampling",
     "Draw",
-    "Plan",
     "Expectation",
     "MultinomialEntropy",
     "PatchSource",
+    "Plan",
     "SamplePatches",
     "SampleSoftmax",
     "attention_sampling",
@@ -52,3 +70,29 @@ __all__ = [
     "sample",
     "sample_patches",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pipeline.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """Keeps a submodule from shadowing the function it is named after: importing
+    ``pipeline.expectation`` (as ``pipeline.layers`` does) binds the package attribute
+    ``expectation`` to the module; the public name is the function."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and name in _EXPORTS:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -47,12 +47,12 @@ from typing import NamedTuple
 
 def make_slides(cache: Path, n: int, size: int) -> list[Path]:
     from pipeline.app.demo_dataset import write_dataset
-    from pipeline.app.prediction import list_slides
+    from pipeline.app.inputs import list_inputs
 
     directory = cache / f"slides-{n}x{size}"
     if not (directory / "labels.csv").is_file():
         write_dataset(directory, n=n, size=size, seed=0, progress=True)
-    return list_slides([directory])
+    return [i.path for i in list_inputs([directory])]
 
 
 class Measurement(NamedTuple):
@@ -122,9 +122,9 @@ def main() -> None:
     n = len(paths)
 
     def local(out: Path) -> None:
-        store = PredictionStore(out, CLASS_NAMES)
-        for path in paths:
-            store.add(predict_slide(model, path, args.seed))
+        with PredictionStore(out, CLASS_NAMES) as store:
+            for path in paths:
+                store.add(predict_slide(model, path, args.seed))
 
     def cluster_cpu(client):
         """CPU seconds of this process (client and scheduler) and of every worker."""
@@ -132,8 +132,7 @@ def main() -> None:
 
     def cluster(client):
         def run(out: Path) -> float:
-            store = PredictionStore(out, CLASS_NAMES)
-            with get_task_stream(client) as stream:
+            with PredictionStore(out, CLASS_NAMES) as store, get_task_stream(client) as stream:
                 for result in predict_on_client(client, model, paths, args.seed):
                     store.add(result)
             return task_seconds(stream.data)

@@ -32,6 +32,22 @@ def test_readers_import_leaves_out_the_synthetic_writers():
     assert "readers.testing" not in _modules_after("import readers")
 
 
+def test_pipeline_and_the_cli_import_without_torch():
+    assert "torch" not in _modules_after("import pipeline, pipeline.app, pipeline.app.cli")
+
+
+def test_lazy_pipeline_names_are_the_public_functions():
+    code = (
+        "import pipeline.layers, pipeline\n"  # pipeline.expectation (the module) imported first
+        "assert callable(pipeline.expectation) and pipeline.expectation.__module__ == "
+        "'pipeline.expectation', pipeline.expectation\n"
+        "import torch\n"
+        "samples, _ = pipeline.sample(2, torch.tensor([[0.5, 0.5, 0.0]]))\n"
+        "assert sorted(samples[0, :, 0].tolist()) == [0, 1]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def _modules_after(statement: str) -> set[str]:
     code = f"{statement}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
     out = subprocess.run(

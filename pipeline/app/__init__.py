@@ -39,14 +39,16 @@ _EXPORTS = {
     "Evaluation": "pipeline.app.evaluation",
     "read_labels": "pipeline.app.labels",
     "predict": "pipeline.app.prediction",
-    "predict_slide": "pipeline.app.prediction",
-    "slide_seed": "pipeline.app.prediction",
-    "SlideResult": "pipeline.app.prediction",
+    "predict_slide": "pipeline.app.inference",
+    "slide_seed": "pipeline.app.inference",
+    "SlideResult": "pipeline.app.inference",
     "PredictSummary": "pipeline.app.prediction",
+    "prepare_batch": "pipeline.app.prediction",
     "write_dataset": "pipeline.app.demo_dataset",
     "run_demo": "pipeline.app.demo",
     "connect": "pipeline.app.cluster",
     "predict_on_client": "pipeline.app.cluster",
+    "on_cluster": "pipeline.app.cluster",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load, load_file, save
 
 from pipeline.app import encoders
 from pipeline.app.config import ModelConfig, RunConfig
 from pipeline.app.errors import ConfigError
-from pipeline.app.files import atomic_target, atomic_write_bytes
+from pipeline.app.files import atomic_write_bytes
 from pipeline.app.models import SlideClassifier
 
 CONFIG_FILE = "config.json"
@@ -160,8 +160,9 @@ def save_optimizer(run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer)
             else:
                 scalars[f"{index}.{key}"] = value
     run_dir = Path(run_dir)
-    with atomic_target(run_dir / OPTIMIZER_FILE) as tmp:
-        save_file(tensors, str(tmp))
+    # Bytes, not safetensors' save_file: that creates its file with mode 0600
+    # whatever the umask, and a colleague could not load the run.
+    atomic_write_bytes(run_dir / OPTIMIZER_FILE, save(tensors))
     body = {"param_groups": state["param_groups"], "scalars": scalars}
     atomic_write_bytes(run_dir / OPTIMIZER_JSON, json.dumps(body).encode())
 

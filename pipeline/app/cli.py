@@ -32,6 +32,7 @@ from pipeline.app.config import (
     PredictConfig,
     ReportConfig,
     TrainConfig,
+    package_version,
 )
 from pipeline.app.errors import UserError
 
@@ -57,19 +58,17 @@ def _default(config: type, name: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from pipeline.app.slides import slide_info
+    from pipeline.app.metadata import describe
 
-    failed = 0
-    infos = []
-    for path in args.slides:
-        try:
-            infos.append(slide_info(path))
-        except _user_errors() as e:
-            failed += 1
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+    infos = describe(args.slides, _user_errors(), recursive=args.recursive)
+    failed = [info for info in infos if "error" in info]
+    for info in failed:
+        print(f"{PROG}: error: {info['error']}", file=sys.stderr)
     if args.json:
         print(json.dumps(infos, indent=2))
     for info in [] if args.json else infos:
+        if "error" in info:
+            continue
         mpp = "unknown" if info["mpp"] is None else "{:.4g} x {:.4g}".format(*info["mpp"])
         print(f"{info['path']}  ({info['backend']}, mpp {mpp})")
         for level in info["levels"]:
@@ -194,23 +193,25 @@ REPORT_OPTIONS = ("heatmap_side", "heatmap_scale")
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.app.cluster import connect, on_cluster
-    from pipeline.app.prediction import predict
+    from pipeline.app.prediction import prepare_batch
 
     report = ReportConfig(report=not args.no_report, **_given(args, REPORT_OPTIONS))
-    with connect(args.scheduler, args.workers) as client:
-        summary = predict(
-            args.model, args.slides, args.out, overwrite=args.overwrite, device=args.device,
-            runner=None if client is None else on_cluster(client, args.device),
-            report=report, slide_mpp=_slide_mpp(args),
-            **_given(args, ["seed", "feature_weights", "assume_mpp"]),
-        )  # fmt: skip
+    # Every user error is raised by prepare_batch, before a cluster is started.
+    with prepare_batch(
+        args.model, args.slides, args.out, overwrite=args.overwrite, device=args.device,
+        recursive=args.recursive, slides_csv=args.slides_csv, report=report,
+        slide_mpp=_slide_mpp(args), **_given(args, ["seed", "feature_weights", "assume_mpp"]),
+    ) as batch, connect(args.scheduler, args.workers) as client:  # fmt: skip
+        runner = None if client is None else on_cluster(client, args.device)
+        summary = batch.run(runner, progress=not args.quiet)
     for result in summary.failed:
         print(f"{PROG}: failed: {result.error}", file=sys.stderr)
     ok = len(summary.results) - len(summary.failed)
-    print(
-        f"{ok} slides predicted, {len(summary.failed)} failed, "
-        f"{len(summary.skipped)} already done; outputs in {summary.out_dir}"
-    )
+    if not args.quiet:
+        print(
+            f"{ok} slides predicted, {len(summary.failed)} failed, "
+            f"{len(summary.skipped)} already done; outputs in {summary.out_dir}"
+        )
     return 1 if summary.failed else 0
 
 
@@ -288,15 +289,34 @@ def _add_training_extras(p: argparse.ArgumentParser) -> None:
                    help=f"stain (HED) jitter of patches {_default(T, 'hed_jitter')}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Attention sampling for gigapixel whole-slide images."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress and no summary; errors only")
+    # Also accepted after the command; SUPPRESS keeps it from resetting the global one.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress and no summary; errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("info", help="levels, sizes, mpp and backend of slides")
-    p.add_argument("slides", nargs="+", metavar="SLIDE")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("info", parents=[common], help="levels, sizes, mpp and backend of slides")
+    p.add_argument("slides", nargs="+", metavar="SLIDE_OR_DIR")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: one object per slide, {path, error} for a failure")
+    p.add_argument("--recursive", action="store_true", help="list sub-directories too")
     p.set_defaults(run=cmd_info)
 
     p = sub.add_parser("synth", help="write a labelled synthetic slide dataset")
@@ -351,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_extras(p)
     p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics of predictions against true labels, with CIs")
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="metrics of predictions against true labels, with CIs")
     p.add_argument("--predictions", required=True, metavar="CSV",
                    help="predictions.csv of ats-wsi predict (or its output directory)")
     p.add_argument("--labels", required=True, metavar="CSV", help="columns slide,label")
@@ -363,11 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"of the bootstrap {_default(E, 'seed')}")
     p.set_defaults(run=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="classify slides into CSV, heatmaps and GeoJSON")
+    p = sub.add_parser("predict", parents=[common],
+                       help="classify slides into CSV, heatmaps and GeoJSON")
     p.add_argument("--model", required=True, metavar="RUN_DIR")
-    p.add_argument("--slides", required=True, nargs="+", metavar="DIR_OR_FILE")
+    p.add_argument("--slides", nargs="+", default=[], metavar="DIR_OR_FILE")
+    p.add_argument("--slides-csv", metavar="CSV",
+                   help="a CSV naming the slides: column path, optional column slide (output name)")
+    p.add_argument("--recursive", action="store_true", help="list sub-directories of --slides")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
-    p.add_argument("--overwrite", action="store_true", help="redo slides already done")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo slides already done; replace outputs made by another model or seed")
     p.add_argument("--seed", type=int, help=_default(PredictConfig, "seed"))
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--feature-weights", metavar="PATH",
@@ -375,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mpp_options(p)
     cluster = p.add_mutually_exclusive_group()
     cluster.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler")
-    cluster.add_argument("--workers", type=int, metavar="N", help="local Dask worker processes")
+    cluster.add_argument("--workers", type=_positive_int, metavar="N",
+                         help="local Dask worker processes")
     R = ReportConfig
     p.add_argument("--heatmap-size", type=int, dest="heatmap_side", metavar="PIXELS",
                    help=f"longer side of the heatmap and thumbnail {_default(R, 'heatmap_side')}")

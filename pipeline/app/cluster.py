@@ -51,7 +51,8 @@ import torch
 
 from pipeline.app import checkpoint, inference
 from pipeline.app.errors import ConfigError
-from pipeline.app.inference import Runner, SlideResult, error_result, predict_slide, slide_name
+from pipeline.app.inference import Runner, SlideResult, error_result, predict_slide
+from pipeline.app.inputs import slide_name
 from pipeline.app.models import SlideClassifier
 from pipeline.app.runtime import default_device
 

@@ -21,6 +21,16 @@ FORMAT_VERSION = 2
 and the tissue mask is the core's sampling mask, not a fourth input channel."""
 
 
+def package_version() -> str:
+    """The installed ``ats-wsi`` version (``"unknown"`` in a source tree never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ats-wsi")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What the model is and which view of a slide it reads.

@@ -35,6 +35,23 @@ def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def ensure_directory(path: str | os.PathLike) -> Path:
+    """``path`` as a directory this process can write, created with its parents if
+    missing; otherwise a ``UserError`` with the OS's reason (a file in the way,
+    permission denied, a read-only file system)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(path))
+    except FileExistsError:
+        raise UserError(f"{path}: is a file, not a directory") from None
+    except OSError as e:
+        where = e.filename if e.filename is not None else path
+        raise UserError(f"{path}: cannot write there ({where}: {e.strerror or e})") from None
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see ``atomic_target``)."""
     with atomic_target(path) as tmp, open(tmp, "wb") as f:
@@ -51,20 +68,6 @@ def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[di
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def read_table(path: str | os.PathLike, columns: Sequence[str], what: str) -> list[dict[str, str]]:
-    """Rows of a user's CSV ``path`` (``what`` names it in errors) that must exist
-    and have at least ``columns``: ``FileNotFoundError`` / ``UserError`` otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    rows = read_csv(path)
-    if not rows or not set(columns) <= set(rows[0]):
-        found = sorted(rows[0]) if rows else "no rows"
-        expected = " and ".join(repr(c) for c in columns)
-        raise UserError(f"{path}: expected columns {expected}, found {found}")
-    return rows
-
-
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     """Rows of a CSV file with a header; ``[]`` if the file does not exist."""
     try:
@@ -73,3 +76,38 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
             return list(csv.DictReader(f))
     except FileNotFoundError:
         return []
+
+
+DELIMITERS = ",;\t|"
+"""Column separators ``read_table`` recognises (spreadsheets in many locales save
+CSV with ``;``)."""
+
+
+def read_table(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a CSV file written by a person or a spreadsheet: the delimiter is
+    detected with ``csv.Sniffer`` among ``DELIMITERS``. A missing or unreadable file,
+    or a header without the ``required`` columns, is a ``UserError`` naming the file,
+    the columns found and the delimiter used."""
+    try:
+        # utf-8-sig: spreadsheets often save CSV with a byte-order mark.
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    header = text.splitlines()[0] if text.strip() else ""
+    try:
+        dialect = csv.Sniffer().sniff(header, delimiters=DELIMITERS)
+        delimiter = dialect.delimiter
+    except csv.Error:  # one column: nothing to detect
+        delimiter = ","
+    rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+    columns = [c.strip() for c in next(csv.reader(io.StringIO(header), delimiter=delimiter), [])]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise UserError(
+            f"{path}: expected columns {list(required)}, found {columns} "
+            f"(read with delimiter {delimiter!r})"
+        )
+    return [{k.strip(): (v or "") for k, v in row.items() if k is not None} for row in rows]

@@ -24,6 +24,7 @@ import torch
 
 from pipeline.app.boxes import patch_boxes
 from pipeline.app.config import ReportConfig
+from pipeline.app.inputs import slide_name
 from pipeline.app.models import SlideClassifier
 from pipeline.app.slides import SlideView, open_view, prefetch
 
@@ -86,15 +87,6 @@ Runner = Callable[..., Iterator[SlideResult]]
 per path, in any order (``display_side`` as for ``classify_view``)."""
 
 DISPLAY_SIDE = ReportConfig.heatmap_side
-
-
-def slide_name(path: str | os.PathLike) -> str:
-    """Output name of a slide: its file name without the suffix."""
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def slide_seed(seed: int, path: str | os.PathLike) -> int:

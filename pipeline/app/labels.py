@@ -9,7 +9,7 @@ Reading checks what a spreadsheet lets slip through and says so, row by row, ins
 of training on it: empty or whitespace-only labels, a slide listed twice (once kept
 when the rows agree, left out when they conflict), a slide named without its
 extension (resolved when exactly one file matches). Slides are identified by
-``inference.slide_name`` (file name without its suffix), the name ``predict`` writes
+``inputs.slide_name`` (file name without its suffix), the name ``predict`` writes
 in ``predictions.csv``, so ``slide_003``, ``slide_003.tiff`` and ``dir/slide_003.tiff``
 are the same slide.
 """
@@ -21,9 +21,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.app.errors import UserError
-from pipeline.app.files import read_csv
-from pipeline.app.inference import slide_name
+from pipeline.app.files import read_table
+from pipeline.app.inputs import slide_name
 
 REQUIRED_COLUMNS = ("slide", "label")
 
@@ -88,10 +87,7 @@ def read_labels(
     source = Path(labels_csv)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: labels CSV not found")
-    records = read_csv(source)
-    if not records or not set(REQUIRED_COLUMNS) <= set(records[0]):
-        found = sorted(records[0]) if records else "no rows"
-        raise UserError(f"{source}: expected columns 'slide' and 'label', found {found}")
+    records = read_table(source, required=REQUIRED_COLUMNS)
     table = LabelTable(source, [])
     by_name: dict[str, list[LabelRow]] = {}
     for line, record in enumerate(records, start=2):

@@ -70,26 +70,30 @@ def write_slide_files(
     result: Any,
     class_names: Sequence[str],
     heatmap_scale: str = "absolute",
-) -> None:
+) -> list[Path]:
     """Write the per-slide files of an ``ok`` result (``inference.SlideResult``, read
-    by attribute): gallery, thumbnail, heatmap, then the GeoJSON, which a rerun
-    checks for (``prediction.PredictionStore.is_done``)."""
+    by attribute): gallery, thumbnail, heatmap, then the GeoJSON. Returns their paths
+    (a rerun checks they all exist: ``prediction.PredictionStore.is_done``)."""
     slide = result.slide
-    for i, patch in enumerate(result.patches):
-        write_png(gallery_path(out_dir, slide, i), patch)
+    written = [gallery_path(out_dir, slide, i) for i in range(len(result.patches))]
+    for path, patch in zip(written, result.patches, strict=True):
+        write_png(path, patch)
+    written.append(thumbnail_path(out_dir, slide))
     write_thumbnail_jpeg(
-        thumbnail_path(out_dir, slide), result.display, result.boxes, result.patch_attention,
-        result.slide_shape,
-    )  # fmt: skip
+        written[-1], result.display, result.boxes, result.patch_attention, result.slide_shape
+    )
+    written.append(heatmap_path(out_dir, slide))
     write_heatmap_png(
-        heatmap_path(out_dir, slide), result.display, result.attention, result.boxes,
+        written[-1], result.display, result.attention, result.boxes,
         result.patch_attention, result.slide_shape, heatmap_scale,
     )  # fmt: skip
     probs = dict(zip(class_names, np.asarray(result.probs).tolist(), strict=True))
     collection = patches_feature_collection(
         result.boxes, result.patch_attention, result.slide_shape, slide, result.label, probs
     )
-    write_geojson(geojson_path(out_dir, slide), collection)
+    written.append(geojson_path(out_dir, slide))
+    write_geojson(written[-1], collection)
+    return written
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:

@@ -112,7 +112,7 @@ def slide_mpp(
 def read_slide_mpp(path: str | os.PathLike) -> tuple[tuple[str, float], ...]:
     """``(slide, mpp)`` pairs of a CSV with columns ``slide`` (file name, with or
     without its suffix) and ``mpp`` (microns per level-0 pixel, > 0)."""
-    rows = read_table(path, ("slide", "mpp"), "slide mpp CSV")
+    rows = read_table(path, required=("slide", "mpp"))
     pairs = []
     for line, row in enumerate(rows, start=2):
         try:

@@ -204,25 +204,3 @@ def prefetch(
                 close = getattr(future.result(), "close", None)
                 if close is not None:
                     close()
-
-
-def slide_info(path: str | os.PathLike) -> dict:
-    """Metadata of a slide as plain JSON-able values (``ats-wsi info``)."""
-    import readers
-
-    with readers.open_slide(path) as slide:
-        return {
-            "path": str(path),
-            "backend": slide.backend,
-            "shape": list(slide.shape),
-            "mpp": list(slide.mpp) if slide.mpp is not None else None,
-            "levels": [
-                {
-                    "index": i,
-                    "shape": list(level.shape),
-                    "downsample": float(level.downsample),
-                    "tile_shape": list(level.tile_shape),
-                }
-                for i, level in enumerate(slide.levels)
-            ],
-        }

@@ -45,7 +45,7 @@ from pipeline.app.augment import Augmentation
 from pipeline.app.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.app.errors import UserError
 from pipeline.app.evaluation import point_metrics
-from pipeline.app.files import atomic_write_bytes, read_csv, write_csv
+from pipeline.app.files import atomic_write_bytes, ensure_directory, read_csv, write_csv
 from pipeline.app.inference import slide_seed
 from pipeline.app.labels import LabelRow, LabelTable, read_labels
 from pipeline.app.models import SlideClassifier
@@ -468,7 +468,7 @@ def train(
     from tqdm import tqdm
 
     log = log or tqdm.write
-    out = Path(out)
+    out = ensure_directory(out)
     pool, external = _read_tables(labels, slides, val_labels, val_slides)
     classes = sorted(set(pool.classes) | set(external.classes if external else ()))
     run_config, resuming = resolve_run(out, classes, model_config, train_config, resplit)

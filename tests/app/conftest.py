@@ -44,3 +44,16 @@ def small_model_config() -> ModelConfig:
 @pytest.fixture(scope="session")
 def quick_train_config() -> TrainConfig:
     return TrainConfig(epochs=2, batch_size=2, val_fraction=0.25, seed=0)
+
+
+@pytest.fixture(scope="session")
+def run_dir(dataset, tmp_path_factory, small_model_config) -> Path:
+    """A run directory trained for one epoch on ``dataset`` (predictions need a model,
+    not a good one)."""
+    from pipeline.app.training import train
+
+    out = tmp_path_factory.mktemp("quick-run")
+    config = TrainConfig(epochs=1, batch_size=4, val_fraction=0.0, seed=0)
+    train(dataset, dataset / "labels.csv", out, small_model_config, config, device="cpu",
+          progress=False, log=lambda _: None)  # fmt: skip
+    return out

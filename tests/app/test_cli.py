@@ -39,7 +39,7 @@ def test_info_text_and_json(dataset):
     assert main(["info", slide]) == 0
 
 
-def test_user_errors_exit_2_without_traceback(dataset, tmp_path, capsys):
+def test_user_errors_exit_2_without_traceback(dataset, run_dir, tmp_path, capsys):
     (tmp_path / "fake.svs").write_text("hello\n")
     with socket.socket() as s:  # a loopback port nobody listens on once closed
         s.bind(("127.0.0.1", 0))
@@ -51,7 +51,7 @@ def test_user_errors_exit_2_without_traceback(dataset, tmp_path, capsys):
           "--out", str(tmp_path / "run")], "nope.csv"),
         (["predict", "--model", str(tmp_path / "norun"), "--slides", str(dataset),
           "--out", str(tmp_path / "o")], "norun"),
-        (["predict", "--model", str(tmp_path), "--slides", str(dataset), "--out",
+        (["predict", "--model", str(run_dir), "--slides", str(dataset), "--out",
           str(tmp_path / "o"), "--scheduler", unreachable], unreachable),
     ]  # fmt: skip
     for argv, name in cases:
@@ -73,7 +73,7 @@ def test_a_bug_keeps_its_traceback(dataset, monkeypatch):
     def broken(path):
         raise ValueError("an internal invariant broke")
 
-    monkeypatch.setattr("pipeline.app.slides.slide_info", broken)
+    monkeypatch.setattr("pipeline.app.metadata.slide_info", broken)
     with pytest.raises(ValueError, match="internal invariant"):
         main(["info", str(dataset / "slide_000.tiff")])
 

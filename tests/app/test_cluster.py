@@ -29,8 +29,9 @@ from pipeline.app.cluster import (
 from pipeline.app.config import ModelConfig
 from pipeline.app.demo_dataset import CLASS_NAMES
 from pipeline.app.inference import predict_slide
+from pipeline.app.inputs import list_inputs
 from pipeline.app.models import SlideClassifier
-from pipeline.app.prediction import PredictionStore, list_slides, predict
+from pipeline.app.prediction import PredictionStore, predict
 
 SEED = 7
 # Float summation order may differ between a 1-thread worker and a multi-thread run.
@@ -48,7 +49,7 @@ def model() -> SlideClassifier:
 
 @pytest.fixture(scope="module")
 def paths(dataset):
-    return list_slides([dataset])
+    return [i.path for i in list_inputs([dataset])]
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +78,13 @@ def assert_same_result(got, expected):
 
 def run_into_store(client, model, paths, out_dir, on_result=None):
     """Drive ``predict_on_client`` into a ``PredictionStore``, as ``predict`` will."""
-    store = PredictionStore(out_dir, CLASS_NAMES)
     results = []
-    for result in predict_on_client(client, model, paths, seed=SEED):
-        if on_result is not None:
-            on_result(result)
-        store.add(result)
-        results.append(result)
+    with PredictionStore(out_dir, CLASS_NAMES) as store:
+        for result in predict_on_client(client, model, paths, seed=SEED):
+            if on_result is not None:
+                on_result(result)
+            store.add(result)
+            results.append(result)
     return results
 
 

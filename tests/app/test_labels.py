@@ -68,5 +68,6 @@ def test_missing_file_or_columns(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.csv: labels CSV not found"):
         read_labels(tmp_path / "nope.csv")
     csv = write(tmp_path / "l.csv", [{"slide": "a", "class": "x"}], ("slide", "class"))
-    with pytest.raises(UserError, match="expected columns 'slide' and 'label'"):
+    columns = r"expected columns \['slide', 'label'\], found \['slide', 'class'\]"
+    with pytest.raises(UserError, match=columns):
         read_labels(csv)

@@ -136,6 +136,7 @@ def test_bad_slide_mpp_csv_names_file_and_line(tmp_path):
     with pytest.raises(UserError, match=r"mpp.csv, line 3: mpp 'zero' is not a number > 0"):
         read_slide_mpp(table)
     table.write_text("name,mpp\na.svs,0.25\n")
-    with pytest.raises(UserError, match=r"mpp.csv: expected columns 'slide' and 'mpp'"):
+    columns = r"mpp.csv: expected columns \['slide', 'mpp'\], found \['name', 'mpp'\]"
+    with pytest.raises(UserError, match=columns):
         read_slide_mpp(table)
 

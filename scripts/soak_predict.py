@@ -1,0 +1,146 @@
+"""Soak test of ``predict``: many small slides, every row exactly once, flat memory and
+flat time per slide.
+
+    python scripts/soak_predict.py --slides 2000 --cache /tmp/soak
+
+Generates (once, cached in ``--cache``) ``--slides`` synthetic slides of ``--size``
+pixels square, saves an untrained default-architecture model (speed and memory do not
+depend on the weights) and runs the batch driver ``prediction.predict`` over the whole
+directory twice into fresh output directories: in this process, then on a local Dask
+cluster of ``--workers`` processes. For each run it checks that ``predictions.csv``
+has every slide exactly once with status ``ok``, and prints:
+
+- peak RSS of this process (``ru_maxrss``: driver, journal, and in the cluster run
+  the scheduler) after 100, 1,000 and ``--slides`` slides, and of the largest worker;
+- time per slide (wall time between completions) over slides 11-110 and over the
+  last 100.
+
+Targets (issue 12): RSS growth under 10 % from 100 to 2,000 slides; time per slide
+flat within 10 %. Exit status 1 when a row is missing or duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+CHECKPOINTS = (100, 1000)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:
+    """Run ``predict`` over ``slides`` into ``out``; RSS at the checkpoints and the
+    completion times of every slide."""
+    from pipeline.app.cluster import on_cluster
+    from pipeline.app.inference import run_here
+    from pipeline.app.prediction import predict
+
+    inner = run_here if client is None else on_cluster(client)
+    rss: dict[int, tuple[float, float]] = {}
+    times: list[float] = []
+    marks = {*CHECKPOINTS, n}
+
+    def worker_peak() -> float:
+        if client is None:
+            return 0.0
+        return max(client.run(peak_rss_mb).values())
+
+    def measured(model, paths, seed) -> Iterator:
+        for result in inner(model, paths, seed):
+            yield result  # the driver records it before the next one is asked for
+            times.append(time.perf_counter())
+            if len(times) in marks:
+                rss[len(times)] = (peak_rss_mb(), worker_peak())
+
+    summary = predict(run_dir, [slides], out, runner=measured, progress=False)
+    return {"summary": summary, "rss": rss, "times": times}
+
+
+def check_rows(out: Path, expected: set[str]) -> list[str]:
+    """Problems with ``predictions.csv``: missing, duplicated or failed slides."""
+    from pipeline.app import files, outputs
+
+    rows = files.read_csv(out / outputs.PREDICTIONS)
+    counts = collections.Counter(r["slide"] for r in rows)
+    problems = [f"{name} appears {c} times" for name, c in counts.items() if c != 1]
+    problems += [f"{name} missing" for name in sorted(expected - set(counts))]
+    problems += [f"{r['slide']}: {r['error']}" for r in rows if r["status"] != "ok"]
+    return problems
+
+
+def per_slide(times: list[float], first: bool) -> float:
+    """Mean seconds between completions over slides 11-110 (``first``) or the last 100."""
+    window = times[10:111] if first else times[-101:]
+    return (window[-1] - window[0]) / (len(window) - 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slides", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=512, help="slide side in pixels")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/ats-soak"))
+    args = parser.parse_args()
+    if args.slides < 211:
+        parser.error("--slides: at least 211 (two windows of 100 slides after 10 warm-up ones)")
+
+    import torch
+
+    from pipeline.app.checkpoint import save_model
+    from pipeline.app.cluster import connect
+    from pipeline.app.config import ModelConfig, RunConfig
+    from pipeline.app.demo_dataset import CLASS_NAMES, write_dataset
+    from pipeline.app.inputs import list_inputs
+    from pipeline.app.models import SlideClassifier
+
+    slides = args.cache / f"slides-{args.slides}x{args.size}"
+    if not (slides / "labels.csv").is_file():
+        write_dataset(slides, n=args.slides, size=args.size, seed=0, progress=True, workers=2)
+    expected = {i.name for i in list_inputs([slides])}
+    run_dir = args.cache / "run"
+    torch.manual_seed(0)
+    model = SlideClassifier(ModelConfig(class_names=CLASS_NAMES))
+    save_model(run_dir, model, RunConfig(model=model.config))
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    failed = False
+    print(f"{args.slides} slides of {args.size}^2 px; torch threads {torch.get_num_threads()}")
+    header = "| run | RSS @100 | RSS @1000 | RSS @N | growth 100->N | s/slide, 11-110 | s/slide, last 100 | change | rows |"  # noqa: E501
+    lines = [header, "|" + " --- |" * 9]
+    for label, workers in (("one process", None), (f"--workers {args.workers}", args.workers)):
+        out = args.cache / f"out-{stamp}-{workers or 0}"
+        with connect(workers=workers) as client:
+            got = soak(run_dir, slides, out, args.slides, client)
+        problems = check_rows(out, expected)
+        failed |= bool(problems)
+        for p in problems[:10]:
+            print(f"{label}: {p}", file=sys.stderr)
+        rss, times = got["rss"], got["times"]
+        start, end = per_slide(times, True), per_slide(times, False)
+        cells = []
+        for mark in (*CHECKPOINTS, args.slides):
+            driver, worker = rss.get(mark, (float("nan"), 0.0))
+            cells.append(f"{driver:.0f} MB" + (f" (worker {worker:.0f})" if worker else ""))
+        growth = rss[args.slides][0] / rss[100][0] - 1
+        if workers:
+            growth = max(growth, rss[args.slides][1] / rss[100][1] - 1)
+        rows = "ok" if not problems else f"{len(problems)} problems"
+        lines.append(
+            f"| {label} | {' | '.join(cells)} | {growth:+.1%} | {start:.3f} | {end:.3f} "
+            f"| {end / start - 1:+.1%} | {len(expected)} exactly once: {rows} |"
+        )
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
