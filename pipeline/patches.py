@@ -38,9 +38,9 @@ class PatchSource(Protocol):
 
 
 HighResolution = Tensor | PatchSource | Sequence[Tensor | PatchSource]
-"""``x_high``: a tensor ``[B, C, *spatial]``, a ``PatchSource`` (batch of one), or a
-list with one ``PatchSource`` or tensor ``[C, *spatial]`` per batch item (their sizes
-may differ)."""
+"""``x_high``: a tensor ``[B, C, *spatial]``, a ``PatchSource`` (the image of every
+batch item: all items' patches are read in one call), or a list with one
+``PatchSource`` or tensor ``[C, *spatial]`` per batch item (their sizes may differ)."""
 
 
 def extract_patches(
@@ -207,7 +207,13 @@ def gather_patches(
         _checks.same_batch(batch, x_high.shape[0], "x_high")
         items = None
     elif isinstance(x_high, PatchSource):
-        items = [x_high]
+        # One image for every batch item (e.g. several draws on one slide): one read
+        # of all B x N patches, so a tile under patches of several items decodes once.
+        patches, offsets = _read_item(
+            x_high, samples.flatten(0, 1), attention_size, low_size, patch_size,
+            receptive_field, device,
+        )  # fmt: skip
+        return patches.unflatten(0, samples.shape[:2]), offsets.unflatten(0, samples.shape[:2])
     elif isinstance(x_high, Sequence) and not isinstance(x_high, str):
         items = list(x_high)
     else:

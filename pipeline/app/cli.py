@@ -200,16 +200,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with prepare_batch(
         args.model, args.slides, args.out, overwrite=args.overwrite, device=args.device,
         recursive=args.recursive, slides_csv=args.slides_csv, report=report,
-        slide_mpp=_slide_mpp(args), **_given(args, ["seed", "feature_weights", "assume_mpp"]),
+        slide_mpp=_slide_mpp(args),
+        **_given(args, ["seed", "draws", "roi_dir", "feature_weights", "assume_mpp"]),
     ) as batch, connect(args.scheduler, args.workers) as client:  # fmt: skip
         runner = None if client is None else on_cluster(client, args.device)
         summary = batch.run(runner, progress=not args.quiet)
     for result in summary.failed:
         print(f"{PROG}: failed: {result.error}", file=sys.stderr)
-    ok = len(summary.results) - len(summary.failed)
+    blank = sum(r.status == "no_tissue" for r in summary.results)
+    ok = len(summary.results) - len(summary.failed) - blank
     if not args.quiet:
         print(
-            f"{ok} slides predicted, {len(summary.failed)} failed, "
+            f"{ok} slides predicted, {blank} without tissue, {len(summary.failed)} failed, "
             f"{len(summary.skipped)} already done; outputs in {summary.out_dir}"
         )
     return 1 if summary.failed else 0
@@ -395,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="redo slides already done; replace outputs made by another model or seed")
     p.add_argument("--seed", type=int, help=_default(PredictConfig, "seed"))
+    p.add_argument("--draws", type=_positive_int, metavar="K",
+                   help="independent draws of patches averaged per slide (their spread is "
+                        f"prob_<class>_sd) {_default(PredictConfig, 'draws')}")
+    p.add_argument("--roi-dir", metavar="DIR", help="<slide>.geojson regions of interest "
+                   "(QuPath polygons, level-0 pixels) restricting where patches are sampled")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--feature-weights", metavar="PATH",
                    help="where the run's frozen encoder weights file is now (checked by SHA-256)")

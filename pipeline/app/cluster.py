@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.app import checkpoint, inference
+from pipeline.app import checkpoint
 from pipeline.app.errors import ConfigError
 from pipeline.app.inference import Runner, SlideResult, error_result, predict_slide
 from pipeline.app.inputs import slide_name
@@ -179,11 +179,11 @@ def _load_payload(payload: ModelPayload) -> ModelPayload:
 
 
 def _predict_task(
-    payload: ModelPayload, path: str, seed: int, device: str | None, display_side: int
+    payload: ModelPayload, path: str, seed: int, device: str | None, options: dict
 ) -> SlideResult:
     # Parallelism comes from workers x threads; torch's own threads would oversubscribe.
     torch.set_num_threads(1)
-    return predict_slide(worker_model(payload, device), path, seed, display_side)
+    return predict_slide(worker_model(payload, device), path, seed, **options)
 
 
 def predict_on_client(
@@ -192,7 +192,7 @@ def predict_on_client(
     paths: Iterable[str | os.PathLike],
     seed: int = 0,
     device: torch.device | str | None = None,
-    display_side: int = inference.DISPLAY_SIDE,
+    **options,
 ) -> Iterator[SlideResult]:
     """Classify ``paths`` on ``client``'s cluster, yielding each slide's ``SlideResult``
     as soon as it completes (completion order, each path exactly once).
@@ -203,7 +203,8 @@ def predict_on_client(
         paths: slide files, readable at the same paths on every worker.
         seed: run seed, as for ``predict_slide``; results equal a local run's.
         device: torch device on the workers; default CUDA where a worker has it.
-        display_side: longer side of each result's display thumbnail (``classify_view``).
+        options: ``display_side``, ``draws``, ``roi_dir``, as for ``classify_view``
+            (a ``roi_dir`` must be readable by the workers at the same path).
 
     ``result.path`` is the path as given. Stopping the iteration early cancels the
     slides not yet yielded.
@@ -217,8 +218,8 @@ def predict_on_client(
     weights = client.submit(_load_payload, payload, key=f"ats-model-{payload.token}-{run}")
     pending = {
         client.submit(
-            _predict_task, weights, os.path.abspath(path), int(seed), device_name,
-            int(display_side), key=f"{TASK_PREFIX}-{slide_name(path)}-{run}-{i}",
+            _predict_task, weights, os.path.abspath(path), int(seed), device_name, options,
+            key=f"{TASK_PREFIX}-{slide_name(path)}-{run}-{i}",
         ): path
         for i, path in enumerate(paths)
     }  # fmt: skip
@@ -236,10 +237,8 @@ def on_cluster(client: Client, device: torch.device | str | None = None) -> Runn
     """A ``Runner`` (see ``inference``) that runs each slide as a task on ``client``'s
     cluster, for ``prediction.predict(..., runner=on_cluster(client))``."""
 
-    def run(
-        model: SlideClassifier, paths, seed: int, display_side: int = inference.DISPLAY_SIDE
-    ) -> Iterator[SlideResult]:
-        return predict_on_client(client, model, paths, seed, device, display_side)
+    def run(model: SlideClassifier, paths, seed: int, **options) -> Iterator[SlideResult]:
+        return predict_on_client(client, model, paths, seed, device, **options)
 
     return run
 

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from pipeline.app.boxes import patch_boxes
-from pipeline.app.config import ReportConfig
+from pipeline.app.config import PredictConfig, ReportConfig
 from pipeline.app.inputs import slide_name
 from pipeline.app.models import SlideClassifier
-from pipeline.app.slides import SlideView, open_view, prefetch
+from pipeline.app.roi import rasterise, read_polygons, roi_path
+from pipeline.app.slides import SlideView, open_view, prefetch, sampling_mask
 
 
 @dataclass
@@ -36,9 +37,18 @@ class SlideResult:
     Attributes:
         slide: the slide's name (file name without suffix); names the output files.
         path: the input path.
-        status: ``"ok"`` or ``"error"``.
-        label: predicted class (``""`` on error).
-        probs: float [n_classes] class probabilities (empty on error).
+        status: ``"ok"``, ``"no_tissue"`` (no tissue detected in the attention view,
+            or none inside the region of interest: not classified, not an error) or
+            ``"error"``.
+        label: predicted class (``""`` unless ok).
+        probs: float [n_classes] class probabilities, the mean over the draws (empty
+            unless ok).
+        probs_sd: float [n_classes] their standard deviation over the draws (0 for
+            a single draw).
+        tissue_fraction: share of the attention view that is tissue (inside the
+            region of interest when one is given), the cells patches may come from.
+        flags: quality-control remarks, e.g. ``low_tissue`` (under 1 %),
+            ``no_roi_file``.
         error: ``"<ExceptionType>: message"`` on error.
         thumbnail: uint8 [h, w, 3] attention view.
         display: uint8 [H_d, W_d, 3] display thumbnail, longer side at most
@@ -60,6 +70,9 @@ class SlideResult:
     status: str
     label: str = ""
     probs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    probs_sd: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    tissue_fraction: float | None = None
+    flags: tuple[str, ...] = ()
     error: str = ""
     thumbnail: np.ndarray | None = None
     display: np.ndarray | None = None
@@ -74,17 +87,24 @@ class SlideResult:
         """This result as a ``predictions.csv`` row."""
         row = {"slide": self.slide, "path": self.path, "status": self.status, "label": self.label}
         if self.status == "ok":
-            row.update(
-                {f"prob_{c}": f"{p:.6f}" for c, p in zip(class_names, self.probs, strict=True)}
-            )
+            spread = self.probs_sd if len(self.probs_sd) else np.zeros_like(self.probs)
+            for c, p, sd in zip(class_names, self.probs, spread, strict=True):
+                row[f"prob_{c}"], row[f"prob_{c}_sd"] = f"{p:.6f}", f"{sd:.6f}"
+        fraction = self.tissue_fraction
+        row["tissue_fraction"] = "" if fraction is None else f"{fraction:.4f}"
         row["mpp"] = "" if self.mpp is None else f"{self.mpp:.6g}"
+        row["flags"] = ";".join(self.flags)
         row["error"] = self.error
         return row
 
 
 Runner = Callable[..., Iterator[SlideResult]]
-"""``runner(model, paths, seed, display_side=DISPLAY_SIDE)`` yields one ``SlideResult``
-per path, in any order (``display_side`` as for ``classify_view``)."""
+"""``runner(model, paths, seed, **options)`` yields one ``SlideResult`` per path, in
+any order; ``options`` (``display_side``, ``draws``, ``roi_dir``) as for
+``classify_view``."""
+
+LOW_TISSUE = 0.01
+"""Tissue fraction of the attention view under which a slide is flagged ``low_tissue``."""
 
 DISPLAY_SIDE = ReportConfig.heatmap_side
 
@@ -97,16 +117,49 @@ def slide_seed(seed: int, path: str | os.PathLike) -> int:
 
 
 def classify_view(
-    model: SlideClassifier, view: SlideView, seed: int, display_side: int = DISPLAY_SIDE
+    model: SlideClassifier,
+    view: SlideView,
+    seed: int,
+    display_side: int = DISPLAY_SIDE,
+    draws: int = PredictConfig.draws,
+    roi_dir: str | os.PathLike | None = None,
 ) -> SlideResult:
-    """Classify an open slide view with the sampling fixed by ``seed`` (the run seed);
-    the result's ``display`` thumbnail has a longer side of at most ``display_side``."""
+    """Classify an open slide view with the sampling fixed by ``seed`` (the run seed).
+
+    ``draws`` independent draws of patches are made from the same attention and their
+    class probabilities averaged; all their patches are read in one pass (a tile under
+    patches of several draws is decoded once). Boxes, gallery and attention reported
+    are the first draw's. ``roi_dir`` restricts sampling to the slide's region of
+    interest (``roi``). The ``display`` thumbnail has a longer side of at most
+    ``display_side``.
+    """
+    name = slide_name(view.path)
+    tissue, flags = view.tissue, []
+    if roi_dir is not None:
+        if roi_path(roi_dir, name).is_file():
+            polygons = read_polygons(roi_path(roi_dir, name))
+            tissue = tissue & rasterise(polygons, tissue.shape, view.slide.shape[:2])
+        else:
+            flags.append("no_roi_file")
+    fraction = float(tissue.mean())
+    if 0 < fraction < LOW_TISSUE:
+        flags.append("low_tissue")
+    if not tissue.any():
+        return SlideResult(
+            slide=name, path=str(view.path), status="no_tissue", tissue_fraction=0.0,
+            flags=tuple(flags), thumbnail=view.thumbnail, mpp=view.patch_mpp,
+        )  # fmt: skip
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(slide_seed(seed, view.path))
+    x_low = view.x_low(device).expand(draws, -1, -1, -1)  # [K, 3, h, w]: one per draw
+    mask = sampling_mask(tissue, device)
+    mask = None if mask is None else mask.expand(draws, -1, -1)
     with torch.no_grad():
-        out = model.classify(view.x_low(device), view.patch_level, view.mask(device), generator)
+        out = model.classify(x_low, view.patch_level, mask, generator)
     draw = out.draw
-    probs = torch.softmax(out.logits[0], dim=0).cpu().numpy()
+    each = torch.softmax(out.logits, dim=1)  # [K, n_classes]
+    probs = each.mean(0).cpu().numpy()
+    spread = each.std(0) if draws > 1 else torch.zeros_like(each[0])
     boxes = patch_boxes(draw.offsets[0].cpu().numpy(), model.config.patch_size, view.level0_scale)
     patch_attention = draw.sampled_attention[0].cpu().numpy().astype(np.float32)
     # Draws past the end of the support (fewer tissue cells than patches) have
@@ -116,11 +169,14 @@ def classify_view(
     patches = (draw.patches[0] * 255).round().clamp(0, 255).to(torch.uint8)  # [N, C, ph, pw]
     patches = patches.permute(0, 2, 3, 1)[..., :3].cpu().numpy()  # [N, ph, pw, 3]
     return SlideResult(
-        slide=slide_name(view.path),
+        slide=name,
         path=str(view.path),
         status="ok",
         label=model.config.class_names[int(probs.argmax())],
         probs=probs,
+        probs_sd=spread.cpu().numpy(),
+        tissue_fraction=fraction,
+        flags=tuple(flags),
         thumbnail=view.thumbnail,
         display=view.slide.thumbnail((display_side, display_side)),
         attention=draw.attention[0].cpu().numpy().astype(np.float32),
@@ -142,28 +198,22 @@ def error_result(path: str | os.PathLike, error: BaseException) -> SlideResult:
 
 
 def predict_slide(
-    model: SlideClassifier,
-    path: str | os.PathLike,
-    seed: int = 0,
-    display_side: int = DISPLAY_SIDE,
+    model: SlideClassifier, path: str | os.PathLike, seed: int = 0, **options
 ) -> SlideResult:
     """Open, classify and close one slide; a failure becomes an ``error`` result.
 
     Pure in the sense needed for distributing it: the result depends only on the
-    model, the file and ``seed``.
+    model, the file, ``seed`` and ``options`` (``classify_view``'s).
     """
     try:
         with open_view(path, model.config) as view:
-            return classify_view(model, view, seed, display_side)
+            return classify_view(model, view, seed, **options)
     except Exception as e:  # a batch reports every slide's failure and goes on
         return error_result(path, e)
 
 
 def run_here(
-    model: SlideClassifier,
-    paths: Sequence[Path],
-    seed: int,
-    display_side: int = DISPLAY_SIDE,
+    model: SlideClassifier, paths: Sequence[Path], seed: int, **options
 ) -> Iterator[SlideResult]:
     """The local ``Runner``: results of ``paths`` in order, in this process, the
     next slide's view read in a background thread while this one is classified."""
@@ -173,6 +223,6 @@ def run_here(
             continue
         with view:
             try:
-                yield classify_view(model, view, seed, display_side)
+                yield classify_view(model, view, seed, **options)
             except Exception as e:  # reported in the slide's row
                 yield error_result(path, e)

@@ -37,9 +37,13 @@ SCALE_KEY = "Description"
 
 
 def prediction_columns(class_names: Sequence[str]) -> list[str]:
-    """``slide, path, status, label, prob_<class>..., mpp, error`` (``mpp``: microns per
-    pixel of the patches, empty when the slide's is unknown)."""
-    return [*BASE_COLUMNS, *(f"prob_{c}" for c in class_names), "mpp", "error"]
+    """``slide, path, status, label, prob_<class>..., prob_<class>_sd...,
+    tissue_fraction, mpp, flags, error`` (``inference.SlideResult`` documents them;
+    ``mpp``: microns per pixel of the patches, empty when the slide's is unknown)."""
+    return [
+        *BASE_COLUMNS, *(f"prob_{c}" for c in class_names),
+        *(f"prob_{c}_sd" for c in class_names), "tissue_fraction", "mpp", "flags", "error",
+    ]  # fmt: skip
 
 
 def heatmap_path(out_dir: str | os.PathLike, slide: str) -> Path:

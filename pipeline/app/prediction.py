@@ -55,6 +55,9 @@ from pipeline.app.progress import progress_bar
 from pipeline.app.report import write_report
 from pipeline.app.runtime import resolve_device
 
+DONE = ("ok", "no_tissue")
+"""Statuses of finished slides (a rerun skips them; ``error`` slides are retried)."""
+
 MANIFEST_FORMAT = "ats-wsi-predictions"
 MANIFEST_VERSION = 1
 
@@ -182,7 +185,7 @@ class PredictionStore:
         record = self.records.get(slide.name)
         return (
             record is not None
-            and record["row"].get("status") == "ok"
+            and record["row"].get("status") in DONE
             and record["row"].get("path") == str(slide.path)
             and all((self.out_dir / name).is_file() for name in record.get("files", []))
         )
@@ -235,7 +238,7 @@ class PredictSummary:
 
     @property
     def failed(self) -> list[SlideResult]:
-        return [r for r in self.results if r.status != "ok"]
+        return [r for r in self.results if r.status == "error"]
 
 
 @dataclass
@@ -264,7 +267,8 @@ class Batch:
             )
             computed = (runner or run_here)(
                 self.model, [i.path for i in todo], self.config.seed,
-                display_side=self.report.heatmap_side,
+                display_side=self.report.heatmap_side, draws=self.config.draws,
+                roi_dir=self.config.roi_dir,
             )  # fmt: skip
             for result in itertools.chain(given, computed):
                 if result.path in by_path:
@@ -286,6 +290,8 @@ def prepare_batch(
     slides: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,
     seed: int = PredictConfig.seed,
+    draws: int = PredictConfig.draws,
+    roi_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     device: torch.device | str | None = None,
     recursive: bool = False,
@@ -306,6 +312,7 @@ def prepare_batch(
         model: a ``SlideClassifier`` or a run directory to load it from.
         slides: slide files and directories (see ``inputs.list_inputs``).
         seed: run seed; each slide's sampling uses ``inference.slide_seed(seed, path)``.
+        draws / roi_dir: as in ``config.PredictConfig``.
         overwrite: redo slides already done, and replace the outputs of a directory
             made by another model or with other options (otherwise a ``UserError``).
         device: for a run directory; default CUDA when available.
@@ -327,7 +334,8 @@ def prepare_batch(
         model.config, assume_mpp=assume_mpp, slide_mpp=tuple(slide_mpp)
     )
     model.eval()
-    config = PredictConfig(seed=seed)
+    roi_dir = None if roi_dir is None else str(Path(roi_dir).absolute())
+    config = PredictConfig(seed=seed, draws=draws, roi_dir=roi_dir)
     slides = list(slides)
     if not slides and slides_csv is None:
         raise UserError("no slides given (name files or directories, or a slides CSV)")
@@ -354,8 +362,9 @@ def predict(
         runner: where the slides run: ``inference.run_here`` (default, this
             process) or ``cluster.on_cluster(client)`` (one task per slide on a Dask
             cluster); results are written here as they come.
-        options: ``seed``, ``overwrite``, ``device``, ``recursive``, ``slides_csv``,
-            ``report``, ``feature_weights``, ``assume_mpp``, ``slide_mpp``, as for
+        options: ``seed``, ``draws``, ``roi_dir``, ``overwrite``, ``device``,
+            ``recursive``, ``slides_csv``, ``report``, ``feature_weights``,
+            ``assume_mpp``, ``slide_mpp``, as for
             ``prepare_batch`` (which documents ``model`` and ``slides`` too).
 
     Returns a ``PredictSummary``; slides that failed (unreadable inputs included) are

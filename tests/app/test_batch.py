@@ -8,6 +8,7 @@ capabilities that let root ignore file modes (``setpriv``), so they test the rea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import torch
 from pipeline.app import files, outputs
 from pipeline.app.checkpoint import MODEL_FILE
 from pipeline.app.cli import main
-from pipeline.app.config import ModelConfig
+from pipeline.app.config import ModelConfig, PredictConfig
 from pipeline.app.dirlock import LOCK_FILE, DirectoryLock
 from pipeline.app.errors import UserError
 from pipeline.app.inputs import list_inputs
@@ -85,7 +86,7 @@ def test_output_dir_of_another_model_is_refused_not_mixed(run_dir, dataset, tmp_
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     weights = hashlib.sha256((run_dir / MODEL_FILE).read_bytes()).hexdigest()
     assert manifest["model"]["weights_sha256"] == weights
-    assert manifest["predict"] == {"seed": 0}
+    assert manifest["predict"] == dataclasses.asdict(PredictConfig())  # every option binds
     first = (out / outputs.PREDICTIONS).read_text()
 
     with pytest.raises(UserError, match="weights_sha256.*--overwrite"):

@@ -23,7 +23,10 @@ def test_atomic_target_keeps_old_file_on_error(tmp_path):
 
 def test_csv_round_trip(tmp_path):
     columns = outputs.prediction_columns(["neg", "pos"])
-    assert columns == ["slide", "path", "status", "label", "prob_neg", "prob_pos", "mpp", "error"]
+    assert columns == [
+        "slide", "path", "status", "label", "prob_neg", "prob_pos", "prob_neg_sd", "prob_pos_sd",
+        "tissue_fraction", "mpp", "flags", "error",
+    ]  # fmt: skip
     rows = [{"slide": "a", "status": "ok", "prob_neg": "0.25"}, {"slide": "b", "error": "x, y"}]
     files.write_csv(tmp_path / "p.csv", columns, rows)
     back = files.read_csv(tmp_path / "p.csv")

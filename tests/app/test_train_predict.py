@@ -138,7 +138,7 @@ def test_heatmap_and_geojson(predicted, n_slides, slide_side):
         prediction, *features = data["features"]
         assert prediction["properties"]["classification"]["name"] == result.label
         assert len(features) == 6
-        for i, f in enumerate(features):
+        for f in features:
             ring = f["geometry"]["coordinates"][0]
             assert ring[0] == ring[-1] and len(ring) == 5
             xs, ys = [p[0] for p in ring], [p[1] for p in ring]
@@ -188,9 +188,9 @@ def test_rerun_skips_finished_slides(run, dataset, tmp_path, monkeypatch, n_slid
     calls = []
     real = inference.classify_view
 
-    def counting(model, view, *args):  # counts, then does the real work
+    def counting(model, view, *args, **options):  # counts, then does the real work
         calls.append(view.path.name)
-        return real(model, view, *args)
+        return real(model, view, *args, **options)
 
     monkeypatch.setattr(inference, "classify_view", counting)
     predict(run.model, [dataset], tmp_path, progress=False)
@@ -210,11 +210,11 @@ def test_crash_keeps_finished_rows(run, dataset, tmp_path, monkeypatch, n_slides
     real = inference.classify_view
     done = []
 
-    def crash_on_third(model, view, *args):  # injected fault: the process dies mid-run
+    def crash_on_third(model, view, *args, **options):  # injected fault: the process dies
         if len(done) == 2:
             raise KeyboardInterrupt
         done.append(view.path.name)
-        return real(model, view, *args)
+        return real(model, view, *args, **options)
 
     monkeypatch.setattr(inference, "classify_view", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
