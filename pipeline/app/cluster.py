@@ -29,8 +29,10 @@ How the work is laid out:
   worker process that dies has its slides rescheduled by Dask (up to
   ``distributed.scheduler.allowed-failures`` deaths per task, 3 by default); a task
   that still fails (``KilledWorker`` or any exception outside ``predict_slide``)
-  becomes an ``error`` result naming the reason. Each slide is yielded exactly
-  once, however often its task ran.
+  becomes an ``error`` result naming the reason. A finished slide whose result
+  was lost with a worker before the client fetched it is submitted again (up to
+  ``MAX_RESUBMITS`` times). Each slide is yielded exactly once, however often its
+  task ran.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import os
 import threading
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +66,9 @@ TASK_PREFIX = "ats-predict"
 """Prefix of the slide tasks' keys (what the Dask dashboard groups them by)."""
 
 _MODEL_CACHE_SIZE = 2
+
+MAX_RESUBMITS = 3
+"""Times a slide whose finished result was lost with a worker is submitted again."""
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -216,16 +222,27 @@ def predict_on_client(
     run = uuid.uuid4().hex[:8]
     payload = ModelPayload.from_model(model)
     weights = client.submit(_load_payload, payload, key=f"ats-model-{payload.token}-{run}")
-    pending = {
-        client.submit(
+    numbers = itertools.count()
+
+    def submit(path: Path):
+        return client.submit(
             _predict_task, weights, os.path.abspath(path), int(seed), device_name, options,
-            key=f"{TASK_PREFIX}-{slide_name(path)}-{run}-{i}",
-        ): path
-        for i, path in enumerate(paths)
-    }  # fmt: skip
+            key=f"{TASK_PREFIX}-{slide_name(path)}-{run}-{next(numbers)}",
+        )  # fmt: skip
+
+    pending = {submit(path): path for path in paths}
+    resubmitted: Counter[Path] = Counter()
+    completed = as_completed(pending)
     try:
-        for future in as_completed(pending):
+        for future in completed:
             path = pending.pop(future)
+            if _lost(future) and resubmitted[path] < MAX_RESUBMITS:
+                # Its result died with a worker before it was fetched: run it again.
+                resubmitted[path] += 1
+                again = submit(path)
+                pending[again] = path
+                completed.add(again)
+                continue
             result = _result_of(future, path)
             future.release()  # a finished slide is never recomputed after a worker loss
             yield result
@@ -241,6 +258,12 @@ def on_cluster(client: Client, device: torch.device | str | None = None) -> Runn
         return predict_on_client(client, model, paths, seed, device, **options)
 
     return run
+
+
+def _lost(future) -> bool:
+    """A slide task that ended neither finished nor failed while the client is still
+    connected: its result was lost with a worker (or cancelled by another client)."""
+    return future.status not in ("finished", "error") and future.client.status == "running"
 
 
 def _result_of(future, path: Path) -> SlideResult:
