@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.app import config
 from pipeline.app.config import (
@@ -37,6 +39,14 @@ from pipeline.app.config import (
 from pipeline.app.errors import UserError
 
 PROG = "ats-wsi"
+
+
+def default_cache_dir() -> Path:
+    """``$ATS_WSI_CACHE``, else ``$XDG_CACHE_HOME/ats-wsi/views`` (``~/.cache/...``)."""
+    if os.environ.get("ATS_WSI_CACHE"):
+        return Path(os.environ["ATS_WSI_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ats-wsi" / "views"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -149,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ),
         device=args.device,
         resplit=args.resplit,
+        cache_dir=None if args.no_view_cache else args.cache_dir or default_cache_dir(),
     )
     if args.folds is not None:
         cv = cross_validate(args.slides, args.labels, args.out, args.folds, **options)
@@ -368,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: --slides)")
     p.add_argument("--resplit", action="store_true",
                    help="the labels changed under this run: split again, train from epoch 1")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", metavar="DIR", help="on-disk cache of the slides' "
+                       "attention views, so the next run skips reading them (default: "
+                       "$ATS_WSI_CACHE or ~/.cache/ats-wsi/views)")
+    cache.add_argument("--no-view-cache", action="store_true",
+                       help="read every slide's view anew, cache nothing")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     _add_model_options(p)
     _add_training_extras(p)

@@ -75,7 +75,8 @@ class CachedView:
 
 
 class ViewCache:
-    """Attention views cached on disk, one ``.npz`` per slide and view configuration.
+    """Attention views cached on disk, one ``.npz`` per slide and view configuration
+    (``directory=None``: no disk, every view read from its slide).
 
     The key hashes the slide's absolute path, size and modification time with the
     view options of ``ModelConfig`` (view size or level, mpp, tissue mask), so an
@@ -86,8 +87,8 @@ class ViewCache:
     FIELDS = ("low_res_max_side", "low_res_level", "low_res_mpp", "tissue_mask", "assume_mpp",
               "slide_mpp")  # fmt: skip
 
-    def __init__(self, directory: str | os.PathLike, config: ModelConfig) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: str | os.PathLike | None, config: ModelConfig) -> None:
+        self.directory = None if directory is None else Path(directory)
         self.config = config
 
     def key(self, path: str | os.PathLike) -> str:
@@ -98,18 +99,23 @@ class ViewCache:
 
     def load(self, path: str | os.PathLike) -> CachedView:
         """The view of ``path``, from the cache or computed (and then cached)."""
+        if self.directory is None:
+            return self._read(path)
         file = self.directory / f"{self.key(path)}.npz"
         try:
             with np.load(file, allow_pickle=False) as data:
                 return CachedView(data["thumbnail"], data["tissue"])
         except (FileNotFoundError, OSError, KeyError, ValueError):
             pass  # absent or unreadable (e.g. a crash mid-write elsewhere): recompute
-        with open_view(path, self.config) as view:
-            cached = CachedView(view.thumbnail, view.tissue)
+        cached = self._read(path)
         buffer = io.BytesIO()
         np.savez(buffer, thumbnail=cached.thumbnail, tissue=cached.tissue)
         atomic_write_bytes(file, buffer.getvalue())
         return cached
+
+    def _read(self, path: str | os.PathLike) -> CachedView:
+        with open_view(path, self.config) as view:
+            return CachedView(view.thumbnail, view.tissue)
 
 
 class SlideHandles:

@@ -50,8 +50,15 @@ from pipeline.app.inference import slide_seed
 from pipeline.app.labels import LabelRow, LabelTable, read_labels
 from pipeline.app.models import SlideClassifier
 from pipeline.app.runtime import resolve_device
-from pipeline.app.slides import level0_mpp, low_res_tensor, open_view, patch_view, sampling_mask
-from pipeline.app.streaming import CachedView, Reader, StepResult, StreamItem, stream_epoch
+from pipeline.app.slides import level0_mpp, low_res_tensor, patch_view, sampling_mask
+from pipeline.app.streaming import (
+    CachedView,
+    Reader,
+    StepResult,
+    StreamItem,
+    ViewCache,
+    stream_epoch,
+)
 
 METRICS_FILE = "metrics.csv"
 STATE_FILE = "train_state.json"
@@ -90,12 +97,15 @@ def load_slides(
     config: ModelConfig,
     warn: Callable[[str], None],
     progress: bool,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[list[LabelledSlide], list[str]]:
-    """Read every labelled slide's view; unreadable or missing ones, and labels that
-    are not among ``config.class_names``, are reported through ``warn`` and returned
-    as messages, not raised."""
+    """Read every labelled slide's view (through the on-disk ``ViewCache`` in
+    ``cache_dir`` when given, so the next run skips it); unreadable or missing ones,
+    and labels that are not among ``config.class_names``, are reported through
+    ``warn`` and returned as messages, not raised."""
     from tqdm import tqdm
 
+    views = ViewCache(cache_dir, config)
     slides, skipped = [], []
     for row in tqdm(rows, desc="reading slides", unit="slide", disable=not progress):
         if row.label not in config.class_names:
@@ -105,13 +115,13 @@ def load_slides(
             warn(f"skipping {skipped[-1]}")
             continue
         try:
-            with open_view(row.path, config) as view:
-                slides.append(
-                    LabelledSlide(
-                        row.path, config.class_names.index(row.label), view.thumbnail,
-                        view.tissue, row.name, row.case,
-                    )
-                )  # fmt: skip
+            view = views.load(row.path)
+            slides.append(
+                LabelledSlide(
+                    row.path, config.class_names.index(row.label), view.thumbnail,
+                    view.tissue, row.name, row.case,
+                )
+            )  # fmt: skip
         except Exception as e:  # every unreadable slide is reported and skipped
             skipped.append(f"{row.path}: {type(e).__name__}: {e}")
             warn(f"skipping {skipped[-1]}")
@@ -410,7 +420,7 @@ def _read_tables(labels, slides, val_labels, val_slides) -> tuple[LabelTable, La
     return pool, external
 
 
-def _load(pool, external, config: ModelConfig, log, progress) -> _Labels:
+def _load(pool, external, config: ModelConfig, log, progress, cache_dir=None) -> _Labels:
     """Read the slides of both tables and report every label problem before training."""
     for message in pool.left_out + (external.left_out if external else []):
         log(f"skipping {message}")
@@ -418,10 +428,10 @@ def _load(pool, external, config: ModelConfig, log, progress) -> _Labels:
     for message in notes:
         log(message)
     skipped = pool.left_out + (external.left_out if external else [])
-    loaded, unread = load_slides(pool.rows, config, log, progress)
+    loaded, unread = load_slides(pool.rows, config, log, progress, cache_dir)
     val_loaded, val_unread = [], []
     if external is not None:
-        val_loaded, val_unread = load_slides(external.rows, config, log, progress)
+        val_loaded, val_unread = load_slides(external.rows, config, log, progress, cache_dir)
     class_notes = check_classes(loaded, config.class_names, pool.source)
     for message in class_notes:
         log(message)
@@ -441,6 +451,7 @@ def train(
     val_labels: str | os.PathLike | None = None,
     val_slides: str | os.PathLike | None = None,
     resplit: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train (or resume training) a classifier and save it in ``out``.
 
@@ -460,6 +471,9 @@ def train(
             split of ``labels``.
         resplit: when ``out`` holds a run whose labels have changed since, start it
             over (new split, epoch 1) instead of refusing.
+        cache_dir: where slides' attention views are cached on disk (keyed by path,
+            size, modification time and view options), so the next run skips
+            reading them; ``None`` reads them every run.
 
     Raises:
         UserError: the labels changed under a resumed run (without ``resplit``); fewer
@@ -473,7 +487,7 @@ def train(
     classes = sorted(set(pool.classes) | set(external.classes if external else ()))
     run_config, resuming = resolve_run(out, classes, model_config, train_config, resplit)
     sets = saved_split(out, pool, external) if resuming else None
-    data = _load(pool, external, run_config.model, log, progress)
+    data = _load(pool, external, run_config.model, log, progress, cache_dir)
     if sets is not None:
         train_set, val_set = _apply_split(sets, data)
     elif external is not None:
@@ -672,6 +686,7 @@ def cross_validate(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     resplit: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> CrossValidation:
     """Stratified, case-grouped K-fold cross-validation: fold k trains on the other
     folds and validates on fold k, in ``out/fold_<k>`` (a run directory as ``train``
@@ -690,7 +705,7 @@ def cross_validate(
                                        resplit)  # fmt: skip
     if resuming:
         saved_split(out / "fold_1", pool, None)  # refuse changed labels before reading slides
-    data = _load(pool, None, run_config.model, log, progress)
+    data = _load(pool, None, run_config.model, log, progress, cache_dir)
     cfg = run_config.train
     assigned = assign_folds([s.label for s in data.slides], [s.case for s in data.slides],
                             folds, cfg.seed)  # fmt: skip

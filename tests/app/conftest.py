@@ -57,3 +57,9 @@ def run_dir(dataset, tmp_path_factory, small_model_config) -> Path:
     train(dataset, dataset / "labels.csv", out, small_model_config, config, device="cpu",
           progress=False, log=lambda _: None)  # fmt: skip
     return out
+
+
+@pytest.fixture(autouse=True)
+def _view_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """``ats-wsi train`` caches views in ``$ATS_WSI_CACHE``: never the user's home in tests."""
+    monkeypatch.setenv("ATS_WSI_CACHE", str(tmp_path_factory.getbasetemp() / "view-cache"))

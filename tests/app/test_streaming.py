@@ -185,3 +185,12 @@ def test_augmented_batches_train(labelled, small_model_config, tmp_path):
                          augmentation=Augmentation(flips=True, color_jitter=0.2, hed_jitter=0.05))
     assert len(results) == len(labelled) and all(np.isfinite(r.loss) for r in results)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_training_reads_views_through_the_disk_cache(dataset, small_model_config, tmp_path):
+    rows = read_labels(dataset / "labels.csv", dataset).rows
+    first, _ = load_slides(rows, small_model_config, print, False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == len(rows)
+    again, _ = load_slides(rows, small_model_config, print, False, cache_dir=tmp_path)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a.thumbnail, b.thumbnail)
