@@ -43,6 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import TILE, MosaicSlide  # noqa: E402
 
+from pipeline.app.augment import Augmentation  # noqa: E402
 from pipeline.app.config import ModelConfig  # noqa: E402
 from pipeline.app.streaming import (  # noqa: E402
     Reader,
@@ -85,8 +86,9 @@ class SimulatedAccelerator(nn.Module):
         self.project = nn.Linear(3, self.out_features)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        pooled = patches.mean(dim=(2, 3))  # [M, 3]
-        return self.project(_Wait.apply(pooled, self.latency * len(patches) / 16))
+        features = self.project(patches.mean(dim=(2, 3)))  # [M, 16]
+        # After the projection, so that the backward (which the weights need) waits too.
+        return _Wait.apply(features, self.latency * len(patches) / 16)
 
 
 def make_slides(cache: Path, n: int, distinct: int, side: int) -> list[Path]:
@@ -180,9 +182,9 @@ def bench(name, feature_net, paths, args, views_dir) -> dict:
         plan = m.sampler.plan(x_low, mask, torch.Generator().manual_seed(1))
         began = time.perf_counter()
         ratios = [(h / v.tissue.shape[0], w / v.tissue.shape[1]) for v in cached]
-        patches, offsets = reader.submit(m, [i.path for i in batch],
-                                         [v.patch_level for v in cached], ratios, plan,
-                                         (h, w)).result()  # fmt: skip
+        patches, offsets = reader.submit(m.config, [i.path for i in batch],
+                                         [None] * len(batch), ratios, plan, (h, w),
+                                         Augmentation()).result()  # fmt: skip
         read_s += time.perf_counter() - began
         began = time.perf_counter()
         out = m.sampler.estimate(x_low, patches, offsets, plan, mask)
