@@ -53,8 +53,8 @@ def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:
             return 0.0
         return max(client.run(peak_rss_mb).values())
 
-    def measured(model, paths, seed) -> Iterator:
-        for result in inner(model, paths, seed):
+    def measured(model, paths, seed, **options) -> Iterator:
+        for result in inner(model, paths, seed, **options):
             yield result  # the driver records it before the next one is asked for
             times.append(time.perf_counter())
             if len(times) in marks:
