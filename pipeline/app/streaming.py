@@ -6,7 +6,6 @@ three stages::
     plan      main thread   views stacked to [B, 3, h, w]; attention with the current
                             weights; N positions sampled per slide (no gradient)
     read      background    only the tiles under those patches, decoded once each
-                            (a thread here, or a task on a Dask cluster's workers)
     estimate  main thread   attention again (with gradient), the feature net on all
                             B x N patches in one call, the expectation, backward, step
 
@@ -37,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,8 +56,6 @@ from pipeline.app.priors import slide_prior
 from pipeline.app.slides import level0_mpp, open_view, patch_view
 
 if TYPE_CHECKING:
-    import distributed
-
     import readers
 
 GLASS = 255
@@ -199,13 +195,12 @@ class _Planned:
 
 
 class Reader:
-    """Reads the patches of planned batches in the background: one thread (with its
-    own ``SlideHandles``), or one task per batch on a Dask cluster's workers."""
+    """Reads the patches of planned batches in the background, in one thread with its
+    own ``SlideHandles`` (the tile decoding itself uses the readers' thread pool)."""
 
-    def __init__(self, client: distributed.Client | None = None, max_open: int = 16) -> None:
-        self.client = client
+    def __init__(self, max_open: int = 16) -> None:
         self.handles = SlideHandles(max_open)
-        self._pool = None if client else ThreadPoolExecutor(1, thread_name_prefix="ats-read")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ats-read")
 
     def submit(self, config: ModelConfig, paths, transforms, ratios, plan, low_size,
                augmentation: Augmentation) -> Future:  # fmt: skip
@@ -214,13 +209,10 @@ class Reader:
         ``low_size``. The future gives ``_read_batch``'s pair."""
         args = (config, augmentation, paths, transforms, ratios, plan.samples.cpu(),
                 plan.attention_size, low_size)  # fmt: skip
-        if self.client is not None:
-            return self.client.submit(_read_on_worker, *args, pure=False)
         return self._pool.submit(_read_batch, self.handles, *args)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
         self.handles.close()
 
 
@@ -235,16 +227,6 @@ def _read_batch(handles, config, augmentation, paths, transforms, ratios, sample
     return pipeline.gather_patches(
         sources, samples, attention_size, low_size, config.patch_size, config.receptive_field
     )
-
-
-_worker_handles = threading.local()
-
-
-def _read_on_worker(*args):
-    """``_read_batch`` in a Dask worker, with a handle cache per worker thread."""
-    if not hasattr(_worker_handles, "handles"):
-        _worker_handles.handles = SlideHandles()
-    return _read_batch(_worker_handles.handles, *args)
 
 
 def stack_views(views: Sequence[CachedView], device: torch.device) -> tuple:
