@@ -37,6 +37,7 @@ How the work is laid out:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -68,6 +69,11 @@ TASK_PREFIX = "ats-predict"
 _MODEL_CACHE_SIZE = 2
 
 MAX_RESUBMITS = 3
+
+IN_FLIGHT_PER_THREAD = 4
+MIN_IN_FLIGHT = 8
+"""Slide tasks submitted at once: 4 per worker thread, at least 8 (more keep workers
+busy no better, and every finished result waits in worker memory until fetched)."""
 """Times a slide whose finished result was lost with a worker is submitted again."""
 
 if TYPE_CHECKING:
@@ -212,8 +218,10 @@ def predict_on_client(
         options: ``display_side``, ``draws``, ``roi_dir``, as for ``classify_view``
             (a ``roi_dir`` must be readable by the workers at the same path).
 
-    ``result.path`` is the path as given. Stopping the iteration early cancels the
-    slides not yet yielded.
+    Slides are submitted a window at a time (``IN_FLIGHT_PER_THREAD`` per worker
+    thread), so memory on the workers does not grow with the batch however slowly the
+    caller consumes the results. ``result.path`` is the path as given. Stopping the
+    iteration early cancels the slides not yet yielded.
     """
     from distributed import as_completed
 
@@ -230,21 +238,34 @@ def predict_on_client(
             key=f"{TASK_PREFIX}-{slide_name(path)}-{run}-{next(numbers)}",
         )  # fmt: skip
 
-    pending = {submit(path): path for path in paths}
+    # Slides go out a window at a time: results wait in worker memory until this
+    # process has written them, so a slow writer must not let them pile up.
+    window = max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * sum(client.nthreads().values()))
+    waiting = collections.deque(paths)
+    pending: dict = {}
+    completed = as_completed()
+
+    def top_up() -> None:
+        while waiting and len(pending) < window:
+            path = waiting.popleft()
+            future = submit(path)
+            pending[future] = path
+            completed.add(future)
+
     resubmitted: Counter[Path] = Counter()
-    completed = as_completed(pending)
+    top_up()
     try:
         for future in completed:
             path = pending.pop(future)
             if _lost(future) and resubmitted[path] < MAX_RESUBMITS:
                 # Its result died with a worker before it was fetched: run it again.
                 resubmitted[path] += 1
-                again = submit(path)
-                pending[again] = path
-                completed.add(again)
+                waiting.appendleft(path)
+                top_up()
                 continue
             result = _result_of(future, path)
             future.release()  # a finished slide is never recomputed after a worker loss
+            top_up()
             yield result
     finally:
         client.cancel([*pending, weights])

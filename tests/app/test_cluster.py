@@ -323,3 +323,22 @@ def test_predict_on_cluster_equals_local(client, model, paths, tmp_path):
     # A rerun skips everything already done.
     again = predict(model, paths, tmp_path / "cluster", seed=SEED, progress=False, runner=runner)
     assert again.results == [] and len(again.skipped) == len(paths)
+
+
+def test_slides_go_out_a_window_at_a_time(client, model, paths):
+    # 2 workers x 1 thread: a window of max(8, 4 x 2) = 8 slide tasks; 24 slides.
+    from pipeline.app import cluster
+
+    many = paths * 3
+    window = max(cluster.MIN_IN_FLIGHT, cluster.IN_FLIGHT_PER_THREAD * 2)
+    known = []
+
+    def slide_tasks(dask_scheduler):
+        return sum(str(k).startswith(TASK_PREFIX) for k in dask_scheduler.tasks)
+
+    results = []
+    for result in predict_on_client(client, model, many, seed=SEED):
+        known.append(client.run_on_scheduler(slide_tasks))
+        results.append(result)
+    assert sorted(r.path for r in results) == sorted(str(p) for p in many)
+    assert max(known) <= window < len(many)
