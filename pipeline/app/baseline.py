@@ -22,8 +22,9 @@ def train_low_res(
     train_config: TrainConfig,
     device: torch.device | str = "cpu",
 ) -> LowResClassifier:
-    """Fit a ``LowResClassifier`` on the slides' thumbnails with the same optimizer,
-    epochs and accumulation as ``train`` (one slide per forward)."""
+    """Fit a ``LowResClassifier`` on the slides' thumbnails with ``train``'s optimizer
+    settings and epochs, one slide per forward, gradients accumulated over
+    ``batch_size`` slides per step."""
     with torch.random.fork_rng(devices=[]):  # weights from the seed, caller's state kept
         torch.manual_seed(train_config.seed)
         model = LowResClassifier(config).to(device)

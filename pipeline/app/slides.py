@@ -59,10 +59,6 @@ class SlideView:
         """``float [1, 3, h, w]`` on ``device``: the thumbnail's RGB in [0, 1]."""
         return low_res_tensor(self.thumbnail, device)
 
-    def mask(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """The tissue mask as the core's sampling ``mask`` (see ``sampling_mask``)."""
-        return sampling_mask(self.tissue, device)
-
     @property
     def level0_scale(self) -> float:
         """Level-0 pixels per pixel of the patch level."""

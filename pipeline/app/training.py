@@ -1,9 +1,10 @@
 """Training a slide classifier from a directory of slides and a labels CSV.
 
-Each slide runs through the network alone (slides of any size mix) and gradients
-are accumulated over ``TrainConfig.batch_size`` slides per optimizer step. Slide
-thumbnails and tissue masks are read once, at the start; each step then reopens its
-slide and reads only the sampled patches.
+Slide thumbnails and tissue masks are read once, at the start (through an on-disk
+cache when given). Each epoch then runs through ``streaming.stream_epoch``:
+mini-batches of ``TrainConfig.batch_size`` slides, their sampled tiles read in the
+background while the model computes, slides kept open in one bounded LRU of handles
+for the whole run (validation reads through it too).
 
 Validation slides come from a split of the labelled slides (stratified by class,
 grouped by ``case``: all slides of a patient on one side), from an external labels
@@ -54,6 +55,7 @@ from pipeline.app.slides import level0_mpp, low_res_tensor, patch_view, sampling
 from pipeline.app.streaming import (
     CachedView,
     Reader,
+    SlideHandles,
     StepResult,
     StreamItem,
     ViewCache,
@@ -190,19 +192,22 @@ def split(slides: list[LabelledSlide], fraction: float, seed: int) -> tuple[list
 
 
 def run_slide(
-    model: SlideClassifier, slide: LabelledSlide, device: torch.device, generator: torch.Generator
+    model: SlideClassifier,
+    slide: LabelledSlide,
+    device: torch.device,
+    generator: torch.Generator,
+    handles: SlideHandles,
 ) -> StepResult:
-    """One slide forward (validation: no gradient is needed, none is taken)."""
-    import readers
-
+    """One slide forward (validation: no gradient is needed, none is taken), the slide
+    opened through ``handles`` (no reopening every epoch)."""
     x_low = low_res_tensor(slide.thumbnail, device)
     mask = sampling_mask(slide.tissue, device)
     target = torch.tensor([slide.label], device=device)
-    with readers.open_slide(slide.path) as opened:
-        source, _ = patch_view(opened, model.config, level0_mpp(opened, model.config))
-        out = model.classify(x_low, source, mask, generator)
-        loss = F.cross_entropy(out.logits, target)
-        regularizer = out.draw.regularizer
+    opened = handles.slide(slide.path)
+    source, _ = patch_view(opened, model.config, level0_mpp(opened, model.config))
+    out = model.classify(x_low, source, mask, generator)
+    loss = F.cross_entropy(out.logits, target)
+    regularizer = out.draw.regularizer
     probs = out.logits.detach().softmax(1)[0].cpu().numpy()
     correct = int(probs.argmax()) == slide.label
     return StepResult(float(loss.detach()), float(regularizer.detach()), correct, probs)
@@ -336,13 +341,19 @@ class _Views(dict):
 
 @torch.no_grad()
 def evaluate(
-    model: SlideClassifier, slides: list[LabelledSlide], seed: int, device: torch.device
+    model: SlideClassifier,
+    slides: list[LabelledSlide],
+    seed: int,
+    device: torch.device,
+    handles: SlideHandles,
 ) -> list[StepResult]:
     """Each slide once, its sampling seeded by ``slide_seed(seed, path)`` (the same
-    draws every epoch, so epochs compare)."""
+    draws every epoch, so epochs compare). Called between epochs, when the reader
+    that shares ``handles`` is idle."""
     model.eval()
     return [
-        run_slide(model, s, device, torch.Generator(device).manual_seed(slide_seed(seed, s.path)))
+        run_slide(model, s, device, torch.Generator(device).manual_seed(slide_seed(seed, s.path)),
+                  handles)  # fmt: skip
         for s in slides
     ]
 
@@ -551,7 +562,7 @@ def fit(
             steps = train_epoch(
                 model, optimizer, train_set, cfg, epoch, device, reader, progress, log
             )
-            val_steps = evaluate(model, val_set, cfg.seed, device)
+            val_steps = evaluate(model, val_set, cfg.seed, device, reader.handles)
             row = epoch_row(epoch, steps, val_steps, val_set, time.perf_counter() - began)
             history.append(row)
             best = history[best_epoch - 1] if best_epoch else None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import readers
-from pipeline.app.slides import MAX_VIEW_PIXELS, open_view
+from pipeline.app.slides import MAX_VIEW_PIXELS, open_view, sampling_mask
 
 
 def test_default_view_is_the_thumbnail(dataset, small_model_config):
@@ -19,7 +19,7 @@ def test_default_view_is_the_thumbnail(dataset, small_model_config):
         x = view.x_low()
         assert x.shape == (1, 3, 128, 128) and x.dtype == torch.float32
         assert 0 <= float(x.min()) and float(x.max()) <= 1
-        assert torch.equal(view.mask()[0], torch.from_numpy(view.tissue))
+        assert torch.equal(sampling_mask(view.tissue)[0], torch.from_numpy(view.tissue))
 
 
 def test_levels_by_index_and_by_mpp(dataset, small_model_config):
@@ -34,7 +34,7 @@ def test_levels_by_index_and_by_mpp(dataset, small_model_config):
     config = dataclasses.replace(small_model_config, low_res_mpp=1.5, tissue_mask=False)
     with open_view(dataset / "slide_001.tiff", config) as view:
         assert view.thumbnail.shape == (341, 341, 3)  # exactly 1.5 mpp: 1024 * 0.5 / 1.5
-        assert view.tissue.all() and view.mask() is None  # mask off: sample anywhere
+        assert view.tissue.all() and sampling_mask(view.tissue) is None  # sample anywhere
 
 
 def test_bad_level_choices_name_the_file(dataset, small_model_config, monkeypatch):
