@@ -7,6 +7,8 @@ shared file position, so threads need no lock.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import xml.etree.ElementTree as ET
 
@@ -112,7 +114,45 @@ class TifffileSlide(Slide):
             self._fd = None
         if self._tif is not None:
             self._tif.close()
+            _break_cycles(self._tif)
             self._tif = None
+
+
+# The objects a TiffFile makes for itself (others, e.g. its TiffFormat, are shared).
+_PER_FILE = (tifffile.TiffFile, tifffile.TiffPages, tifffile.TiffPage, tifffile.TiffFrame,
+             tifffile.TiffPageSeries, tifffile.TiffTags, tifffile.TiffTag)  # fmt: skip
+
+
+def _break_cycles(tif: tifffile.TiffFile) -> None:
+    """Empty the objects a closed ``tif`` made for itself.
+
+    A TiffFile, its pages, tags and series refer to each other, so closing leaves them
+    (about 0.7 MB of tag tuples for a 20k^2 pyramid, ten times that at 100k^2) to the
+    cyclic garbage collector, whose full passes come rarely in a process holding a
+    model and cost ~150 ms each: a batch opening thousands of slides grew by the
+    slides it had closed. Emptied, they are freed as soon as the slide is.
+    """
+    stack, seen, found = [tif], set(), []
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, _PER_FILE):
+            found.append(obj)
+            stack.extend(gc.get_referents(obj))
+        elif isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], (int, float)):
+            continue  # a tag's values (tile offsets: thousands of numbers), no objects
+        elif isinstance(obj, (dict, list, tuple, set)):
+            stack.extend(gc.get_referents(obj))
+    for obj in found:
+        if hasattr(obj, "__dict__"):
+            obj.__dict__.clear()
+        for cls in type(obj).__mro__:
+            slots = getattr(cls, "__slots__", ())
+            for name in (slots,) if isinstance(slots, str) else slots:
+                with contextlib.suppress(AttributeError, TypeError):
+                    delattr(obj, name)
 
 
 def _head(path: str) -> bytes | str:

@@ -7,11 +7,13 @@ pixels square (``bench_e2e``'s mosaic renderer) and hard-links them to ``--slide
 names, so every slide is a separate file for the loops (own view, own handle) while
 the disk holds a few. Then, in one run, for two feature networks:
 
-- ``simulated accelerator``: a feature net whose forward and backward each wait a
-  fixed time per batch without using the CPU (``--latency`` ms per 16 patches, the
-  order of a ResNet-18 on 16 x 224^2 patches on a GPU), plus a cheap projection so
-  that gradients flow; the accelerator's busy fraction is its waiting time over the
-  wall time;
+- ``simulated accelerator``: a feature net whose forward waits a fixed time per
+  batch without using the CPU (``--latency`` ms per 16 patches, the order of a
+  ResNet-18 on 16 x 224^2 patches on a GPU) and whose backward waits ``--backward``
+  times as long (1: as long as the forward; a convolutional network's backward
+  computes gradients for both its inputs and its weights, about twice the forward's
+  arithmetic), plus a cheap projection so that gradients flow; the accelerator's busy
+  fraction is its waiting time over the wall time;
 - ``CPU``: the default small CNN, computed on this CPU.
 
 it reports slides per second of:
@@ -43,12 +45,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import TILE, MosaicSlide  # noqa: E402
 
-from pipeline.app.augment import Augmentation  # noqa: E402
 from pipeline.app.config import ModelConfig  # noqa: E402
 from pipeline.app.streaming import (  # noqa: E402
     Reader,
     StreamItem,
     ViewCache,
+    read_batch,
     stack_views,
     stream_epoch,
 )
@@ -59,8 +61,8 @@ class _Wait(torch.autograd.Function):
     """Identity whose forward and backward sleep: a kernel running elsewhere."""
 
     @staticmethod
-    def forward(ctx, x, seconds):
-        ctx.seconds = seconds
+    def forward(ctx, x, seconds, backward_seconds):
+        ctx.seconds = backward_seconds
         _Wait.busy += seconds
         time.sleep(seconds)
         return x.view_as(x)
@@ -69,26 +71,28 @@ class _Wait(torch.autograd.Function):
     def backward(ctx, grad):
         _Wait.busy += ctx.seconds
         time.sleep(ctx.seconds)
-        return grad, None
+        return grad, None, None
 
     busy = 0.0
 
 
 class SimulatedAccelerator(nn.Module):
-    """Patches ``[M, 3, p, p]`` -> features ``[M, 16]``: a mean-pool and a linear
-    layer (negligible CPU), waiting ``latency`` seconds per 16 patches each way."""
+    """Patches ``[M, 3, p, p]`` -> features ``[M, 16]``: the mean of every 16th pixel
+    and a linear layer (negligible CPU), waiting ``latency`` seconds per 16 patches
+    in the forward and ``backward`` times as long in the backward."""
 
     out_features = 16
 
-    def __init__(self, latency: float) -> None:
+    def __init__(self, latency: float, backward: float) -> None:
         super().__init__()
-        self.latency = latency
+        self.latency, self.backward_ratio = latency, backward
         self.project = nn.Linear(3, self.out_features)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        features = self.project(patches.mean(dim=(2, 3)))  # [M, 16]
+        features = self.project(patches[..., ::16, ::16].mean(dim=(2, 3)))  # [M, 16]
         # After the projection, so that the backward (which the weights need) waits too.
-        return _Wait.apply(features, self.latency * len(patches) / 16)
+        seconds = self.latency * len(patches) / 16
+        return _Wait.apply(features, seconds, seconds * self.backward_ratio)
 
 
 def make_slides(cache: Path, n: int, distinct: int, side: int) -> list[Path]:
@@ -182,9 +186,8 @@ def bench(name, feature_net, paths, args, views_dir) -> dict:
         plan = m.sampler.plan(x_low, mask, torch.Generator().manual_seed(1))
         began = time.perf_counter()
         ratios = [(h / v.tissue.shape[0], w / v.tissue.shape[1]) for v in cached]
-        patches, offsets = reader.submit(m.config, [i.path for i in batch],
-                                         [None] * len(batch), ratios, plan, (h, w),
-                                         Augmentation()).result()  # fmt: skip
+        patches, offsets = reader.submit(read_batch, m.config, [i.path for i in batch], plan,
+                                         (h, w), ratios).result()  # fmt: skip
         read_s += time.perf_counter() - began
         began = time.perf_counter()
         out = m.sampler.estimate(x_low, patches, offsets, plan, mask)
@@ -212,16 +215,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--depth", type=int, default=3, help="batches in flight")
     parser.add_argument("--latency", type=float, default=10.0, help="ms per 16 patches")
+    parser.add_argument("--backward", type=float, default=1.0,
+                        help="backward latency over forward latency")  # fmt: skip
     args = parser.parse_args()
     paths = make_slides(args.cache, args.slides, args.distinct, args.side)
     rows = [
-        bench("simulated accelerator", lambda: SimulatedAccelerator(args.latency / 1000),
-              paths, args, args.cache / "views"),
+        bench("simulated accelerator",
+              lambda: SimulatedAccelerator(args.latency / 1000, args.backward), paths, args,
+              args.cache / "views"),
         bench("CPU (small CNN)", None, paths, args, args.cache / "views"),
     ]  # fmt: skip
     print(f"\n{args.slides} slides of {args.side}^2, N={args.patches} patches of {args.patch}^2, "
           f"batch {args.batch}, depth {args.depth}, simulated latency {args.latency} ms/16 "
-          "patches each way\n")  # fmt: skip
+          f"patches forward, x{args.backward} backward\n")  # fmt: skip
     print("| network | serial slides/s | streaming slides/s | speed-up | bound slides/s "
           "| streaming / bound | busy serial | busy streaming | read s/slide | compute s/slide "
           "| peak RSS MB at slides |")

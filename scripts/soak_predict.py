@@ -10,7 +10,7 @@ directory twice into fresh output directories: in this process, then on a local 
 cluster of ``--workers`` processes. For each run it checks that ``predictions.csv``
 has every slide exactly once with status ``ok``, and prints:
 
-- peak RSS of this process (``ru_maxrss``: driver, journal, and in the cluster run
+- peak RSS of this process (``peak_rss_mb``: driver, journal, and in the cluster run
   the scheduler) after 100, 1,000 and ``--slides`` slides, and of the largest worker;
 - time per slide (wall time between completions) over slides 11-110 and over the
   last 100.
@@ -33,7 +33,13 @@ CHECKPOINTS = (100, 1000)
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS: Linux's ``VmHWM``, the high-water mark of its own
+    memory map (``ru_maxrss`` would start a Dask worker at its parent's RSS)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:

@@ -1,25 +1,30 @@
-"""Streaming training: the next slides' tiles are read while the model computes.
+"""Streaming training: the next slides are planned and read while the model computes.
 
 One optimizer step trains on a mini-batch of ``B`` slides. Each step goes through
 three stages::
 
-    plan      main thread   views stacked to [B, 3, h, w]; attention with the current
-                            weights; N positions sampled per slide (no gradient)
-    read      background    only the tiles under those patches, decoded once each
+    plan      read thread   views stacked to [B, 3, h, w]; attention with a snapshot
+                            of the weights (no gradient); N positions per slide
+    read      read thread   only the tiles under those patches, decoded once each
     estimate  main thread   attention again (with gradient), the feature net on all
                             B x N patches in one call, the expectation, backward, step
 
 ``depth`` is the number of batches in flight. With ``depth = 1`` the stages run one
 after the other (the serial loop). With ``depth = d > 1`` the next ``d - 1`` batches
-are planned and their reads submitted before the current batch computes, so reading
-overlaps computing and the accelerator waits only when a read is slower than a step.
-Their positions then come from weights up to ``d - 1`` steps old: the draws were made
-from the old attention ``q``, which is a proposal in DESIGN section 4b's sense, and
-``AttentionSampling.estimate(..., stale=True)`` weighs each draw by ``a / q`` with
-``a`` the current attention. The estimate and its
-gradients therefore stay unbiased; only their variance changes, and little, since
-one step moves the attention little. (Draw and features are independent given the
-positions: the step that made the weights stale does not bias anything.)
+are planned and read while the current batch computes, so the main thread (and the
+accelerator it drives) waits only when planning and reading are slower than a step.
+A batch is planned with the attention weights of the moment it was submitted,
+snapshotted then, so the run is deterministic for a seed whatever the threads'
+timing; those weights are up to ``d - 1`` steps old when the batch is estimated. The
+draws were made from the old attention ``q``, which is a proposal in DESIGN section
+4b's sense, and ``AttentionSampling.estimate(..., stale=True)`` weighs each draw by
+``a / q`` with ``a`` the current attention. The estimate and its gradients therefore
+stay unbiased; only their variance changes, and little, since one step moves the
+attention little. (Draw and features are independent given the positions: the step
+that made the weights stale does not bias anything.)
+
+All randomness of an epoch (augmentation transforms, positions) is drawn in the read
+thread, batch after batch in submission order: the same sequence as the serial loop.
 
 Memory is bounded by the batches in flight, not by the dataset: views are loaded
 from an on-disk cache (``ViewCache``) when a batch is planned, and slides are opened
@@ -33,11 +38,12 @@ cells to patches is unchanged on the real part (padding cells are masked out).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,47 +192,120 @@ class StepResult:
 
 @dataclass
 class _Planned:
+    """A batch planned and read in the read thread, ready for its training step."""
+
     items: list[StreamItem]
     x_low: torch.Tensor  # [B, 3, h, w]
     mask: torch.Tensor | None  # [B, h, w]
     plan: pipeline.Plan
-    read: Future  # -> (patches [B, N, 3, p, p] float in [0, 1], offsets [B, N, 2])
-    step: int  # optimizer steps done when planned
+    patches: torch.Tensor  # [B, N, 3, p, p] float in [0, 1]
+    offsets: torch.Tensor  # [B, N, 2]
+
+
+@dataclass
+class _Prepared:
+    """What the read thread gives back for one submitted batch: the planned batch
+    (None when none of its slides could be read) and the reasons of skipped slides."""
+
+    planned: _Planned | None
+    skipped: list[str]
+    step: int  # optimizer steps done when submitted (the weights it was planned with)
 
 
 class Reader:
-    """Reads the patches of planned batches in the background, in one thread with its
-    own ``SlideHandles`` (the tile decoding itself uses the readers' thread pool)."""
+    """Plans and reads batches in the background, in one thread with its own
+    ``SlideHandles`` (the tile decoding itself uses the readers' thread pool). Jobs
+    run one at a time in submission order."""
 
     def __init__(self, max_open: int = 16) -> None:
         self.handles = SlideHandles(max_open)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ats-read")
 
-    def submit(self, config: ModelConfig, paths, transforms, ratios, plan, low_size,
-               augmentation: Augmentation) -> Future:  # fmt: skip
-        """Read the patches of ``plan``: slides ``paths`` seen as ``config`` reads
-        patches, through their augmentation ``transforms`` and padded by ``ratios`` to
-        ``low_size``. The future gives ``_read_batch``'s pair."""
-        args = (config, augmentation, paths, transforms, ratios, plan.samples.cpu(),
-                plan.attention_size, low_size)  # fmt: skip
-        return self._pool.submit(_read_batch, self.handles, *args)
+    def submit(self, job: Callable, *args) -> Future:
+        """Run ``job(handles, *args)`` in the read thread."""
+        return self._pool.submit(job, self.handles, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.handles.close()
 
 
-def _read_batch(handles, config, augmentation, paths, transforms, ratios, samples,
-                attention_size, low_size):  # fmt: skip
-    """Patches ``[B, N, 3, p, p]`` (float in [0, 1]) and offsets ``[B, N, 2]`` of a batch."""
+def read_batch(handles: SlideHandles, config: ModelConfig, paths: Sequence, plan: pipeline.Plan,
+               low_size: tuple[int, int], ratios: Sequence[tuple[float, float]],
+               transforms: Sequence | None = None,
+               augmentation: Augmentation = Augmentation()) -> tuple:  # noqa: B008 # fmt: skip
+    """Patches ``[B, N, 3, p, p]`` (float in [0, 1]) and offsets ``[B, N, 2]`` of
+    ``plan``'s positions: slides ``paths`` read as ``config`` reads patches (slides
+    opened through ``handles``), seen through their augmentation ``transforms`` and
+    padded by ``ratios`` (>= 1, per slide ``(ry, rx)``) to the stacked views' size
+    ``low_size``."""
+    transforms = [None] * len(paths) if transforms is None else transforms
     sources = []
     for path, transform, ratio in zip(paths, transforms, ratios, strict=True):
         slide = handles.slide(path)
         source, _ = patch_view(slide, config, level0_mpp(slide, config))
         sources.append(PaddedSource(augmentation.source(source, transform), ratio))
     return pipeline.gather_patches(
-        sources, samples, attention_size, low_size, config.patch_size, config.receptive_field
-    )
+        sources, plan.samples.cpu(), plan.attention_size, low_size, config.patch_size,
+        config.receptive_field,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Planning:
+    """How the read thread plans: the epoch's views, randomness and options, and a
+    planner (the model's sampler with its own copy of the attention network, which
+    takes the weights snapshotted at each submission)."""
+
+    planner: pipeline.AttentionSampling
+    config: ModelConfig
+    views: object  # has load(path) -> CachedView
+    generator: torch.Generator
+    device: torch.device
+    augmentation: Augmentation
+    prior: str
+
+    @classmethod
+    def of(cls, model: SlideClassifier, **options) -> _Planning:
+        sampler = model.sampler
+        shared = {id(sampler.feature): sampler.feature}  # only the attention is planned with
+        return cls(copy.deepcopy(sampler, memo=shared), model.config, **options)
+
+
+def _prepare(handles: SlideHandles, planning: _Planning, items: list[StreamItem],
+             weights: dict, step: int, first_slide: int) -> _Prepared:  # fmt: skip
+    """Plan and read one batch in the read thread (see the module docstring). Slides
+    whose view or tiles cannot be read are skipped with their reason; a batch of
+    unreadable tiles is skipped whole (one read serves the batch)."""
+    loaded, skipped = [], []
+    for item in items:
+        try:
+            loaded.append((item, planning.views.load(item.path)))
+        except Exception as e:  # unreadable slide: reported, training goes on
+            skipped.append(f"skipping {item.path}: {type(e).__name__}: {e}")
+    if not loaded:
+        return _Prepared(None, skipped, step)
+    items, cached = (list(t) for t in zip(*loaded, strict=True))
+    augmentation, generator = planning.augmentation, planning.generator
+    transforms = [augmentation.choose(generator) for _ in cached]
+    cached = [_transformed(v, augmentation, t) for v, t in zip(cached, transforms, strict=True)]
+    x_low, mask, (h, w) = stack_views(cached, planning.device)
+    priors = None
+    if planning.prior != "none":
+        priors = torch.zeros(x_low.shape[0], h, w, device=planning.device)
+        for i, v in enumerate(cached):
+            prior_map = slide_prior(planning.prior, v.thumbnail, v.tissue)
+            priors[i, : prior_map.shape[0], : prior_map.shape[1]] = torch.from_numpy(prior_map)
+    planning.planner.attention.load_state_dict(weights)
+    plan = planning.planner.plan(x_low, mask, generator, priors, step=first_slide)
+    ratios = [(h / v.tissue.shape[0], w / v.tissue.shape[1]) for v in cached]
+    try:
+        patches, offsets = read_batch(handles, planning.config, [i.path for i in items], plan,
+                                      (h, w), ratios, transforms, augmentation)  # fmt: skip
+    except Exception as e:  # an unreadable tile: the batch is skipped, not the run
+        skipped.append(f"skipping {[str(i.path) for i in items]}: {type(e).__name__}: {e}")
+        return _Prepared(None, skipped, step)
+    return _Prepared(_Planned(items, x_low, mask, plan, patches, offsets), skipped, step)
 
 
 def stack_views(views: Sequence[CachedView], device: torch.device) -> tuple:
@@ -289,73 +368,47 @@ def stream_epoch(
     model.train()
     own_reader = reader is None
     reader = reader or Reader()
-    batches = iter([list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)])
-    queue: deque[_Planned] = deque()
+    planning = _Planning.of(model, views=views, generator=generator, device=device,
+                            augmentation=augmentation, prior=prior)  # fmt: skip
+    batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    queue: deque[tuple[int, Future]] = deque()  # (slides in the batch, its _Prepared)
     results: list[StepResult] = []
-    steps, planned_slides = 0, first_slide
+    steps, submitted, planned_slides = 0, 0, first_slide
     bar = tqdm(total=len(items), unit="slide", leave=False, disable=not progress)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: N patches of one size
     try:
         while True:
-            while len(queue) < depth:
-                planned = _plan_next(model, batches, views, generator, device, reader, steps,
-                                     planned_slides, prior, augmentation, warn)  # fmt: skip
-                if planned is None:
-                    break
-                planned_slides += len(planned.items)
-                queue.append(planned)
+            while len(queue) < depth and submitted < len(batches):
+                batch = batches[submitted]
+                # Cloned here, so the batch is planned with the weights of this moment.
+                weights = {k: v.detach().clone()
+                           for k, v in model.sampler.attention.state_dict().items()}  # fmt: skip
+                queue.append((len(batch), reader.submit(
+                    _prepare, planning, batch, weights, steps, planned_slides)))  # fmt: skip
+                submitted += 1
+                planned_slides += len(batch)
             if not queue:
                 return results
-            bar.update(len(queue[0].items))
-            planned = queue.popleft()
-            try:
-                patches, offsets = planned.read.result()
-            except Exception as e:  # an unreadable tile: the batch is skipped, not the run
-                warn(f"skipping {[str(i.path) for i in planned.items]}: {type(e).__name__}: {e}")
+            size, future = queue.popleft()
+            prepared = future.result()
+            bar.update(size)
+            for message in prepared.skipped:
+                warn(message)
+            if prepared.planned is None:
                 continue
-            results += _train_step(model, optimizer, planned, patches, offsets, steps, device,
-                                   class_weights, scaler)  # fmt: skip
+            results += _train_step(model, optimizer, prepared.planned, steps != prepared.step,
+                                   device, class_weights, scaler)  # fmt: skip
             steps += 1
             if on_step is not None:
                 on_step()
     finally:
         bar.close()
-        for planned in queue:
-            planned.read.cancel()
+        for _, future in queue:
+            future.cancel()
         if own_reader:
             reader.close()
-
-
-def _plan_next(model, batches: Iterator, views, generator, device, reader, steps, slides,
-               prior, augmentation, warn):  # fmt: skip
-    """Plan the next batch that has readable views, or None at the end."""
-    for batch in batches:
-        loaded = []
-        for item in batch:
-            try:
-                loaded.append((item, views.load(item.path)))
-            except Exception as e:  # unreadable slide: reported, training goes on
-                warn(f"skipping {item.path}: {type(e).__name__}: {e}")
-        if not loaded:
-            continue
-        items, cached = zip(*loaded, strict=True)
-        transforms = [augmentation.choose(generator) for _ in cached]
-        cached = [_transformed(v, augmentation, t) for v, t in zip(cached, transforms, strict=True)]
-        x_low, mask, (h, w) = stack_views(cached, device)
-        priors = None
-        if prior != "none":
-            priors = torch.zeros(x_low.shape[0], h, w, device=device)
-            for i, v in enumerate(cached):
-                prior_map = slide_prior(prior, v.thumbnail, v.tissue)
-                priors[i, : prior_map.shape[0], : prior_map.shape[1]] = torch.from_numpy(prior_map)
-        plan = model.sampler.plan(x_low, mask, generator, priors, step=slides)
-        ratios = [(h / v.tissue.shape[0], w / v.tissue.shape[1]) for v in cached]
-        read = reader.submit(model.config, [i.path for i in items], transforms, ratios, plan,
-                             (h, w), augmentation)  # fmt: skip
-        return _Planned(list(items), x_low, mask, plan, read, steps)
-    return None
 
 
 def _transformed(view: CachedView, augmentation: Augmentation, transform) -> CachedView:
@@ -367,15 +420,16 @@ def _transformed(view: CachedView, augmentation: Augmentation, transform) -> Cac
     return CachedView(thumbnail.permute(1, 2, 0).numpy(), tissue.numpy())
 
 
-def _train_step(model, optimizer, planned: _Planned, patches, offsets, steps, device,
-                class_weights, scaler):  # fmt: skip
+def _train_step(model, optimizer, planned: _Planned, stale: bool, device, class_weights,
+                scaler):  # fmt: skip
+    patches = planned.patches
     if device.type == "cuda":
         # Pinned host memory lets the copy overlap the kernels still running.
         patches = patches.pin_memory().to(device, non_blocking=True)
     target = torch.tensor([i.label for i in planned.items], device=device)
     with torch.autocast(device.type, enabled=scaler.is_enabled()):
-        out = model.sampler.estimate(planned.x_low, patches, offsets, planned.plan,
-                                     planned.mask, stale=planned.step != steps)  # fmt: skip
+        out = model.sampler.estimate(planned.x_low, patches, planned.offsets, planned.plan,
+                                     planned.mask, stale=stale)  # fmt: skip
         logits = model.head(out.features)
     losses = F.cross_entropy(logits.float(), target, reduction="none")  # [B]
     weighted = losses if class_weights is None else losses * _on(class_weights, device)[target]
@@ -393,4 +447,3 @@ def _train_step(model, optimizer, planned: _Planned, patches, offsets, steps, de
 
 def _on(weights: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(weights, dtype=torch.float32, device=device)
-

@@ -106,6 +106,19 @@ def test_reading_ahead_trains_on_every_slide_in_mini_batches(
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_reading_ahead_is_deterministic_for_a_seed(labelled, small_model_config, tmp_path):
+    """Batches are planned in the read thread with the weights snapshotted when they
+    were submitted: the threads' timing cannot change what is trained."""
+    runs = []
+    for _ in range(2):
+        model = new_model(small_model_config, 0, torch.device("cpu"))
+        _stream(model, labelled, ViewCache(tmp_path, small_model_config),
+                range(len(labelled)), batch_size=2, depth=3)  # fmt: skip
+        runs.append(model.state_dict())
+    for name, a in runs[0].items():
+        assert torch.equal(a, runs[1][name]), name
+
+
 def test_an_unreadable_slide_is_skipped_and_training_goes_on(
     labelled, small_model_config, tmp_path
 ):

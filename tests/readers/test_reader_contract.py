@@ -362,3 +362,30 @@ def test_real_slide_without_pyramid_streams_its_thumbnail(cmu_svs, monkeypatch):
     assert thumb.shape == (256, round(2220 * 256 / 2967), 3)
     assert len(reads) == 12 and max(h * w for h, w in reads) == 960 * 960  # 4 x 240 tiles
     assert max(h * w for h, w in reads) < level.shape[0] * level.shape[1] / 7
+
+
+def test_closing_a_tifffile_slide_frees_its_tifffile_objects_at_once(jpeg_tiff):
+    """tifffile's objects refer to each other; left to the cyclic garbage collector,
+    every slide a long batch closed would linger until its next full pass."""
+    import gc
+
+    def tifffile_objects() -> int:
+        modules = (getattr(type(o), "__module__", None) for o in gc.get_objects())
+        return sum(isinstance(m, str) and m.startswith("tifffile") for m in modules)
+
+    def open_read_close() -> None:
+        with open_slide(jpeg_tiff, backend="tifffile") as slide:
+            assert tifffile_objects() > before  # open: the TiffFile, pages, tags
+            slide.read_patches([[5, 7]], (40, 30))
+
+    before = 0
+    open_read_close()  # tifffile's module-level caches (codecs, tag names) fill once
+    gc.collect()
+    gc.disable()
+    try:
+        before = tifffile_objects()
+        for _ in range(3):
+            open_read_close()
+        assert tifffile_objects() == before
+    finally:
+        gc.enable()
