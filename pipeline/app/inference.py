@@ -136,8 +136,9 @@ def classify_view(
     name = slide_name(view.path)
     tissue, flags = view.tissue, []
     if roi_dir is not None:
-        if roi_path(roi_dir, name).is_file():
-            polygons = read_polygons(roi_path(roi_dir, name))
+        roi_file = roi_path(roi_dir, name)
+        if roi_file.is_file():
+            polygons = read_polygons(roi_file)
             tissue = tissue & rasterise(polygons, tissue.shape, view.slide.shape[:2])
         else:
             flags.append("no_roi_file")

@@ -200,6 +200,7 @@ class _Planned:
     plan: pipeline.Plan
     patches: torch.Tensor  # [B, N, 3, p, p] float in [0, 1]
     offsets: torch.Tensor  # [B, N, 2]
+    step: int  # optimizer steps done when submitted (the weights it was planned with)
 
 
 @dataclass
@@ -209,7 +210,6 @@ class _Prepared:
 
     planned: _Planned | None
     skipped: list[str]
-    step: int  # optimizer steps done when submitted (the weights it was planned with)
 
 
 class Reader:
@@ -284,7 +284,7 @@ def _prepare(handles: SlideHandles, planning: _Planning, items: list[StreamItem]
         except Exception as e:  # unreadable slide: reported, training goes on
             skipped.append(f"skipping {item.path}: {type(e).__name__}: {e}")
     if not loaded:
-        return _Prepared(None, skipped, step)
+        return _Prepared(None, skipped)
     items, cached = (list(t) for t in zip(*loaded, strict=True))
     augmentation, generator = planning.augmentation, planning.generator
     transforms = [augmentation.choose(generator) for _ in cached]
@@ -304,8 +304,8 @@ def _prepare(handles: SlideHandles, planning: _Planning, items: list[StreamItem]
                                       (h, w), ratios, transforms, augmentation)  # fmt: skip
     except Exception as e:  # an unreadable tile: the batch is skipped, not the run
         skipped.append(f"skipping {[str(i.path) for i in items]}: {type(e).__name__}: {e}")
-        return _Prepared(None, skipped, step)
-    return _Prepared(_Planned(items, x_low, mask, plan, patches, offsets), skipped, step)
+        return _Prepared(None, skipped)
+    return _Prepared(_Planned(items, x_low, mask, plan, patches, offsets, step), skipped)
 
 
 def stack_views(views: Sequence[CachedView], device: torch.device) -> tuple:
@@ -398,8 +398,9 @@ def stream_epoch(
                 warn(message)
             if prepared.planned is None:
                 continue
-            results += _train_step(model, optimizer, prepared.planned, steps != prepared.step,
-                                   device, class_weights, scaler)  # fmt: skip
+            results += _train_step(model, optimizer, prepared.planned,
+                                   steps != prepared.planned.step, device, class_weights,
+                                   scaler)  # fmt: skip
             steps += 1
             if on_step is not None:
                 on_step()
