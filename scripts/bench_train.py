@@ -7,13 +7,17 @@ pixels square (``bench_e2e``'s mosaic renderer) and hard-links them to ``--slide
 names, so every slide is a separate file for the loops (own view, own handle) while
 the disk holds a few. Then, in one run, for two feature networks:
 
-- ``simulated accelerator``: a feature net whose forward waits a fixed time per
-  batch without using the CPU (``--latency`` ms per 16 patches, the order of a
-  ResNet-18 on 16 x 224^2 patches on a GPU) and whose backward waits ``--backward``
-  times as long (1: as long as the forward; a convolutional network's backward
-  computes gradients for both its inputs and its weights, about twice the forward's
-  arithmetic), plus a cheap projection so that gradients flow; the accelerator's busy
-  fraction is its waiting time over the wall time;
+- ``simulated accelerator``: a feature net whose kernels take a fixed time per batch
+  without using the CPU (``--latency`` ms per 16 patches, the order of a ResNet-18 on
+  16 x 224^2 patches on a GPU; the backward ``--backward`` times as long: 1 is as long
+  as the forward, while a convolutional network's backward computes gradients for both
+  its inputs and its weights, about twice the forward's arithmetic), plus a cheap
+  projection so that gradients flow. Its kernels run on a queue with CUDA's semantics
+  (``Stream``): the host waits for the forward, whose features it reads next, but not
+  for the backward, so the host's own part of the step (the attention network's
+  backward, the optimizer) runs while the device computes, as it does with a GPU;
+  ``--blocking`` makes the host wait for every kernel instead. The accelerator's busy
+  fraction is its kernels' time over the wall time;
 - ``CPU``: the default small CNN, computed on this CPU.
 
 it reports slides per second of:
@@ -57,42 +61,64 @@ from pipeline.app.streaming import (  # noqa: E402
 from pipeline.app.training import new_model  # noqa: E402
 
 
-class _Wait(torch.autograd.Function):
-    """Identity whose forward and backward sleep: a kernel running elsewhere."""
+class Stream:
+    """A simulated accelerator's queue of kernels, with CUDA's semantics: a launched
+    kernel runs after the ones before it, without the host; the host waits only to
+    read a result (``synchronize``). ``blocking``: every launch waits for its kernel,
+    as if each were followed by a synchronisation."""
+
+    def __init__(self, blocking: bool) -> None:
+        self.blocking = blocking
+        self.free_at = 0.0  # perf_counter time when the queued kernels are done
+        self.busy = 0.0  # seconds of kernels launched
+
+    def launch(self, seconds: float) -> None:
+        self.free_at = max(time.perf_counter(), self.free_at) + seconds
+        self.busy += seconds
+        if self.blocking:
+            self.synchronize()
+
+    def synchronize(self) -> None:
+        time.sleep(max(0.0, self.free_at - time.perf_counter()))
+
+
+class _Kernel(torch.autograd.Function):
+    """Identity whose forward and backward launch a kernel of the given duration on
+    ``stream``. The forward then waits for it (its output is read by the host next);
+    the backward does not (nothing reads the weights' gradients before the next
+    forward, which waits for the whole queue)."""
 
     @staticmethod
-    def forward(ctx, x, seconds, backward_seconds):
-        ctx.seconds = backward_seconds
-        _Wait.busy += seconds
-        time.sleep(seconds)
+    def forward(ctx, x, stream, seconds, backward_seconds):
+        ctx.stream, ctx.seconds = stream, backward_seconds
+        stream.launch(seconds)
+        stream.synchronize()
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        _Wait.busy += ctx.seconds
-        time.sleep(ctx.seconds)
-        return grad, None, None
-
-    busy = 0.0
+        ctx.stream.launch(ctx.seconds)
+        return grad, None, None, None
 
 
 class SimulatedAccelerator(nn.Module):
     """Patches ``[M, 3, p, p]`` -> features ``[M, 16]``: the mean of every 16th pixel
-    and a linear layer (negligible CPU), waiting ``latency`` seconds per 16 patches
-    in the forward and ``backward`` times as long in the backward."""
+    and a linear layer (negligible CPU), with a kernel of ``latency`` seconds per 16
+    patches on ``stream`` in the forward and ``backward`` times as long in the
+    backward."""
 
     out_features = 16
 
-    def __init__(self, latency: float, backward: float) -> None:
+    def __init__(self, stream: Stream, latency: float, backward: float) -> None:
         super().__init__()
-        self.latency, self.backward_ratio = latency, backward
+        self.stream, self.latency, self.backward_ratio = stream, latency, backward
         self.project = nn.Linear(3, self.out_features)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         features = self.project(patches[..., ::16, ::16].mean(dim=(2, 3)))  # [M, 16]
-        # After the projection, so that the backward (which the weights need) waits too.
+        # After the projection, so that the backward (which the weights need) runs too.
         seconds = self.latency * len(patches) / 16
-        return _Wait.apply(features, seconds, seconds * self.backward_ratio)
+        return _Kernel.apply(features, self.stream, seconds, seconds * self.backward_ratio)
 
 
 def make_slides(cache: Path, n: int, distinct: int, side: int) -> list[Path]:
@@ -125,7 +151,8 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench(name, feature_net, paths, args, views_dir) -> dict:
+def bench(name, stream: Stream | None, paths, args, views_dir) -> dict:
+    """One row of the table; ``stream``: the simulated accelerator's (None: the CPU)."""
     config = ModelConfig(class_names=("negative", "positive"), n_patches=args.patches,
                          patch_size=(args.patch, args.patch), low_res_max_side=256)  # fmt: skip
     device = torch.device("cpu")
@@ -135,8 +162,8 @@ def bench(name, feature_net, paths, args, views_dir) -> dict:
 
     def model():
         m = new_model(config, 0, device)
-        if feature_net is not None:
-            m.sampler.feature = feature_net()
+        if stream is not None:
+            m.sampler.feature = SimulatedAccelerator(stream, args.latency / 1000, args.backward)
             m.head = nn.Linear(m.sampler.feature.out_features, 2)
         return m
 
@@ -145,15 +172,17 @@ def bench(name, feature_net, paths, args, views_dir) -> dict:
 
     # Serial: one slide per step, read then computed, each slide reopened per step.
     m = model()
-    _Wait.busy = 0.0
+    busy = stream.busy if stream else 0.0
     reopening = Reader(max_open=1)
     began = time.perf_counter()
     stream_epoch(m, torch.optim.AdamW(m.parameters()), items, views, 1,
                  torch.Generator().manual_seed(0), device, depth=1, reader=reopening)  # fmt: skip
+    if stream:
+        stream.synchronize()
     wall = time.perf_counter() - began
     reopening.close()
     result["serial slides/s"] = len(paths) / wall
-    result["serial busy"] = _Wait.busy / wall
+    result["serial busy"] = (stream.busy - busy) / wall if stream else None
 
     # Streaming, with RSS at 10 %, 50 %, 100 % of the slides.
     m = model()
@@ -165,14 +194,16 @@ def bench(name, feature_net, paths, args, views_dir) -> dict:
         if done[0] in marks:
             rss[done[0] * args.batch] = _peak_rss_mb()
 
-    _Wait.busy = 0.0
+    busy = stream.busy if stream else 0.0
     began = time.perf_counter()
     stream_epoch(m, torch.optim.AdamW(m.parameters()), items, views, args.batch,
                  torch.Generator().manual_seed(0), device, depth=args.depth,
                  on_step=on_step)  # fmt: skip
+    if stream:
+        stream.synchronize()
     wall = time.perf_counter() - began
     result["streaming slides/s"] = len(paths) / wall
-    result["streaming busy"] = _Wait.busy / wall
+    result["streaming busy"] = (stream.busy - busy) / wall if stream else None
     result["peak RSS MB by slides"] = {k: round(v) for k, v in sorted(rss.items())}
 
     # The bound: read and compute of the same batches, measured apart.
@@ -196,12 +227,18 @@ def bench(name, feature_net, paths, args, views_dir) -> dict:
         optimizer.zero_grad()
         (loss + out.regularizer).backward()
         optimizer.step()
+        if stream:
+            stream.synchronize()
         compute_s += time.perf_counter() - began
     reader.close()
     result["read s/slide"] = read_s / len(paths)
     result["compute s/slide"] = compute_s / len(paths)
     result["bound slides/s"] = len(paths) / max(read_s, compute_s)
     return result
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.0%}"
 
 
 def main() -> None:
@@ -217,17 +254,19 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=10.0, help="ms per 16 patches")
     parser.add_argument("--backward", type=float, default=1.0,
                         help="backward latency over forward latency")  # fmt: skip
+    parser.add_argument("--blocking", action="store_true",
+                        help="the host waits for every simulated kernel, not only for "
+                             "the features it reads")  # fmt: skip
     args = parser.parse_args()
     paths = make_slides(args.cache, args.slides, args.distinct, args.side)
     rows = [
-        bench("simulated accelerator",
-              lambda: SimulatedAccelerator(args.latency / 1000, args.backward), paths, args,
-              args.cache / "views"),
+        bench("simulated accelerator", Stream(args.blocking), paths, args, args.cache / "views"),
         bench("CPU (small CNN)", None, paths, args, args.cache / "views"),
     ]  # fmt: skip
     print(f"\n{args.slides} slides of {args.side}^2, N={args.patches} patches of {args.patch}^2, "
           f"batch {args.batch}, depth {args.depth}, simulated latency {args.latency} ms/16 "
-          f"patches forward, x{args.backward} backward\n")  # fmt: skip
+          f"patches forward, x{args.backward} backward, "
+          f"{'blocking' if args.blocking else 'asynchronous'} kernels\n")  # fmt: skip
     print("| network | serial slides/s | streaming slides/s | speed-up | bound slides/s "
           "| streaming / bound | busy serial | busy streaming | read s/slide | compute s/slide "
           "| peak RSS MB at slides |")
@@ -236,7 +275,7 @@ def main() -> None:
         print(f"| {r['network']} | {r['serial slides/s']:.2f} | {r['streaming slides/s']:.2f} "
               f"| {r['streaming slides/s'] / r['serial slides/s']:.2f}x "
               f"| {r['bound slides/s']:.2f} | {r['streaming slides/s'] / r['bound slides/s']:.0%} "
-              f"| {r['serial busy']:.0%} | {r['streaming busy']:.0%} "
+              f"| {_percent(r['serial busy'])} | {_percent(r['streaming busy'])} "
               f"| {r['read s/slide']:.3f} | {r['compute s/slide']:.3f} "
               f"| {r['peak RSS MB by slides']} |")  # fmt: skip
 

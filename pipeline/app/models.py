@@ -29,8 +29,11 @@ def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 
 
 def _standardise(rgb: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] -> roughly zero mean, unit spread (fixed, no statistics kept)."""
-    return (rgb - 0.5) / 0.25
+    """RGB ``[B, 3, h, w]`` in [0, 1] -> roughly zero mean, unit spread (fixed, no
+    statistics kept), stored channels-last: with 3 to 16 channels the convolutions run
+    several times faster that way on the CPU (the attention net's forward and backward
+    on 4 views of 256² took 23 ms in the default order, 6 ms channels-last)."""
+    return ((rgb - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
 
 
 class SmallAttentionCNN(nn.Module):

@@ -30,3 +30,31 @@ def test_small_feature_cnn_in_chunks_on_the_cpu_is_the_same_network(monkeypatch)
     for a, b in zip(chunked_grads, whole_grads, strict=True):
         # Weight gradients sum over the patches, in another order: float32 rounding.
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_small_networks_convolve_channels_last_with_the_same_result():
+    torch.manual_seed(0)
+    for net, x in (
+        (models.SmallAttentionCNN(width=4), torch.rand(2, 3, 32, 40)),
+        (models.SmallFeatureCNN(width=4), torch.rand(5, 3, 24, 20)),
+    ):
+        layouts: list[bool] = []
+
+        def record(module, inputs, layouts=layouts):
+            layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+
+        hook = net.body[0][0].register_forward_pre_hook(record)
+        out = net(x)
+        hook.remove()
+        assert layouts == [True]
+        with torch.no_grad():  # the same layers, applied by hand in the default layout
+            h = (x - 0.5) / 0.25
+            assert h.is_contiguous()
+            for block in net.body:
+                h = block(h)
+            expected = (
+                net.softmax(net.logits(h))
+                if isinstance(net, models.SmallAttentionCNN)
+                else torch.amax(h, dim=(-2, -1))
+            )
+        torch.testing.assert_close(out, expected)
