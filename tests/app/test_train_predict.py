@@ -147,6 +147,14 @@ def test_heatmap_and_geojson(predicted, n_slides, slide_side):
             assert f["properties"]["objectType"] == "detection"
 
 
+def test_the_summary_keeps_arrays_that_own_their_memory(predicted):
+    # A view of a tensor would keep the tensor alive for the whole batch; in one
+    # process those small blocks fragmented the heap (docs/soak.md).
+    for result in predicted.results:
+        for array in (result.probs, result.probs_sd, result.boxes, result.patch_attention):
+            assert isinstance(array, np.ndarray) and array.base is None
+
+
 def test_gallery_patches_are_the_slide_pixels(predicted, dataset):
     import readers
 
