@@ -11,7 +11,8 @@ cluster of ``--workers`` processes. For each run it checks that ``predictions.cs
 has every slide exactly once with status ``ok``, and prints:
 
 - peak RSS of this process (``peak_rss_mb``: driver, journal, and in the cluster run
-  the scheduler) after 100, 1,000 and ``--slides`` slides, and of the largest worker;
+  the scheduler) after 100, 1,000 and ``--slides`` slides, and of the largest worker,
+  with this process's glibc heap statistics (``glibc_heap``) at the same points;
 - time per slide (wall time between completions) over slides 11-110 and over the
   last 100.
 
@@ -42,6 +43,27 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def glibc_heap() -> dict[str, int] | None:
+    """glibc's ``mallinfo2()`` over all arenas of this process, in MB (``free_chunks``:
+    a count): the heap's size, the bytes in use and free in it. A heap that grows
+    while its use does not is fragmented. None without glibc 2.33+."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return {"heap": info.arena >> 20, "used": info.uordblks >> 20,
+            "free": info.fordblks >> 20, "free_chunks": info.ordblks}  # fmt: skip
+
+
 def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:
     """Run ``predict`` over ``slides`` into ``out``; RSS at the checkpoints and the
     completion times of every slide."""
@@ -65,6 +87,8 @@ def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:
             times.append(time.perf_counter())
             if len(times) in marks:
                 rss[len(times)] = (peak_rss_mb(), worker_peak())
+                print(f"  {len(times)} slides: glibc heap of this process (MB) {glibc_heap()}",
+                      flush=True)  # fmt: skip
 
     summary = predict(run_dir, [slides], out, runner=measured, progress=False)
     return {"summary": summary, "rss": rss, "times": times}

@@ -34,6 +34,10 @@ ARMS = {
     "explore": {"exploration": 0.5},
     # Exploration plus the brightness prior of the low-resolution view.
     "explore+prior": {"exploration": 0.3, "prior_weight": 0.5},
+    # The estimated features standardised over the batch before the head (a change of
+    # the network, not of the estimator; see ATSModel).
+    "centred": {"centred_head": True},
+    "centred+explore+prior": {"centred_head": True, "exploration": 0.3, "prior_weight": 0.5},
 }
 THRESHOLDS = (0.5, 0.1)
 

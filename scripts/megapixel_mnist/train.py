@@ -52,6 +52,7 @@ class Preset:
     exploration: float = 0.0
     prior_weight: float = 0.0
     remedy_steps: int = 0
+    centred_head: bool = False
 
 
 ALL = dict.fromkeys(MODELS, 1)
@@ -402,6 +403,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="ATS: weight of the brightness prior of the low-res view")
     parser.add_argument("--remedy-steps", type=int, default=None,
                         help="ATS: decay both weights linearly to 0 over this many steps")
+    parser.add_argument("--centred-head", action="store_true", default=None,
+                        help="ATS: standardise the estimated features before the head "
+                             "(a cold-start remedy, see ATSModel)")  # fmt: skip
     parser.add_argument("--combine", type=Path, nargs="+", metavar="RUN_DIR",
                         help="only merge these runs' metrics and results into --out")
     parser.add_argument("--threads", type=int, default=None,
@@ -415,7 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.epochs is not None:
         preset = dataclasses.replace(preset, epochs=dict.fromkeys(preset.epochs, args.epochs))
     overrides = {"seed": args.seed, "exploration": args.exploration,
-                 "prior_weight": args.prior_weight, "remedy_steps": args.remedy_steps}
+                 "prior_weight": args.prior_weight, "remedy_steps": args.remedy_steps,
+                 "centred_head": args.centred_head}
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))

@@ -237,3 +237,24 @@ def test_cold_start_runs_arms_and_summarises(tmp_path):
     rows = [{"steps": s, "test_error": e} for s, e in [(10, 0.9), (20, 0.4), (30, 0.05)]]
     assert cold_start.first_below(rows, 0.5)["steps"] == 20
     assert cold_start.first_below(rows, 0.01) is None
+
+
+def test_centred_head_standardises_the_estimate_over_the_batch():
+    import dataclasses
+
+    torch.manual_seed(0)
+    train_set, _ = train.make_datasets(TINY)
+    x_low, x_high, _ = next(iter(torch.utils.data.DataLoader(train_set, TINY.batch_size)))
+    assert isinstance(train.build_model("ats-unbiased", TINY).head, torch.nn.Linear)
+    model = train.build_model("ats-unbiased", dataclasses.replace(TINY, centred_head=True))
+    norm, linear = model.head
+    seen = {}
+    norm.register_forward_pre_hook(lambda m, i: seen.update(estimate=i[0].detach()))
+    linear.register_forward_pre_hook(lambda m, i: seen.update(head_input=i[0].detach()))
+    model(x_low, x_high)
+    estimate = seen["estimate"]  # [B, 32]: the estimated features of the batch's canvases
+    assert estimate.shape == (TINY.batch_size, 32) and (estimate.std(0) > 0).any()
+    centred = estimate - estimate.mean(0)
+    expected = centred / (centred.square().mean(0) + norm.eps).sqrt()
+    torch.testing.assert_close(seen["head_input"], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(seen["head_input"].mean(0), torch.zeros(32), atol=1e-5, rtol=0)
