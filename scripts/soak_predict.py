@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import resource
 import sys
 import time
@@ -43,22 +44,23 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2``."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
 def glibc_heap() -> dict[str, int] | None:
     """glibc's ``mallinfo2()`` over all arenas of this process, in MB (``free_chunks``:
     a count): the heap's size, the bytes in use and free in it. A heap that grows
     while its use does not is fragmented. None without glibc 2.33+."""
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-            "uordblks", "fordblks", "keepcost")]  # fmt: skip
-
     try:
         mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):
         return None
-    mallinfo2.restype = MallInfo2
+    mallinfo2.restype = _MallInfo2
     info = mallinfo2()
     return {"heap": info.arena >> 20, "used": info.uordblks >> 20,
             "free": info.fordblks >> 20, "free_chunks": info.ordblks}  # fmt: skip

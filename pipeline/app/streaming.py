@@ -438,7 +438,8 @@ def _train_step(model, optimizer, planned: _Planned, stale: bool, device, class_
     scaler.scale(weighted.mean() + out.regularizer).backward()
     scaler.step(optimizer)
     scaler.update()
-    probs = logits.detach().float().softmax(1).cpu().numpy()
+    # A copy, not a view keeping the tensor alive for the epoch (see classify_view).
+    probs = logits.detach().float().softmax(1).cpu().numpy().copy()
     entropy = float(out.regularizer.detach())
     return [
         StepResult(float(loss), entropy, int(p.argmax()) == item.label, p)
