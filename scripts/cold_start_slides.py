@@ -5,7 +5,9 @@ the default classifier once per arm and seed and reports the epoch at which the
 validation accuracy first reaches 95 % (mean and spread over seeds), the validation
 accuracy at the end, and the training seconds per epoch. The remedies are those of
 DESIGN section 4b (``TrainConfig.exploration``, ``prior``, ``prior_weight``), decaying
-to 0 over ``--remedy-epochs``; the estimator stays unbiased.
+to 0 over ``--remedy-epochs``, more patches per slide over those epochs
+(``early_patches``) and the attention net fitted to the prior before training
+(``prior_init_steps``); the estimator stays unbiased.
 
     python scripts/cold_start_slides.py --out runs/cold_start_slides
 
@@ -31,6 +33,14 @@ ARMS = {
     "explore": {"exploration": 0.5},
     "explore+hematoxylin": {"exploration": 0.3, "prior": "hematoxylin", "prior_weight": 0.5},
     "hematoxylin": {"prior": "hematoxylin", "prior_weight": 0.8},
+    # 4x the model's 12 patches per slide while the remedies last.
+    "early-patches": {"early_patches": 48},
+    "early-patches+explore+hematoxylin": {"early_patches": 48, "exploration": 0.3,
+                                          "prior": "hematoxylin", "prior_weight": 0.5},
+    # The attention net first fitted to the hematoxylin prior (100 steps, no patches).
+    "init-hematoxylin": {"prior": "hematoxylin", "prior_init_steps": 100},
+    # The same with the tissue prior (uniform on tissue): a control.
+    "init-tissue": {"prior": "tissue", "prior_init_steps": 100},
 }
 TARGET = 0.95
 
@@ -49,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--remedy-epochs", type=float, default=4.0)
+    parser.add_argument("--n-patches", type=int, default=ModelConfig.n_patches,
+                        help="the model's patches per slide (training and validation)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     data = args.out / "slides"
@@ -62,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
                                  **ARMS[arm])  # fmt: skip
             began = time.perf_counter()
             result = train(data, labels, args.out / arm / f"seed_{seed}",
-                           ModelConfig(class_names=CLASS_NAMES), config, device="cpu",
+                           ModelConfig(class_names=CLASS_NAMES, n_patches=args.n_patches),
+                           config, device="cpu",
                            progress=False, log=lambda _: None)  # fmt: skip
             seconds = time.perf_counter() - began
             reached = first_epoch_at(result.history, TARGET)
@@ -74,8 +87,13 @@ def main(argv: list[str] | None = None) -> None:
                                                   for r in result.history),
             })  # fmt: skip
             print(rows[-1], flush=True)
-    with (args.out / "cold_start_slides.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    table = args.out / "cold_start_slides.csv"
+    if table.is_file():  # keep the rows of the arms and seeds not rerun
+        with table.open(newline="") as f:
+            done = {(r["arm"], int(r["seed"])) for r in rows}
+            rows = [r for r in csv.DictReader(f) if (r["arm"], int(r["seed"])) not in done] + rows
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
         writer.writeheader()
         writer.writerows(rows)
     print(f"\n| arm | seeds reaching {TARGET:.0%} | epochs to {TARGET:.0%} (mean ± sd) "
@@ -83,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     for arm in args.arms:
         mine = [r for r in rows if r["arm"] == arm]
         epochs = [r["epoch_to_95pct"] for r in mine if r["epoch_to_95pct"] != ""]
-        spread = f"{np.mean(epochs):.1f} ± {np.std(epochs):.1f}" if epochs else "-"
+        spread = f"{np.mean(epochs):.2f} ± {np.std(epochs):.2f}" if epochs else "-"
         final = np.mean([r["final_val_accuracy"] for r in mine])
         speed = np.mean([r["seconds_per_epoch"] for r in mine])
         print(f"| {arm} | {len(epochs)}/{len(mine)} | {spread} | {final:.3f} | {speed:.2f} |")

@@ -109,7 +109,8 @@ MODEL_OPTIONS = (
 )  # fmt: skip
 TRAIN_OPTIONS = (
     "epochs", "lr", "batch_size", "val_fraction", "seed", "select_metric", "patience", "balance",
-    "exploration", "prior", "prior_weight", "remedy_epochs", "queue_depth",
+    "exploration", "prior", "prior_weight", "remedy_epochs", "early_patches", "prior_init_steps",
+    "queue_depth",
     "feature_lr", "color_jitter", "hed_jitter",
 )  # fmt: skip
 TRAIN_FLAGS = ("amp", "augment_flips")
@@ -363,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--remedy-epochs", type=float,
                    help="epochs over which both weights decay to 0 "
                         f"{_default(T, 'remedy_epochs')}, 0: constant")
+    g.add_argument("--early-patches", type=int, metavar="N",
+                   help="patches per slide during the remedy epochs "
+                        f"{_default(T, 'early_patches')}, 0: --n-patches")
+    g.add_argument("--prior-init-steps", type=int, metavar="S",
+                   help="first fit the attention net to --prior for S steps "
+                        f"{_default(T, 'prior_init_steps')}")
     p.add_argument("--select", dest="select_metric", choices=SELECT_METRICS, help="validation "
                    f"metric that picks the best epoch {_default(T, 'select_metric')}")
     p.add_argument("--patience", type=int, metavar="P", help="stop after P epochs without "

@@ -175,6 +175,15 @@ class TrainConfig:
             ``priors``) mixed into the proposal with this weight (< 1).
         remedy_epochs: both weights decay linearly to 0 over this many epochs (0:
             constant over the whole training). Prediction never explores.
+        early_patches: patches per slide in the first ``remedy_epochs`` (0: the
+            model's ``n_patches`` throughout). More draws from the same proposal: the
+            estimate stays unbiased, its variance falls, and the feature net learns
+            from more patches per step.
+        prior_init_steps: before the first epoch, this many Adam steps (learning
+            rate 0.01, ``batch_size`` slides each) fit the attention net alone to
+            ``prior`` (cross-entropy of its map to the normalised prior on tissue):
+            training starts by drawing where the prior is. It changes the initial
+            weights, not the estimator; it reads no patches and no labels. 0: off.
         select_metric: validation metric that picks the best epoch, one of
             ``SELECT_METRICS`` (ties, and validation sets where it is undefined,
             fall back to the lower validation loss).
@@ -204,6 +213,8 @@ class TrainConfig:
     prior: str = "none"
     prior_weight: float = 0.0
     remedy_epochs: float = 0.0
+    early_patches: int = 0
+    prior_init_steps: int = 0
     select_metric: str = "roc_auc"
     patience: int = 0
     balance: str = "none"
@@ -215,7 +226,8 @@ class TrainConfig:
     hed_jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        _as_ints(self, "epochs", "batch_size", "seed", "patience", "queue_depth")
+        _as_ints(self, "epochs", "batch_size", "seed", "patience", "queue_depth",
+                 "early_patches", "prior_init_steps")  # fmt: skip
         _check_positive(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                         queue_depth=self.queue_depth)  # fmt: skip
         if self.feature_lr is not None and not self.feature_lr >= 0:
@@ -233,6 +245,15 @@ class TrainConfig:
             raise ConfigError("prior_weight > 0 needs a prior (tissue or hematoxylin)")
         if self.remedy_epochs < 0:
             raise ConfigError(f"remedy_epochs: expected >= 0, got {self.remedy_epochs}")
+        if self.prior_init_steps < 0:
+            raise ConfigError(f"prior_init_steps: expected >= 0, got {self.prior_init_steps}")
+        if self.prior_init_steps and self.prior == "none":
+            raise ConfigError("prior_init_steps > 0 needs a prior (tissue or hematoxylin)")
+        if self.early_patches < 0:
+            raise ConfigError(f"early_patches: expected >= 0, got {self.early_patches}")
+        if self.early_patches and not self.remedy_epochs:
+            raise ConfigError("early_patches needs remedy_epochs > 0 (for every epoch, set "
+                              "the model's n_patches)")  # fmt: skip
         if self.patience < 0:
             raise ConfigError(f"patience: expected >= 0, got {self.patience}")
         _check_choice("select_metric", self.select_metric, SELECT_METRICS)

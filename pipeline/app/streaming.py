@@ -264,6 +264,7 @@ class _Planning:
     device: torch.device
     augmentation: Augmentation
     prior: str
+    n_patches: Callable[[int], int] | None  # of the slides trained on; None: the model's
 
     @classmethod
     def of(cls, model: SlideClassifier, **options) -> _Planning:
@@ -292,11 +293,10 @@ def _prepare(handles: SlideHandles, planning: _Planning, items: list[StreamItem]
     x_low, mask, (h, w) = stack_views(cached, planning.device)
     priors = None
     if planning.prior != "none":
-        priors = torch.zeros(x_low.shape[0], h, w, device=planning.device)
-        for i, v in enumerate(cached):
-            prior_map = slide_prior(planning.prior, v.thumbnail, v.tissue)
-            priors[i, : prior_map.shape[0], : prior_map.shape[1]] = torch.from_numpy(prior_map)
+        priors = stack_priors(cached, planning.prior, (h, w), planning.device)
     planning.planner.attention.load_state_dict(weights)
+    if planning.n_patches is not None:
+        planning.planner.n_patches = planning.n_patches(first_slide)
     plan = planning.planner.plan(x_low, mask, generator, priors, step=first_slide)
     ratios = [(h / v.tissue.shape[0], w / v.tissue.shape[1]) for v in cached]
     try:
@@ -306,6 +306,17 @@ def _prepare(handles: SlideHandles, planning: _Planning, items: list[StreamItem]
         skipped.append(f"skipping {[str(i.path) for i in items]}: {type(e).__name__}: {e}")
         return _Prepared(None, skipped)
     return _Prepared(_Planned(items, x_low, mask, plan, patches, offsets, step), skipped)
+
+
+def stack_priors(views: Sequence[CachedView], prior: str, shape: tuple[int, int],
+                 device: torch.device) -> torch.Tensor:  # fmt: skip
+    """Each view's content prior (``priors.slide_prior``), zero-padded to ``shape``
+    ``(h, w)`` as ``stack_views`` pads: float [B, h, w]."""
+    stacked = torch.zeros(len(views), *shape, device=device)
+    for i, v in enumerate(views):
+        prior_map = slide_prior(prior, v.thumbnail, v.tissue)
+        stacked[i, : prior_map.shape[0], : prior_map.shape[1]] = torch.from_numpy(prior_map)
+    return stacked
 
 
 def stack_views(views: Sequence[CachedView], device: torch.device) -> tuple:
@@ -347,6 +358,7 @@ def stream_epoch(
     amp: bool = False,
     progress: bool = False,
     on_step: Callable[[], None] | None = None,
+    n_patches: Callable[[int], int] | None = None,
 ) -> list[StepResult]:
     """One pass over ``items`` in mini-batches of ``batch_size`` slides, ``depth``
     batches in flight (1: serial). See the module docstring.
@@ -357,6 +369,8 @@ def stream_epoch(
     content prior of exploration (``priors``); ``first_slide`` counts the slides
     trained on before this epoch (the exploration schedules' step). ``class_weights``
     (float [n_classes]) weighs each slide's loss. ``amp``: mixed precision on CUDA.
+    ``n_patches(slides trained on before a batch)`` is the batch's patches per slide
+    (default: the model's).
     A slide that cannot be read (view or tiles) is skipped with a ``warn`` message;
     training goes on. ``on_step`` is called after
     every optimizer step (benchmarks). Returns one ``StepResult`` per slide trained on.
@@ -369,7 +383,8 @@ def stream_epoch(
     own_reader = reader is None
     reader = reader or Reader()
     planning = _Planning.of(model, views=views, generator=generator, device=device,
-                            augmentation=augmentation, prior=prior)  # fmt: skip
+                            augmentation=augmentation, prior=prior,
+                            n_patches=n_patches)  # fmt: skip
     batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     queue: deque[tuple[int, Future]] = deque()  # (slides in the batch, its _Prepared)
     results: list[StepResult] = []

@@ -59,6 +59,8 @@ from pipeline.app.streaming import (
     StepResult,
     StreamItem,
     ViewCache,
+    stack_priors,
+    stack_views,
     stream_epoch,
 )
 
@@ -284,6 +286,49 @@ def set_exploration(model: SlideClassifier, n_slides: int, config: TrainConfig) 
     model.sampler.prior_weight = schedule(config.prior_weight)
 
 
+def early_patches(
+    n_patches: int, n_slides: int, config: TrainConfig
+) -> Callable[[int], int] | None:
+    """Patches per slide as a function of the slides trained on before a batch
+    (``n_slides`` per epoch): ``config.early_patches`` during the first
+    ``remedy_epochs``, ``n_patches`` after; None without early patches."""
+    if not config.early_patches:
+        return None
+    until = round(config.remedy_epochs * n_slides)
+    return lambda trained: config.early_patches if trained < until else n_patches
+
+
+def fit_attention_to_prior(
+    model: SlideClassifier, slides: Sequence[LabelledSlide], config: TrainConfig,
+    device: torch.device,
+) -> float:  # fmt: skip
+    """Fit the attention net alone to the content prior ``config.prior`` (see
+    ``TrainConfig.prior_init_steps``): each step takes ``batch_size`` slides at random
+    and minimises ``-sum_k p_k log a_k``, ``a`` the attention restricted to tissue and
+    ``p`` the prior on its grid, normalised. Returns the last step's loss."""
+    net = model.attention_net
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    rng = np.random.default_rng([config.seed, config.prior_init_steps])
+    loss = torch.zeros(())
+    for _ in range(config.prior_init_steps):
+        chosen = rng.choice(len(slides), size=min(config.batch_size, len(slides)), replace=False)
+        views = [slides[i].view for i in chosen]
+        x_low, mask, shape = stack_views(views, device)
+        prior = stack_priors(views, config.prior, shape, device)
+        attention = net(x_low)
+        attention = attention.squeeze(1) if attention.dim() == 4 else attention  # [B, h', w']
+        grid = attention.shape[1:]
+        if mask is not None:
+            attention = pipeline.mask_attention(attention, pipeline.mask_on_grid(mask, grid))
+        target = pipeline.prior_on_grid(prior, grid)
+        target = target / target.flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1)
+        loss = -(target * attention.clamp_min(1e-12).log()).flatten(1).sum(1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
 def class_weights(slides: Sequence[LabelledSlide], n_classes: int) -> np.ndarray:
     """float [n_classes]: ``n / (n_classes_present * n_c)`` (1 for a balanced set; 0
     for a class without slides)."""
@@ -328,7 +373,7 @@ def train_epoch(
         device, depth=config.queue_depth, reader=reader, warn=warn,
         augmentation=Augmentation.from_config(config), prior=config.prior,
         first_slide=(epoch - 1) * len(slides), class_weights=weights, amp=config.amp,
-        progress=progress,
+        progress=progress, n_patches=early_patches(model.config.n_patches, len(slides), config),
     )  # fmt: skip
 
 
@@ -534,6 +579,10 @@ def fit(
         model, _ = checkpoint.load_model(out, device, weights_file=weights)
     else:
         model = new_model(run_config.model, cfg.seed, device)
+        if cfg.prior_init_steps:
+            loss = fit_attention_to_prior(model, train_set, cfg, device)
+            log(f"attention fitted to the {cfg.prior} prior in {cfg.prior_init_steps} steps "
+                f"(cross-entropy {loss:.3f})")  # fmt: skip
     set_exploration(model, len(train_set), cfg)
     optimizer = make_optimizer(model, cfg)
     if cfg.amp and device.type != "cuda":

@@ -38,6 +38,12 @@ ARMS = {
     # the network, not of the estimator; see ATSModel).
     "centred": {"centred_head": True},
     "centred+explore+prior": {"centred_head": True, "exploration": 0.3, "prior_weight": 0.5},
+    # The attention net first fitted to the brightness prior (100 batches of views only;
+    # a change of the initial weights, not of the estimator).
+    "init": {"prior_init_steps": 100},
+    "centred+init": {"centred_head": True, "prior_init_steps": 100},
+    # ... and 3x the patches per canvas while the remedies last.
+    "centred+init+patches": {"centred_head": True, "prior_init_steps": 100, "early_patches": 30},
 }
 THRESHOLDS = (0.5, 0.1)
 

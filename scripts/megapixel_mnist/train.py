@@ -53,6 +53,8 @@ class Preset:
     prior_weight: float = 0.0
     remedy_steps: int = 0
     centred_head: bool = False
+    early_patches: int = 0
+    prior_init_steps: int = 0
 
 
 ALL = dict.fromkeys(MODELS, 1)
@@ -149,10 +151,25 @@ class _DeviceLoader:
         return len(self.loader)
 
 
-def fit(name: str, model: nn.Module, train_loader, test_loader, preset: Preset, log) -> None:
-    """Train `model` for its preset epochs, calling `log(row)` after each epoch."""
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def fit(name: str, model: nn.Module, train_loader, test_loader, preset: Preset, log,
+        statistics_loader=None) -> None:  # fmt: skip
+    """Train `model` for its preset epochs, calling `log(row)` after each epoch.
+
+    statistics_loader: training batches from which a centred head's test-time
+    statistics are recomputed before each evaluation (`ATSModel.refresh_head_statistics`).
+    """
     optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
     step, trained_seconds = 0, 0.0
+    if preset.prior_init_steps and isinstance(model, ATSModel):
+        start = time.perf_counter()
+        views = (x_low for x_low, _, _ in _forever(train_loader))
+        model.fit_attention_to_prior(itertools.islice(views, preset.prior_init_steps))
+        trained_seconds += time.perf_counter() - start
     for epoch in range(1, preset.epochs[name] + 1):
         start = time.perf_counter()
         total_loss, errors, count = 0.0, 0, 0
@@ -164,6 +181,8 @@ def fit(name: str, model: nn.Module, train_loader, test_loader, preset: Preset, 
             count += len(batch[2])
         train_seconds = time.perf_counter() - start
         trained_seconds += train_seconds
+        if getattr(model, "centred_head", False) and statistics_loader is not None:
+            model.refresh_head_statistics((x_low, x_high) for x_low, x_high, _ in statistics_loader)
         test_loss, test_error = evaluate(model, test_loader)
         log({
             "model": name, "epoch": epoch, "steps": step, "train_seconds": trained_seconds,
@@ -304,8 +323,11 @@ def run(preset: Preset, out: Path, models: list[str], device: torch.device,
         loader = torch.utils.data.DataLoader(train_set, preset.batch_size, shuffle=True,
                                              generator=shuffle)  # fmt: skip
         test_loader = torch.utils.data.DataLoader(test_set, preset.batch_size)
+        # The same training canvases every epoch, a fixed number of them (256).
+        first = torch.utils.data.Subset(train_set, range(min(len(train_set), 256)))
+        statistics = torch.utils.data.DataLoader(first, preset.batch_size)
         fit(name, model, _DeviceLoader(loader, device), _DeviceLoader(test_loader, device),
-            preset, log)  # fmt: skip
+            preset, log, _DeviceLoader(statistics, device))  # fmt: skip
         mine = [r for r in rows if r["model"] == name]
         train_seconds = float(np.mean([r["train_seconds_per_image"] for r in mine]))
         results.append(measure(name, model, test_set, device, len(mine), mine[-1]["test_error"],
@@ -407,6 +429,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--centred-head", action="store_true", default=None,
                         help="ATS: standardise the estimated features before the head "
                              "(a cold-start remedy, see ATSModel)")  # fmt: skip
+    parser.add_argument("--early-patches", type=int, default=None,
+                        help="ATS: patches per canvas during the --remedy-steps")
+    parser.add_argument("--prior-init-steps", type=int, default=None,
+                        help="ATS: first fit the attention net to the brightness prior "
+                             "for this many batches (a cold-start remedy, see ATSModel)")
     parser.add_argument("--combine", type=Path, nargs="+", metavar="RUN_DIR",
                         help="only merge these runs' metrics and results into --out")
     parser.add_argument("--threads", type=int, default=None,
@@ -421,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         preset = dataclasses.replace(preset, epochs=dict.fromkeys(preset.epochs, args.epochs))
     overrides = {"seed": args.seed, "exploration": args.exploration,
                  "prior_weight": args.prior_weight, "remedy_steps": args.remedy_steps,
-                 "centred_head": args.centred_head}
+                 "centred_head": args.centred_head, "early_patches": args.early_patches,
+                 "prior_init_steps": args.prior_init_steps}
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))

@@ -258,3 +258,62 @@ def test_centred_head_standardises_the_estimate_over_the_batch():
     expected = centred / (centred.square().mean(0) + norm.eps).sqrt()
     torch.testing.assert_close(seen["head_input"], expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(seen["head_input"].mean(0), torch.zeros(32), atol=1e-5, rtol=0)
+
+
+def test_refreshed_head_statistics_are_those_of_the_test_time_estimates():
+    import dataclasses
+
+    train_set, _ = train.make_datasets(TINY)
+    x_low, x_high, _ = next(iter(torch.utils.data.DataLoader(train_set, TINY.batch_size)))
+    model = train.build_model("ats-unbiased", dataclasses.replace(TINY, centred_head=True))
+    norm = model.head[0]
+    model(x_low, x_high)  # one training forward moves the running averages a little
+    seen = []
+    norm.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach()))
+    torch.manual_seed(5)
+    model.refresh_head_statistics([(x_low, x_high), (x_low, x_high)])
+    assert model.training and norm.momentum == 0.1  # restored
+    # Two test-time draws (eval mode: from the attention alone), cumulative average.
+    first, second = seen
+    torch.testing.assert_close(norm.running_mean, (first.mean(0) + second.mean(0)) / 2)
+    torch.testing.assert_close(norm.running_var, (first.var(0) + second.var(0)) / 2)
+
+
+def test_fitting_the_attention_to_the_prior_moves_its_mass_onto_the_strokes():
+    train_set, _ = train.make_datasets(TINY)
+    loader = torch.utils.data.DataLoader(train_set, TINY.batch_size)
+    x_low = next(iter(loader))[0]
+    torch.manual_seed(0)
+    model = train.build_model("ats-unbiased", TINY)
+    bright = x_low[:, 0] > 0.05
+
+    def mass_on_strokes() -> float:
+        with torch.no_grad():
+            return float((model.ats.attention(x_low) * bright).sum((1, 2)).mean())
+
+    before = mass_on_strokes()
+    features = {k: v.clone() for k, v in model.ats.feature.state_dict().items()}
+    steps = model.fit_attention_to_prior(x_low for _ in range(100))
+    assert steps == 100
+    prior = models.brightness_prior(x_low)
+    prior_mass = float(((prior / prior.sum((1, 2), keepdim=True)) * bright).sum((1, 2)).mean())
+    assert before < 0.5 * prior_mass < mass_on_strokes()
+    # Only the attention net was trained.
+    assert all(torch.equal(v, model.ats.feature.state_dict()[k]) for k, v in features.items())
+
+
+def test_early_patches_are_drawn_in_the_early_training_steps_only():
+    import dataclasses
+
+    train_set, _ = train.make_datasets(TINY)
+    x_low, x_high, _ = next(iter(torch.utils.data.DataLoader(train_set, TINY.batch_size)))
+    preset = dataclasses.replace(TINY, early_patches=7, remedy_steps=2)
+    model = train.build_model("ats-unbiased", preset)
+    seen = []
+    model.ats.feature.register_forward_pre_hook(lambda m, i: seen.append(len(i[0])))
+    for step in range(3):
+        model(x_low, x_high, step)
+    model.eval()
+    model(x_low, x_high, 0)
+    b, n = TINY.batch_size, TINY.n_patches
+    assert seen == [b * 7, b * 7, b * n, b * n]
