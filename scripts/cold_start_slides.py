@@ -39,6 +39,9 @@ ARMS = {
                                           "prior": "hematoxylin", "prior_weight": 0.5},
     # The attention net first fitted to the hematoxylin prior (100 steps, no patches).
     "init-hematoxylin": {"prior": "hematoxylin", "prior_init_steps": 100},
+    "init-hematoxylin-300": {"prior": "hematoxylin", "prior_init_steps": 300},
+    # ... and the prior kept in the proposal while the remedies last.
+    "init+hematoxylin": {"prior": "hematoxylin", "prior_init_steps": 100, "prior_weight": 0.5},
     # The same with the tissue prior (uniform on tissue): a control.
     "init-tissue": {"prior": "tissue", "prior_init_steps": 100},
 }
@@ -48,6 +51,14 @@ TARGET = 0.95
 def first_epoch_at(history: list[dict], target: float) -> int | None:
     """The first epoch whose validation accuracy is at least ``target``."""
     return next((r["epoch"] for r in history if r["val_accuracy"] >= target), None)
+
+
+def _typed(row: dict) -> dict:
+    """A row read back from cold_start_slides.csv, with its numbers as numbers."""
+    reached = row["epoch_to_95pct"]
+    return {**row, "seed": int(row["seed"]), "epoch_to_95pct": int(reached) if reached else "",
+            "final_val_accuracy": float(row["final_val_accuracy"]),
+            "seconds_per_epoch": float(row["seconds_per_epoch"])}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,9 +100,10 @@ def main(argv: list[str] | None = None) -> None:
             print(rows[-1], flush=True)
     table = args.out / "cold_start_slides.csv"
     if table.is_file():  # keep the rows of the arms and seeds not rerun
+        done = {(r["arm"], r["seed"]) for r in rows}
         with table.open(newline="") as f:
-            done = {(r["arm"], int(r["seed"])) for r in rows}
-            rows = [r for r in csv.DictReader(f) if (r["arm"], int(r["seed"])) not in done] + rows
+            kept = [_typed(r) for r in csv.DictReader(f)]
+        rows = [r for r in kept if (r["arm"], r["seed"]) not in done] + rows
     with table.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
         writer.writeheader()

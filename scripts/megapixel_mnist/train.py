@@ -70,10 +70,10 @@ PRESETS = {
         Preset("tiny", CanvasConfig((160, 160), 0.12, 2), 8, 4, ALL, batch_size=4, patch_size=24,
                n_patches=3),
         # The original authors' sanity setting: 500x500 canvases, no noise, scale 0.2,
-        # the paper's networks and patches. 6 epochs took about an hour on one thread of
-        # this CPU before the channels-last weights, about 8 minutes since (--epochs).
+        # the paper's networks and patches. 18 epochs (1,134 steps) take about 25
+        # minutes on one thread of this CPU (docs/cold_start.md).
         Preset("easy", CanvasConfig((500, 500), 0.2, 0), 2000, 500,
-               {"ats-unbiased": 6}, batch_size=32),
+               {"ats-unbiased": 18}, batch_size=32),
     )
 }  # fmt: skip
 
@@ -340,6 +340,17 @@ def run(preset: Preset, out: Path, models: list[str], device: torch.device,
                                    error, float("nan")))  # fmt: skip
         if name == "ats-unbiased":
             plot_patches(model, test_set, 0, out / "patches.png", device)
+            # The same networks with 4x the patches per canvas at test time: how much of
+            # the test error is the variance of a 10-patch estimate.
+            trained_patches = model.n_patches
+            model.n_patches = 4 * trained_patches
+            if model.centred_head:
+                model.refresh_head_statistics(
+                    (x_low, x_high) for x_low, x_high, _ in _DeviceLoader(statistics, device))
+            error = evaluate(model, _DeviceLoader(test_loader, device))[1]
+            results.append(measure(f"{name} ({model.n_patches} patches at test)", model,
+                                   test_set, device, len(mine), error, float("nan")))  # fmt: skip
+            model.n_patches = trained_patches
     plot_test_error(rows, out / "test_error.png")
     write_results(results, out, preset)
     return results

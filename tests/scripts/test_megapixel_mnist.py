@@ -209,7 +209,8 @@ def test_training_steps_change_parameters(name):
 def test_tiny_run_writes_metrics_results_and_figures(tmp_path):
     results = train.run(TINY, tmp_path, list(models.MODELS), torch.device("cpu"))
     names = [r["model"] for r in results]
-    assert names == ["ats-unbiased", "ats-unbiased (exact sum)", "ats-reference",
+    assert names == ["ats-unbiased", "ats-unbiased (exact sum)",
+                     "ats-unbiased (12 patches at test)", "ats-reference",
                      "ats-reference (exact sum)", "low-res-cnn", "full"]  # fmt: skip
     metrics = (tmp_path / "metrics.csv").read_text().splitlines()
     assert metrics[0].startswith("model,epoch,steps,train_seconds,train_loss")
