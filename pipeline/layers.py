@@ -277,7 +277,7 @@ class AttentionSampling(nn.Module):
                 attention grid or a finer one (average-pooled).
             step: training step, for ``exploration`` / ``prior_weight`` schedules.
         """
-        attention, mask = self._attend(x_low, mask)
+        attention, mask = self.attend(x_low, mask)
         samples, sampled_attention, sampled_proposal = self._sample(
             attention, mask, generator, prior, step
         )
@@ -299,7 +299,7 @@ class AttentionSampling(nn.Module):
         (``read``) while the model computes, and finish with :meth:`estimate`.
         Arguments as in :meth:`draw`; no gradient is recorded."""
         with torch.no_grad():
-            attention, mask = self._attend(x_low, mask)
+            attention, mask = self.attend(x_low, mask)
             samples, sampled_attention, sampled_proposal = self._sample(
                 attention, mask, generator, prior, step
             )
@@ -337,7 +337,7 @@ class AttentionSampling(nn.Module):
         sense: the estimator weighs them by ``a / q`` with ``a`` the current
         attention, so value and gradients stay unbiased.
         """
-        attention, mask = self._attend(x_low, mask)
+        attention, mask = self.attend(x_low, mask)
         if tuple(attention.shape[1:]) != plan.attention_size:
             raise ValueError(
                 f"the attention map is {tuple(attention.shape[1:])}, the plan was made on "
@@ -357,8 +357,12 @@ class AttentionSampling(nn.Module):
         out = self.draw(x_low, x_high, mask)
         return out.features, out.attention, out.patches
 
-    def _attend(self, x_low: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The attention ``[B, *att]`` restricted to ``mask``, and the mask on its grid."""
+    def attend(
+        self, x_low: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The attention ``[B, *att]`` of ``x_low``, restricted to ``mask`` (BoolTensor
+        ``[B, *m]``, pooled to the attention grid) and renormalised there, and that mask
+        on the grid (None without a mask): what :meth:`draw` samples from."""
         _checks.tensor(x_low, "x_low", min_dim=3)
         attention = self.attention(x_low)
         if attention.dim() == x_low.dim() and attention.shape[1] == 1:

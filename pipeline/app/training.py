@@ -306,8 +306,7 @@ def fit_attention_to_prior(
     ``TrainConfig.prior_init_steps``): each step takes ``batch_size`` slides at random
     and minimises ``-sum_k p_k log a_k``, ``a`` the attention restricted to tissue and
     ``p`` the prior on its grid, normalised. Returns the last step's loss."""
-    net = model.attention_net
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(model.attention_net.parameters(), lr=1e-2)
     rng = np.random.default_rng([config.seed, config.prior_init_steps])
     loss = torch.zeros(())
     for _ in range(config.prior_init_steps):
@@ -315,12 +314,8 @@ def fit_attention_to_prior(
         views = [slides[i].view for i in chosen]
         x_low, mask, shape = stack_views(views, device)
         prior = stack_priors(views, config.prior, shape, device)
-        attention = net(x_low)
-        attention = attention.squeeze(1) if attention.dim() == 4 else attention  # [B, h', w']
-        grid = attention.shape[1:]
-        if mask is not None:
-            attention = pipeline.mask_attention(attention, pipeline.mask_on_grid(mask, grid))
-        target = pipeline.prior_on_grid(prior, grid)
+        attention, _ = model.sampler.attend(x_low, mask)  # [B, h', w'], on tissue
+        target = pipeline.prior_on_grid(prior, attention.shape[1:])
         target = target / target.flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1)
         loss = -(target * attention.clamp_min(1e-12).log()).flatten(1).sum(1).mean()
         optimizer.zero_grad(set_to_none=True)
