@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
-from .expectation import ESTIMATORS, expectation
+from .expectation import _check_estimator, expectation
 from .patches import HighResolution, gather_patches
 from .proposals import Weight, explore, weight_at
 from .sampling import mask_attention, sample
@@ -237,9 +237,8 @@ class AttentionSampling(nn.Module):
         prior_weight: Weight = 0.0,
     ) -> None:
         super().__init__()
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if estimator != "unbiased" and _explores(exploration, prior_weight):
+        _check_estimator(estimator, replace)
+        if estimator == "reference" and _explores(exploration, prior_weight):
             raise ValueError(f"the {estimator!r} estimator is not defined under a proposal")
         self.attention = attention  # registered as a submodule when it is one
         self.feature = feature
@@ -492,7 +491,7 @@ def attention_sampling(
             ``module.draw(...).regularizer``, to be added to the training loss.
         receptive_field: of the attention network in ``x_low`` pixels (0 for
             ``padding="same"`` networks); see ``patch_offsets``.
-        estimator: ``"unbiased"`` or ``"reference"``, see ``expectation``.
+        estimator: ``"unbiased"``, ``"reference"`` or ``"linear"``, see ``expectation``.
         generator: a ``torch.Generator`` on the attention's device to repeat runs.
         exploration / prior_weight: in training mode, draw from the proposal
             ``explore(attention, exploration, mask, prior, prior_weight)`` (uniform

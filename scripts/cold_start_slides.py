@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remedy-epochs", type=float, default=4.0)
     parser.add_argument("--n-patches", type=int, default=ModelConfig.n_patches,
                         help="the model's patches per slide (training and validation)")
+    parser.add_argument("--estimator", choices=("unbiased", "linear"), default="unbiased",
+                        help="the model's estimator (ModelConfig.estimator)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     data = args.out / "slides"
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
                                  **ARMS[arm])  # fmt: skip
             began = time.perf_counter()
             result = train(data, labels, args.out / arm / f"seed_{seed}",
-                           ModelConfig(class_names=CLASS_NAMES, n_patches=args.n_patches),
+                           ModelConfig(class_names=CLASS_NAMES, n_patches=args.n_patches,
+                                       estimator=args.estimator),
                            config, device="cpu",
                            progress=False, log=lambda _: None)  # fmt: skip
             seconds = time.perf_counter() - began

@@ -103,7 +103,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 MODEL_OPTIONS = (
     "n_patches", "patch_size", "low_res_max_side", "low_res_level", "low_res_mpp",
-    "patch_level", "patch_mpp", "entropy_strength",
+    "patch_level", "patch_mpp", "entropy_strength", "estimator",
     "feature_net", "feature_weights", "feature_mean", "feature_std", "feature_input_size",
     "assume_mpp",
 )  # fmt: skip
@@ -265,6 +265,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-tissue-mask", action="store_true", help="sample outside tissue too")
     g.add_argument("--entropy", type=float, dest="entropy_strength",
                    help=f"entropy regularizer strength {_default(M, 'entropy_strength')}")
+    g.add_argument("--estimator", choices=("unbiased", "linear"),
+                   help="average of the draws: the mean, or later draws weighted more "
+                        f"(both unbiased; docs/cold_start.md) {_default(M, 'estimator')}")
     g = p.add_argument_group("encoder (docs/encoders.md)")
     g.add_argument("--feature-net", metavar="NAME",
                    help=f"small, timm:<name> or module.path:factory {_default(M, 'feature_net')}")

@@ -44,6 +44,10 @@ class ModelConfig:
         patch_size: ``(h, w)`` of each patch in pixels of the patch level.
         n_patches: patches sampled per slide.
         replace: sample with replacement.
+        estimator: how the draws are averaged (the core's ``expectation``):
+            ``"unbiased"`` (the mean of the per-draw estimates, DESIGN section 4) or
+            ``"linear"`` (later draws weighted more; also unbiased, less variance when
+            the attention is peaked; without replacement only).
         receptive_field: of the attention network, for mapping attention cells to
             the patch level (0 for "same" padding).
         entropy_strength: weight of the attention entropy regularizer (0 disables it).
@@ -84,6 +88,7 @@ class ModelConfig:
     patch_size: tuple[int, int] = (32, 32)
     n_patches: int = 12
     replace: bool = False
+    estimator: str = "unbiased"
     receptive_field: int = 0
     entropy_strength: float = 0.01
     low_res_max_side: int = 256
@@ -117,6 +122,10 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name}: expected >= 0, got {value}")
+        if self.estimator not in ("unbiased", "linear"):
+            raise ConfigError(f"estimator: expected 'unbiased' or 'linear', got {self.estimator!r}")
+        if self.estimator == "linear" and self.replace:
+            raise ConfigError("estimator 'linear' weighs draws made without replacement")
         if self.entropy_strength < 0:
             raise ConfigError(f"entropy_strength: expected >= 0, got {self.entropy_strength}")
         # JSON gives lists; the dataclass is hashable and compares equal either way.

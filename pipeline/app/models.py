@@ -157,6 +157,7 @@ class SlideClassifier(nn.Module):
             replace=config.replace,
             attention_regularizer=regularizer,
             receptive_field=config.receptive_field,
+            estimator=config.estimator,
         )
         self.head = nn.Linear(features.out_features, len(config.class_names))
         if config.freeze_features:

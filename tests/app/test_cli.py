@@ -105,8 +105,10 @@ def test_synth_train_predict(tmp_path, capsys):
         "--val-fraction",
         "0",
     ]
-    assert main([*argv, *SMALL]) == 0  # fmt: skip
+    # The model averages its draws with the "linear" estimator, kept through prediction.
+    assert main([*argv, *SMALL, "--estimator", "linear"]) == 0  # fmt: skip
     assert (run / "model.safetensors").is_file()
+    assert json.loads((run / "config.json").read_text())["model"]["estimator"] == "linear"
     (data / "broken.svs").write_text("not a slide\n")
     result = run_cli("predict", "--model", str(run), "--slides", str(data), "--out", str(out))
     assert result.returncode == 1  # one slide failed, after the others were done

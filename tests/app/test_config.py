@@ -41,6 +41,8 @@ def test_bad_config_names_the_file(text, message):
         ({"class_names": ("a", "a")}, "duplicates"),
         ({"class_names": ("a", "b"), "n_patches": 0}, "n_patches: expected > 0, got 0"),
         ({"class_names": ("a", "b"), "patch_size": (0, 4)}, "patch_size"),
+        ({"class_names": ("a", "b"), "estimator": "reference"}, "estimator: expected"),
+        ({"class_names": ("a", "b"), "estimator": "linear", "replace": True}, "without repl"),
     ],
 )
 def test_model_config_validation(kwargs, message):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+import pipeline
 from pipeline.app import models
 
 
@@ -58,3 +61,24 @@ def test_small_networks_convolve_channels_last_with_the_same_result():
                 else torch.amax(h, dim=(-2, -1))
             )
         torch.testing.assert_close(out, expected)
+
+
+def test_the_configured_estimator_weighs_the_same_draws():
+    from pipeline.app.config import ModelConfig
+
+    config = ModelConfig(class_names=("a", "b"), width=4, n_patches=5, patch_size=(16, 16))
+    torch.manual_seed(0)
+    mean = models.SlideClassifier(config)
+    weighted = models.SlideClassifier(dataclasses.replace(config, estimator="linear"))
+    weighted.load_state_dict(mean.state_dict())
+    x_low, x_high = torch.rand(2, 3, 24, 24), torch.rand(2, 3, 96, 96)
+    draws = [
+        model.classify(x_low, x_high, generator=torch.Generator().manual_seed(1)).draw
+        for model in (mean, weighted)
+    ]
+    torch.testing.assert_close(draws[0].offsets, draws[1].offsets)
+    features = mean.feature_net(draws[0].patches.flatten(0, 1)).view(2, 5, -1)
+    for draw, estimator in zip(draws, ("unbiased", "linear"), strict=True):
+        expected = pipeline.expectation(features, draw.sampled_attention, estimator=estimator)
+        torch.testing.assert_close(draw.features, expected)
+    assert not torch.allclose(draws[0].features, draws[1].features)

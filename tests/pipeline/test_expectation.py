@@ -61,22 +61,64 @@ def _exact(logits, features, cotangent, use_logits, probabilities=None):
     return total.detach(), leaf.grad, f.grad
 
 
-@pytest.mark.parametrize("replace", [False, True])
-@pytest.mark.parametrize(("n_positions", "n"), [(5, 2), (5, 3), (6, 3)])
+@pytest.mark.parametrize(
+    ("replace", "estimator"), [(False, "unbiased"), (True, "unbiased"), (False, "linear")]
+)
+@pytest.mark.parametrize(("n_positions", "n"), [(5, 2), (5, 3), (6, 3), (6, 4)])
 @pytest.mark.parametrize("use_logits", [False, True])
 @pytest.mark.parametrize("with_proposal", [False, True])
-def test_value_and_gradients_are_unbiased(replace, n_positions, n, use_logits, with_proposal):
+def test_value_and_gradients_are_unbiased(
+    replace, estimator, n_positions, n, use_logits, with_proposal
+):
     logits, features, c = _problem(n_positions, seed=n_positions * 10 + n)
     probabilities = torch.softmax(logits, 0)
     proposal = None
     if with_proposal:  # a different distribution, positive everywhere
         proposal = torch.softmax(_problem(n_positions, seed=n_positions * 10 + n + 1)[0], 0)
     got = _expected_over_draws(
-        logits, features, c, n, replace, "unbiased", use_logits, probabilities, proposal
+        logits, features, c, n, replace, estimator, use_logits, probabilities, proposal
     )
     exact = _exact(logits, features, c, use_logits, probabilities)
     for g, e in zip(got, exact, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def _exact_variance(probabilities, features, n, estimator):
+    """Var of ``F`` over every ordered draw sequence (summed over the feature axis)."""
+    index, weight = ordered_draws(probabilities, n, replace=False)
+    estimate = expectation(features[index], probabilities[index], estimator=estimator)
+    mean = weight @ estimate
+    return float(weight @ ((estimate - mean) ** 2).sum(1))
+
+
+def test_linear_estimator_varies_less_for_a_peaked_attention_and_more_for_a_flat_one():
+    _, features, _ = _problem(7, seed=5)
+    peaked = torch.tensor([0.4, 0.3, 0.2, 0.04, 0.03, 0.02, 0.01], dtype=torch.float64)
+    # Exact variances 0.076 (uniform mean) and 0.041 (linear).
+    assert _exact_variance(peaked, features, 4, "linear") < 0.6 * _exact_variance(
+        peaked, features, 4, "unbiased"
+    )
+    # Flat over many more positions than draws: 0.719 and 0.787.
+    _, features, _ = _problem(20, seed=5)
+    flat = torch.full((20,), 1 / 20, dtype=torch.float64)
+    assert _exact_variance(flat, features, 3, "linear") > 1.05 * _exact_variance(
+        flat, features, 3, "unbiased"
+    )
+
+
+def test_linear_formula_by_hand():
+    # Two draws, scalar features: F = (E_0 + 2 E_1) / 3, so dF/da_0 = f_0 (pm_0 / a_0 + 2) / 3,
+    # dF/da_1 = 2 f_1 pm_1 / (3 a_1), and dF/df_0 = (pm_0 + 2 a_0) / 3, dF/df_1 = 2 pm_1 / 3.
+    a = torch.tensor([[0.5, 0.2]], dtype=torch.float64, requires_grad=True)
+    f = torch.tensor([[[2.0], [3.0]]], dtype=torch.float64, requires_grad=True)
+    value = expectation(f, a, estimator="linear")
+    e0, e1 = 2.0, 0.5 * 2.0 + 0.5 * 3.0
+    torch.testing.assert_close(value, torch.tensor([[(e0 + 2 * e1) / 3]], dtype=torch.float64))
+    value.sum().backward()
+    expected_a = [2.0 * (1 / 0.5 + 2) / 3, 2 * 3.0 * 0.5 / (3 * 0.2)]
+    torch.testing.assert_close(a.grad, torch.tensor([expected_a], dtype=torch.float64))
+    expected_f = [[(1 + 2 * 0.5) / 3], [2 * 0.5 / 3]]
+    torch.testing.assert_close(f.grad, torch.tensor([expected_f], dtype=torch.float64))
 
 
 def test_reference_estimator_is_biased_for_the_attention_only():
@@ -111,10 +153,12 @@ def test_reference_formula_by_hand():
     [
         ("unbiased", None),
         ("reference", None),
+        ("linear", None),
         # Positive on the attention's support and one more position: used up by draw 5.
         ("unbiased", torch.tensor([0.2, 0.3, 0.1, 0.0, 0.4, 0.0], dtype=torch.float64)),
+        ("linear", torch.tensor([0.2, 0.3, 0.1, 0.0, 0.4, 0.0], dtype=torch.float64)),
     ],
-    ids=["unbiased", "reference", "proposal"],
+    ids=["unbiased", "reference", "linear", "proposal", "linear-proposal"],
 )
 def test_exhausted_support_gives_the_exact_sum_and_finite_gradients(estimator, proposal):
     # Three positions carry all the mass; with five draws the last ones have probability 0
@@ -202,14 +246,16 @@ PROPOSALS = {
 }
 
 
-@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize(
+    ("replace", "estimator"), [(False, "unbiased"), (True, "unbiased"), (False, "linear")]
+)
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
 @pytest.mark.parametrize("proposal_name", sorted(PROPOSALS))
-def test_unbiased_under_a_proposal_with_zeros(replace, n, proposal_name):
+def test_unbiased_under_a_proposal_with_zeros(replace, estimator, n, proposal_name):
     proposal = PROPOSALS[proposal_name]
     _, features, c = _problem(6, seed=8)
     value, grad_a, grad_f = _expected_over_draws(
-        None, features, c, n, replace, "unbiased", False, ATTENTION_WITH_ZEROS, proposal
+        None, features, c, n, replace, estimator, False, ATTENTION_WITH_ZEROS, proposal
     )
     exact_value, exact_a, exact_f = _exact(None, features, c, False, ATTENTION_WITH_ZEROS)
     torch.testing.assert_close(value, exact_value, rtol=1e-10, atol=1e-12)
@@ -338,5 +384,9 @@ def test_invalid_arguments_are_rejected():
         expectation(f, torch.rand(2, 3), estimator="biased")
     with pytest.raises(ValueError, match="estimator"):
         Expectation(estimator="nope")
+    with pytest.raises(ValueError, match="linear.*without replacement"):
+        expectation(f, torch.rand(2, 3), replace=True, estimator="linear")
+    with pytest.raises(ValueError, match="linear.*without replacement"):
+        Expectation(replace=True, estimator="linear")
     with pytest.raises(TypeError, match="floating-point"):
         expectation(f.long(), torch.rand(2, 3))
