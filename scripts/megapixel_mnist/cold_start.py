@@ -44,6 +44,14 @@ ARMS = {
     "centred+init": {"centred_head": True, "prior_init_steps": 100},
     # ... and 3x the patches per canvas while the remedies last.
     "centred+init+patches": {"centred_head": True, "prior_init_steps": 100, "early_patches": 30},
+    # ... and the entropy regularizer ramped from the paper's 1e-4 to a negative strength
+    # (sharper attention) between the end of the remedies and the end of the budget.
+    "centred+init+sharpen": {"centred_head": True, "prior_init_steps": 100,
+                             "regularizer_end": -0.01},
+    # ... and the draws' estimates weighted in proportion to their order (pipeline
+    # estimator "linear": unbiased, less variance for a peaked attention).
+    "centred+init+linear": {"centred_head": True, "prior_init_steps": 100,
+                            "estimator": "linear"},
 }
 THRESHOLDS = (0.5, 0.1)
 

@@ -7,7 +7,7 @@ tensor; zero for models without attention), so one training loop serves all of t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -115,13 +115,16 @@ class ATSModel(nn.Module):
     `n_patches` in the first `early_steps` training steps (0: never). More samples of
     the same proposal: the estimate stays unbiased, its variance falls, and the
     feature net sees more patches per step.
+    regularizer: the entropy regularizer's strength (`pipeline.MultinomialEntropy`), a
+    constant or a schedule of the training step (`entropy_ramp`); a negative strength
+    sharpens the attention. It changes the training objective, not the estimator.
     """
 
     def __init__(
         self,
         patch_size: int = 50,
         n_patches: int = 10,
-        regularizer: float = 1e-4,
+        regularizer: float | Callable[[int], float] = 1e-4,
         smooth: float = 1e-5,
         estimator: str = "unbiased",
         exploration: pipeline.proposals.Weight = 0.0,
@@ -133,13 +136,15 @@ class ATSModel(nn.Module):
         super().__init__()
         self.patch_size, self.n_patches = patch_size, n_patches
         self.early_patches, self.early_steps = early_patches, early_steps
+        self.regularizer = regularizer
         self.ats = pipeline.attention_sampling(
             AttentionNet(smooth),
             FeatureNet(),
             patch_size=(patch_size, patch_size),
             n_patches=n_patches,
             replace=False,
-            attention_regularizer=pipeline.MultinomialEntropy(regularizer),
+            attention_regularizer=pipeline.MultinomialEntropy(
+                regularizer(0) if callable(regularizer) else regularizer),
             receptive_field=0,
             estimator=estimator,
             exploration=exploration,
@@ -158,6 +163,8 @@ class ATSModel(nn.Module):
         prior = brightness_prior(x_low) if self.ats.prior_weight else None
         early = self.training and self.early_patches and step < self.early_steps
         self.ats.n_patches = self.early_patches if early else self.n_patches
+        if self.training and callable(self.regularizer):
+            self.ats.attention_regularizer.strength = self.regularizer(step)
         return self.classify(self.ats.draw(x_low, x_high, prior=prior, step=step))
 
     @torch.no_grad()
@@ -283,6 +290,31 @@ def exact_twin(model: ATSModel) -> FullModel:
     return twin
 
 
+def entropy_ramp(
+    start: float, end: float, begin_step: int, end_step: int
+) -> Callable[[int], float]:
+    """An entropy-regularizer strength: `start` until `begin_step`, then linear to `end`
+    at `end_step` and `end` from there on (e.g. the paper's 1e-4 to a negative strength
+    that sharpens the attention late in training)."""
+    if not 0 <= begin_step < end_step:
+        raise ValueError(f"need 0 <= begin_step < end_step, got {begin_step}, {end_step}")
+
+    def strength(step: int) -> float:
+        t = min(max((step - begin_step) / (end_step - begin_step), 0.0), 1.0)
+        return start + t * (end - start)
+
+    return strength
+
+
+def _regularizer(cfg) -> float | Callable[[int], float]:
+    """The preset's entropy strength: constant, or ramped to `regularizer_end` from the
+    end of the remedies (`remedy_steps`) to the end of the budget."""
+    if cfg.regularizer_end is None:
+        return cfg.regularizer
+    budget = cfg.epochs["ats-unbiased"] * -(-cfg.n_train // cfg.batch_size)
+    return entropy_ramp(cfg.regularizer, cfg.regularizer_end, cfg.remedy_steps, budget)
+
+
 def _schedule(start: float, steps: int) -> pipeline.proposals.Weight:
     """`start` decaying linearly to 0 over `steps` training steps (constant if steps=0)."""
     return pipeline.linear_decay(start, steps) if start and steps else start
@@ -290,7 +322,7 @@ def _schedule(start: float, steps: int) -> pipeline.proposals.Weight:
 
 MODELS = {
     "ats-unbiased": lambda cfg: ATSModel(
-        cfg.patch_size, cfg.n_patches, cfg.regularizer, estimator="unbiased",
+        cfg.patch_size, cfg.n_patches, _regularizer(cfg), estimator=cfg.estimator,
         exploration=_schedule(cfg.exploration, cfg.remedy_steps),
         prior_weight=_schedule(cfg.prior_weight, cfg.remedy_steps),
         centred_head=cfg.centred_head, early_patches=cfg.early_patches,

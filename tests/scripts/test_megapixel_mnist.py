@@ -210,6 +210,7 @@ def test_tiny_run_writes_metrics_results_and_figures(tmp_path):
     results = train.run(TINY, tmp_path, list(models.MODELS), torch.device("cpu"))
     names = [r["model"] for r in results]
     assert names == ["ats-unbiased", "ats-unbiased (exact sum)",
+                     "ats-unbiased (mean of 8 draws)",
                      "ats-unbiased (12 patches at test)", "ats-reference",
                      "ats-reference (exact sum)", "low-res-cnn", "full"]  # fmt: skip
     metrics = (tmp_path / "metrics.csv").read_text().splitlines()
@@ -223,6 +224,37 @@ def test_tiny_run_writes_metrics_results_and_figures(tmp_path):
     assert full["peak_memory_mb_per_image"] > ats["peak_memory_mb_per_image"]
     for figure in ("test_error.png", "patches.png"):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The saved ats-unbiased model loads into a fresh one (strictly: the same keys).
+    from safetensors.torch import load_file
+
+    saved = train.build_model("ats-unbiased", TINY)
+    saved.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_evaluation_averages_the_probabilities_of_several_draws():
+    train_set, _ = train.make_datasets(TINY)
+    loader = torch.utils.data.DataLoader(train_set, TINY.batch_size)
+    torch.manual_seed(0)
+    model = train.build_model("ats-unbiased", TINY)
+    torch.manual_seed(1)
+    one = train.evaluate(model, loader)
+    torch.manual_seed(1)
+    again = train.evaluate(model, loader, draws=1)
+    assert one == again  # draws=1 is the single-draw evaluation, exactly
+    torch.manual_seed(1)
+    probabilities, labels = [], []
+    model.eval()
+    with torch.no_grad():
+        for x_low, x_high, y in loader:
+            draws = [model(x_low, x_high).logits.softmax(1) for _ in range(3)]
+            probabilities.append(torch.stack(draws).mean(0))
+            labels.append(y)
+    p, y = torch.cat(probabilities), torch.cat(labels)
+    torch.manual_seed(1)
+    loss, error = train.evaluate(model, loader, draws=3)
+    assert error == float((p.argmax(1) != y).float().mean())
+    assert loss == pytest.approx(float(-p[torch.arange(len(y)), y].log().mean()), rel=1e-5)
 
 
 def test_cold_start_runs_arms_and_summarises(tmp_path):
@@ -318,3 +350,41 @@ def test_early_patches_are_drawn_in_the_early_training_steps_only():
     model(x_low, x_high, 0)
     b, n = TINY.batch_size, TINY.n_patches
     assert seen == [b * 7, b * 7, b * n, b * n]
+
+
+def test_entropy_ramp_holds_then_moves_linearly_to_its_end():
+    ramp = models.entropy_ramp(1e-4, -0.01, 10, 30)
+    assert [ramp(s) for s in (0, 10)] == [1e-4, 1e-4]
+    assert ramp(20) == pytest.approx((1e-4 - 0.01) / 2)
+    assert ramp(30) == ramp(99) == -0.01
+    with pytest.raises(ValueError, match="begin_step < end_step"):
+        models.entropy_ramp(1e-4, -0.01, 30, 30)
+
+
+def test_regularizer_schedule_sets_the_strength_of_each_training_step():
+    import dataclasses
+
+    train_set, _ = train.make_datasets(TINY)
+    x_low, x_high, _ = next(iter(torch.utils.data.DataLoader(train_set, TINY.batch_size)))
+    # TINY: 8 canvases in batches of 4 for one epoch, so the budget is 2 steps.
+    preset = dataclasses.replace(TINY, regularizer_end=-0.5, epochs={"ats-unbiased": 1})
+    model = train.build_model("ats-unbiased", preset)
+    entropy = model.ats.attention_regularizer
+    strengths = []
+    for step in range(3):
+        value = model(x_low, x_high, step).regularizer
+        strengths.append(entropy.strength)
+        attention = model.ats.attend(x_low)[0]
+        torch.testing.assert_close(value, pipeline.MultinomialEntropy(entropy.strength)(attention))
+    assert strengths == [TINY.regularizer, (TINY.regularizer - 0.5) / 2, -0.5]
+    model.eval()
+    model(x_low, x_high, 0)
+    assert entropy.strength == -0.5  # evaluation leaves it alone
+
+
+def test_preset_estimator_reaches_the_sampler():
+    import dataclasses
+
+    model = train.build_model("ats-unbiased", dataclasses.replace(TINY, estimator="linear"))
+    assert model.ats.estimator == "linear"
+    assert train.build_model("ats-unbiased", TINY).ats.estimator == "unbiased"
