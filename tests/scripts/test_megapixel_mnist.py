@@ -388,3 +388,22 @@ def test_preset_estimator_reaches_the_sampler():
     model = train.build_model("ats-unbiased", dataclasses.replace(TINY, estimator="linear"))
     assert model.ats.estimator == "linear"
     assert train.build_model("ats-unbiased", TINY).ats.estimator == "unbiased"
+
+
+def test_draws_reloads_a_run_and_evaluates_it_over_seeded_draws(tmp_path, capsys):
+    import dataclasses
+
+    from scripts.megapixel_mnist import draws
+
+    preset = dataclasses.replace(TINY, centred_head=True, estimator="linear")
+    train.run(preset, tmp_path, ["ats-unbiased"], torch.device("cpu"))
+    loaded_preset, model = draws.load_run(tmp_path)
+    assert loaded_preset == preset
+    _, test_set = train.make_datasets(preset)
+    loader = torch.utils.data.DataLoader(test_set, preset.batch_size)
+    errors = draws.errors_over_draws(model, loader, 3)
+    assert errors == draws.errors_over_draws(model, loader, 3)  # seeded: repeatable
+    assert len(errors) == 3 and all(0 <= e <= 1 for e in errors)
+    draws.main([str(tmp_path), "--repeats", "2"])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith(f"| {tmp_path} | linear | ") and row.count("±") == 2
