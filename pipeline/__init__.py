@@ -9,7 +9,8 @@ function behind ``SamplePatches``), ``mask_attention`` (restrict sampling to a m
 ``Draw`` (everything one ``AttentionSampling.draw`` produced) and ``Plan`` (its
 positions, for loops that read patches ahead); and the proposal distributions of DESIGN
 section 4b (``mix_uniform``, ``mix_prior``, ``explore``, ``linear_decay``) for
-``sample(..., proposal=...)`` and the layers' ``exploration`` / ``prior_weight``.
+``sample(..., proposal=...)`` and the layers' ``exploration`` / ``prior_weight``, with
+``prior_cross_entropy`` to fit an attention to a content prior.
 
 Names are imported on first use (PEP 562), so ``import pipeline`` (and the ``ats-wsi``
 command's ``--help``) does not load torch until a name is used.
@@ -41,6 +42,7 @@ _EXPORTS = {
     "linear_decay": "proposals",
     "mix_prior": "proposals",
     "mix_uniform": "proposals",
+    "prior_cross_entropy": "proposals",
     "MultinomialEntropy": "regularizers",
     "mask_attention": "sampling",
     "sample": "sampling",
@@ -66,6 +68,7 @@ __all__ = [
     "mix_prior",
     "mix_uniform",
     "patch_offsets",
+    "prior_cross_entropy",
     "prior_on_grid",
     "sample",
     "sample_patches",

@@ -10,8 +10,10 @@ and gives every position of the proposal's support an unbiased attention gradien
 including positions where ``a`` is zero. A mixture ``q = (1 - w) a + w p`` keeps the
 importance weights ``a / q`` at most ``1 / (1 - w)``, so the variance stays bounded.
 
-All functions take probabilities ``attention (Tensor[B, *S])`` (not logits) and return
-a ``Tensor[B, *S]`` in ``attention``'s dtype and device that sums to 1 per item.
+All functions take probabilities ``attention (Tensor[B, *S])`` (not logits); the
+mixtures return a ``Tensor[B, *S]`` in ``attention``'s dtype and device that sums to 1
+per item. ``prior_cross_entropy`` is the loss that fits an attention to a content prior
+instead (a cold-start remedy that changes the initial weights, not the estimator).
 """
 
 from __future__ import annotations
@@ -90,6 +92,27 @@ def linear_decay(start: float, stop_step: int) -> Callable[[int], float]:
         return start * max(0.0, 1 - step / stop_step)
 
     return weight
+
+
+def prior_cross_entropy(attention: Tensor, prior: Tensor) -> Tensor:
+    """``-mean_b sum_k p_k log a_k``, ``p`` the prior normalised per batch item.
+
+    Args:
+        attention (Tensor[B, *S]): probabilities per batch item (with gradient).
+        prior (Tensor[B, *S]): non-negative, finite weights per position, any scale, not
+            zero everywhere in an item (as for ``mix_prior``).
+
+    Returns:
+        Tensor[]: the mean cross-entropy; minimising it over the attention network's
+        weights moves the attention towards the prior (``log a`` is floored at
+        ``log 1e-12`` where the attention is 0, e.g. off a mask).
+    """
+    _checks.tensor(attention, "attention", min_dim=2)
+    _checks.floating(attention, "attention")
+    _checks.tensor(prior, "prior")
+    _checks.same_shape(prior, attention, "prior", "attention")
+    target = _normalised(prior.to(device=attention.device, dtype=attention.dtype), "prior")
+    return -(target * attention.clamp_min(1e-12).log()).flatten(1).sum(1).mean()
 
 
 def _normalised(weights: Tensor, name: str) -> Tensor:

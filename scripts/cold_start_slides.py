@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.app.config import ModelConfig, TrainConfig
+from pipeline.app.config import ESTIMATORS, ModelConfig, TrainConfig
 from pipeline.app.demo_dataset import CLASS_NAMES, write_dataset
 from pipeline.app.training import train
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remedy-epochs", type=float, default=4.0)
     parser.add_argument("--n-patches", type=int, default=ModelConfig.n_patches,
                         help="the model's patches per slide (training and validation)")
-    parser.add_argument("--estimator", choices=("unbiased", "linear"), default="unbiased",
+    parser.add_argument("--estimator", choices=ESTIMATORS, default="unbiased",
                         help="the model's estimator (ModelConfig.estimator)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -27,6 +27,7 @@ from pathlib import Path
 from pipeline.app import config
 from pipeline.app.config import (
     BALANCE_MODES,
+    ESTIMATORS,
     SELECT_METRICS,
     DemoConfig,
     EvaluateConfig,
@@ -265,7 +266,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-tissue-mask", action="store_true", help="sample outside tissue too")
     g.add_argument("--entropy", type=float, dest="entropy_strength",
                    help=f"entropy regularizer strength {_default(M, 'entropy_strength')}")
-    g.add_argument("--estimator", choices=("unbiased", "linear"),
+    g.add_argument("--estimator", choices=ESTIMATORS,
                    help="average of the draws: the mean, or later draws weighted more "
                         f"(both unbiased; docs/cold_start.md) {_default(M, 'estimator')}")
     g = p.add_argument_group("encoder (docs/encoders.md)")

@@ -31,6 +31,11 @@ def package_version() -> str:
         return "unknown"
 
 
+ESTIMATORS = ("unbiased", "linear")
+"""The core estimators a model may use (``pipeline.expectation``; the biased
+``"reference"`` is for comparison in the core only)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What the model is and which view of a slide it reads.
@@ -122,8 +127,10 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name}: expected >= 0, got {value}")
-        if self.estimator not in ("unbiased", "linear"):
-            raise ConfigError(f"estimator: expected 'unbiased' or 'linear', got {self.estimator!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(
+                f"estimator: expected one of {list(ESTIMATORS)}, got {self.estimator!r}"
+            )
         if self.estimator == "linear" and self.replace:
             raise ConfigError("estimator 'linear' weighs draws made without replacement")
         if self.entropy_strength < 0:

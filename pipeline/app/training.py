@@ -316,8 +316,7 @@ def fit_attention_to_prior(
         prior = stack_priors(views, config.prior, shape, device)
         attention, _ = model.sampler.attend(x_low, mask)  # [B, h', w'], on tissue
         target = pipeline.prior_on_grid(prior, attention.shape[1:])
-        target = target / target.flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1)
-        loss = -(target * attention.clamp_min(1e-12).log()).flatten(1).sum(1).mean()
+        loss = pipeline.prior_cross_entropy(attention, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

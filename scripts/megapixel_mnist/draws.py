@@ -23,7 +23,14 @@ from safetensors.torch import load_file
 
 from .data import CanvasConfig
 from .models import ATSModel
-from .train import Preset, build_model, evaluate, make_datasets
+from .train import (
+    Preset,
+    build_model,
+    evaluate,
+    make_datasets,
+    refresh_statistics,
+    statistics_loader,
+)
 
 OTHER = {"unbiased": "linear", "linear": "unbiased"}
 
@@ -52,8 +59,7 @@ def use_estimator(model: ATSModel, estimator: str, statistics) -> None:
     """Switch the sampler's estimator; a centred head's test-time statistics are
     recomputed for it from the `statistics` batches."""
     model.ats.estimator = estimator
-    if model.centred_head:
-        model.refresh_head_statistics((x_low, x_high) for x_low, x_high, _ in statistics)
+    refresh_statistics(model, statistics)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         preset, model = load_run(run_dir)
         train_set, test_set = make_datasets(preset)
         loader = torch.utils.data.DataLoader(test_set, preset.batch_size)
-        first = torch.utils.data.Subset(train_set, range(min(len(train_set), 256)))
-        statistics = torch.utils.data.DataLoader(first, preset.batch_size)
+        statistics = statistics_loader(train_set, preset.batch_size)
         trained = preset.estimator
         cells = []
         for estimator in (trained, OTHER[trained]):

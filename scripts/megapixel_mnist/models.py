@@ -197,10 +197,7 @@ class ATSModel(nn.Module):
         optimizer = torch.optim.Adam(attention_net.parameters(), lr=lr)
         steps = 0
         for x_low in views:
-            prior = brightness_prior(x_low)
-            prior = prior / prior.sum(dim=(1, 2), keepdim=True)
-            attention = attention_net(x_low)  # [B, h, w]
-            loss = -(prior * attention.clamp_min(1e-12).log()).sum(dim=(1, 2)).mean()
+            loss = pipeline.prior_cross_entropy(attention_net(x_low), brightness_prior(x_low))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

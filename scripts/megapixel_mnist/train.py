@@ -159,16 +159,31 @@ class _DeviceLoader:
         return len(self.loader)
 
 
+def statistics_loader(train_set, batch_size: int):
+    """The batches a centred head's test-time statistics are recomputed from: the same
+    first 256 training canvases every time."""
+    first = torch.utils.data.Subset(train_set, range(min(len(train_set), 256)))
+    return torch.utils.data.DataLoader(first, batch_size)
+
+
+def refresh_statistics(model: nn.Module, loader) -> None:
+    """Recompute a centred head's test-time statistics from `loader`'s
+    `(x_low, x_high, y)` batches (`ATSModel.refresh_head_statistics`); other models
+    have none."""
+    if getattr(model, "centred_head", False):
+        model.refresh_head_statistics((x_low, x_high) for x_low, x_high, _ in loader)
+
+
 def _forever(loader):
     while True:
         yield from loader
 
 
 def fit(name: str, model: nn.Module, train_loader, test_loader, preset: Preset, log,
-        statistics_loader=None) -> None:  # fmt: skip
+        statistics=None) -> None:  # fmt: skip
     """Train `model` for its preset epochs, calling `log(row)` after each epoch.
 
-    statistics_loader: training batches from which a centred head's test-time
+    statistics: training batches from which a centred head's test-time
     statistics are recomputed before each evaluation (`ATSModel.refresh_head_statistics`).
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
@@ -189,8 +204,8 @@ def fit(name: str, model: nn.Module, train_loader, test_loader, preset: Preset, 
             count += len(batch[2])
         train_seconds = time.perf_counter() - start
         trained_seconds += train_seconds
-        if getattr(model, "centred_head", False) and statistics_loader is not None:
-            model.refresh_head_statistics((x_low, x_high) for x_low, x_high, _ in statistics_loader)
+        if statistics is not None:
+            refresh_statistics(model, statistics)
         test_loss, test_error = evaluate(model, test_loader)
         log({
             "model": name, "epoch": epoch, "steps": step, "train_seconds": trained_seconds,
@@ -331,9 +346,7 @@ def run(preset: Preset, out: Path, models: list[str], device: torch.device,
         loader = torch.utils.data.DataLoader(train_set, preset.batch_size, shuffle=True,
                                              generator=shuffle)  # fmt: skip
         test_loader = torch.utils.data.DataLoader(test_set, preset.batch_size)
-        # The same training canvases every epoch, a fixed number of them (256).
-        first = torch.utils.data.Subset(train_set, range(min(len(train_set), 256)))
-        statistics = torch.utils.data.DataLoader(first, preset.batch_size)
+        statistics = statistics_loader(train_set, preset.batch_size)
         fit(name, model, _DeviceLoader(loader, device), _DeviceLoader(test_loader, device),
             preset, log, _DeviceLoader(statistics, device))  # fmt: skip
         mine = [r for r in rows if r["model"] == name]
@@ -363,9 +376,7 @@ def run(preset: Preset, out: Path, models: list[str], device: torch.device,
             # the test error is the variance of a 10-patch estimate.
             trained_patches = model.n_patches
             model.n_patches = 4 * trained_patches
-            if model.centred_head:
-                model.refresh_head_statistics(
-                    (x_low, x_high) for x_low, x_high, _ in _DeviceLoader(statistics, device))
+            refresh_statistics(model, _DeviceLoader(statistics, device))
             error = evaluate(model, _DeviceLoader(test_loader, device))[1]
             results.append(measure(f"{name} ({model.n_patches} patches at test)", model,
                                    test_set, device, len(mine), error, float("nan")))  # fmt: skip

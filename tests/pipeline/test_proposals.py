@@ -1,11 +1,11 @@
-"""pipeline.mix_uniform, mix_prior, linear_decay: values, exactness at weight 0, errors."""
+"""pipeline.proposals: mixtures, exactness at weight 0, the prior cross-entropy, errors."""
 
 import math
 
 import pytest
 import torch
 
-from pipeline import linear_decay, mix_prior, mix_uniform, sample
+from pipeline import linear_decay, mix_prior, mix_uniform, prior_cross_entropy, sample
 
 
 def _map(shape, seed=0, dtype=torch.float64):
@@ -131,3 +131,21 @@ def test_prior_zero_everywhere_is_rejected():
     prior[2] = 0
     with pytest.raises(ValueError, match=r"prior is zero everywhere for batch item\(s\) \[0, 2\]"):
         mix_prior(_map((3, 5)), prior, 0.5)
+
+
+def test_prior_cross_entropy_by_hand_and_its_minimum_at_the_prior():
+    prior = torch.tensor([[1.0, 3.0, 0.0], [2.0, 2.0, 4.0]], dtype=torch.float64)
+    logits = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    loss = prior_cross_entropy(torch.softmax(logits, 1), prior)
+    # Uniform attention: -sum_k p_k log(1/3) = log 3 for every item.
+    torch.testing.assert_close(loss, torch.tensor(3.0, dtype=torch.float64).log())
+    loss.backward()
+    # d/dlogits of -sum p log softmax = (a - p) / B.
+    p = prior / prior.sum(1, keepdim=True)
+    torch.testing.assert_close(logits.grad, (torch.full((2, 3), 1 / 3.0).double() - p) / 2)
+    # At a = p the loss is the prior's entropy, its minimum (0 log 0 counted as 0).
+    at_prior = prior_cross_entropy(p, prior * 10)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(1).mean()
+    torch.testing.assert_close(at_prior, entropy)
+    with pytest.raises(ValueError, match="prior is zero everywhere"):
+        prior_cross_entropy(torch.softmax(logits, 1), torch.zeros(2, 3))
