@@ -4,7 +4,7 @@
                                      [--repeats 5] [--patches N]
 
 Generates (once, cached in ``--cache``) ``--slides`` synthetic slides of ``--size``
-pixels square (``pipeline.app.demo_dataset``), builds the default ``SlideClassifier``
+pixels square (``pipeline.app.synth``), builds the default ``SlideClassifier``
 (untrained, seed 0: speed does not depend on the weights; ``--patches`` changes
 its number of patches, i.e. the work per slide) and times, in one run,
 the prediction of every slide into a fresh output directory (``PredictionStore``:
@@ -46,8 +46,8 @@ from typing import NamedTuple
 
 
 def make_slides(cache: Path, n: int, size: int) -> list[Path]:
-    from pipeline.app.demo_dataset import write_dataset
-    from pipeline.app.inputs import list_inputs
+    from pipeline.app.slide.inputs import list_inputs
+    from pipeline.app.synth import write_dataset
 
     directory = cache / f"slides-{n}x{size}"
     if not (directory / "labels.csv").is_file():
@@ -79,7 +79,7 @@ def timed(run, cpu_clock=time.process_time) -> Measurement:
 
 def task_seconds(task_stream: list[dict]) -> float:
     """Total compute time of the slide tasks in a ``get_task_stream`` record."""
-    from pipeline.app.cluster import TASK_PREFIX
+    from pipeline.app.prediction.cluster import TASK_PREFIX
 
     return sum(
         s["stop"] - s["start"]
@@ -105,12 +105,12 @@ def main() -> None:
     import torch
     from distributed import get_task_stream
 
-    from pipeline.app.cluster import connect, predict_on_client
     from pipeline.app.config import ModelConfig
-    from pipeline.app.demo_dataset import CLASS_NAMES
-    from pipeline.app.inference import predict_slide
-    from pipeline.app.models import SlideClassifier
-    from pipeline.app.prediction import PredictionStore, predict
+    from pipeline.app.model.networks import SlideClassifier
+    from pipeline.app.prediction.batch import PredictionStore, predict
+    from pipeline.app.prediction.cluster import connect, predict_on_client
+    from pipeline.app.prediction.inference import predict_slide
+    from pipeline.app.synth import CLASS_NAMES
 
     load_before = os.getloadavg()[0]
     paths = make_slides(args.cache, args.slides, args.size)

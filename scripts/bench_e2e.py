@@ -15,7 +15,7 @@ Builds (once, cached in ``--cache``) two generated JPEG pyramids, ``small`` and
   processing) against the file size.
 
 Slides are rendered cheaply: level-0 tiles are copies of a few precomputed
-synthetic tissue tiles (``pipeline.app.demo_dataset``), chosen per tile by a hash, placed
+synthetic tissue tiles (``pipeline.app.synth``), chosen per tile by a hash, placed
 where the synthetic layout has tissue; coarser levels sample the same mosaic.
 """
 
@@ -44,7 +44,7 @@ class MosaicSlide:
     """
 
     def __init__(self, side: int, seed: int = 0) -> None:
-        from pipeline.app.demo_dataset import BACKGROUND, make_layout
+        from pipeline.app.synth import BACKGROUND, make_layout
 
         layout = make_layout((side, side), seed=seed, positive=False, cell_density=0.0)
         n = -(-side // TILE)
@@ -74,7 +74,7 @@ class MosaicSlide:
 
 def _tissue_tiles(seed: int) -> np.ndarray:
     """uint8 [N_TEXTURES, TILE, TILE, 3]: level-0 tiles of a synthetic slide, all tissue."""
-    from pipeline.app.demo_dataset import make_layout
+    from pipeline.app.synth import make_layout
 
     layout = make_layout((4096, 4096), seed=seed + 1, positive=True)
     tiles = []
@@ -119,7 +119,7 @@ def _bench_model():
     import torch
 
     from pipeline.app.config import ModelConfig
-    from pipeline.app.models import SlideClassifier
+    from pipeline.app.model.networks import SlideClassifier
 
     torch.manual_seed(0)
     config = ModelConfig(class_names=("negative", "positive"), low_res_max_side=512, n_patches=16)
@@ -146,8 +146,8 @@ def child_ats(path: str, repeats: int) -> dict:
 
 def _ats_pass(model, path: str, seed: int) -> None:
     """What ``predict`` does for one slide, outputs aside: open, view, classify, close."""
-    from pipeline.app.inference import classify_view
-    from pipeline.app.slides import open_view
+    from pipeline.app.prediction.inference import classify_view
+    from pipeline.app.slide.views import open_view
 
     with open_view(path, model.config) as view:
         classify_view(model, view, seed=seed)
@@ -158,7 +158,7 @@ def child_tiling(path: str, n_tiles: int) -> dict:
     import torch
 
     import readers
-    from pipeline.app.slides import open_view
+    from pipeline.app.slide.views import open_view
 
     torch.set_num_threads(1)
     model = _bench_model()

@@ -37,8 +37,8 @@ PATCH, MPP, N_PATCHES, BATCH = 224, 0.5, 16, 16
 
 def build(encoder: str, freeze: bool):
     from pipeline.app.config import ModelConfig
-    from pipeline.app.encoders import resolve
-    from pipeline.app.models import SlideClassifier
+    from pipeline.app.model.encoders import resolve
+    from pipeline.app.model.networks import SlideClassifier
 
     config = resolve(
         ModelConfig(
@@ -61,8 +61,8 @@ def median_time(fn, repeats: int) -> float:
 
 
 def predict_seconds(model, path: Path, repeats: int) -> float:
-    from pipeline.app.inference import classify_view
-    from pipeline.app.slides import open_view
+    from pipeline.app.prediction.inference import classify_view
+    from pipeline.app.slide.views import open_view
 
     model.eval()
 
@@ -75,8 +75,8 @@ def predict_seconds(model, path: Path, repeats: int) -> float:
 
 def train_step_seconds(model, path: Path, repeats: int) -> float:
     from pipeline.app.config import TrainConfig
-    from pipeline.app.slides import open_view
-    from pipeline.app.training import LabelledSlide, make_optimizer, run_slide
+    from pipeline.app.slide.views import open_view
+    from pipeline.app.training.loop import LabelledSlide, make_optimizer, run_slide
 
     optimizer = make_optimizer(model, TrainConfig())
     device = torch.device("cpu")
@@ -97,7 +97,7 @@ def train_step_seconds(model, path: Path, repeats: int) -> float:
 
 def tiling(model, path: Path, n_tiles: int) -> tuple[float, int]:
     """(seconds per tile, number of tissue tiles) of full tiling at 0.5 µm/px."""
-    from pipeline.app.slides import open_view
+    from pipeline.app.slide.views import open_view
 
     model.eval()
     with open_view(path, model.config) as view, torch.no_grad():

@@ -19,8 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.app import files, outputs
-from pipeline.app.report import REPORT, write_report
+from pipeline.app import files
+from pipeline.app.results import outputs
+from pipeline.app.results.report import REPORT, write_report
 
 FLAGS = (
     "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run "

@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import TILE, MosaicSlide  # noqa: E402
 
 from pipeline.app.config import ModelConfig  # noqa: E402
-from pipeline.app.streaming import (  # noqa: E402
+from pipeline.app.training.loop import new_model  # noqa: E402
+from pipeline.app.training.streaming import (  # noqa: E402
     Reader,
     StreamItem,
     ViewCache,
@@ -58,7 +59,6 @@ from pipeline.app.streaming import (  # noqa: E402
     stack_views,
     stream_epoch,
 )
-from pipeline.app.training import new_model  # noqa: E402
 
 
 class Stream:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from pipeline.app.config import ESTIMATORS, ModelConfig, TrainConfig
-from pipeline.app.demo_dataset import CLASS_NAMES, write_dataset
-from pipeline.app.training import train
+from pipeline.app.synth import CLASS_NAMES, write_dataset
+from pipeline.app.training.loop import train
 
 ARMS = {
     "plain": {},

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.app.checkpoint import load_model
-from pipeline.app.inference import predict_slide
-from pipeline.app.inputs import list_inputs
+from pipeline.app.model.checkpoint import load_model
+from pipeline.app.prediction.inference import predict_slide
+from pipeline.app.slide.inputs import list_inputs
 
 
 def main() -> None:

@@ -69,9 +69,9 @@ def glibc_heap() -> dict[str, int] | None:
 def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:
     """Run ``predict`` over ``slides`` into ``out``; RSS at the checkpoints and the
     completion times of every slide."""
-    from pipeline.app.cluster import on_cluster
-    from pipeline.app.inference import run_here
-    from pipeline.app.prediction import predict
+    from pipeline.app.prediction.batch import predict
+    from pipeline.app.prediction.cluster import on_cluster
+    from pipeline.app.prediction.inference import run_here
 
     inner = run_here if client is None else on_cluster(client)
     rss: dict[int, tuple[float, float]] = {}
@@ -98,7 +98,8 @@ def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:
 
 def check_rows(out: Path, expected: set[str]) -> list[str]:
     """Problems with ``predictions.csv``: missing, duplicated or failed slides."""
-    from pipeline.app import files, outputs
+    from pipeline.app import files
+    from pipeline.app.results import outputs
 
     rows = files.read_csv(out / outputs.PREDICTIONS)
     counts = collections.Counter(r["slide"] for r in rows)
@@ -126,12 +127,12 @@ def main() -> int:
 
     import torch
 
-    from pipeline.app.checkpoint import save_model
-    from pipeline.app.cluster import connect
     from pipeline.app.config import ModelConfig, RunConfig
-    from pipeline.app.demo_dataset import CLASS_NAMES, write_dataset
-    from pipeline.app.inputs import list_inputs
-    from pipeline.app.models import SlideClassifier
+    from pipeline.app.model.checkpoint import save_model
+    from pipeline.app.model.networks import SlideClassifier
+    from pipeline.app.prediction.cluster import connect
+    from pipeline.app.slide.inputs import list_inputs
+    from pipeline.app.synth import CLASS_NAMES, write_dataset
 
     slides = args.cache / f"slides-{args.slides}x{args.size}"
     if not (slides / "labels.csv").is_file():

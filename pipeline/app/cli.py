@@ -69,7 +69,7 @@ def _default(config: type, name: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from pipeline.app.metadata import describe
+    from pipeline.app.slide.metadata import describe
 
     infos = describe(args.slides, _user_errors(), recursive=args.recursive)
     failed = [info for info in infos if "error" in info]
@@ -93,7 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from pipeline.app.demo_dataset import write_dataset
+    from pipeline.app.synth import write_dataset
 
     labels = write_dataset(
         args.out_dir, n=args.n, size=args.size, seed=args.seed, progress=True, workers=args.workers
@@ -132,7 +132,7 @@ def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
 
 
 def _slide_mpp(args: argparse.Namespace) -> tuple[tuple[str, float], ...]:
-    from pipeline.app.resolution import read_slide_mpp
+    from pipeline.app.slide.resolution import read_slide_mpp
 
     return () if args.slide_mpp is None else read_slide_mpp(args.slide_mpp)
 
@@ -146,8 +146,8 @@ def _channels(text: str) -> tuple[float, float, float]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.app.labels import read_labels
-    from pipeline.app.training import CV_SUMMARY_FILE, cross_validate, train
+    from pipeline.app.slide.labels import read_labels
+    from pipeline.app.training.loop import CV_SUMMARY_FILE, cross_validate, train
 
     classes = set(read_labels(args.labels, args.slides).classes)
     if args.val_labels is not None:
@@ -178,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.app.evaluation import evaluate
+    from pipeline.app.results.evaluation import evaluate
 
     result = evaluate(args.predictions, args.labels, args.out, **_given(args, EVALUATE_OPTIONS))
     m = result.metrics
@@ -205,8 +205,8 @@ REPORT_OPTIONS = ("heatmap_side", "heatmap_scale")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.app.cluster import connect, on_cluster
-    from pipeline.app.prediction import prepare_batch
+    from pipeline.app.prediction.batch import prepare_batch
+    from pipeline.app.prediction.cluster import connect, on_cluster
 
     report = ReportConfig(report=not args.no_report, **_given(args, REPORT_OPTIONS))
     # Every user error is raised by prepare_batch, before a cluster is started.
@@ -231,7 +231,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.app.report import write_report
+    from pipeline.app.results.report import write_report
 
     print(f"wrote {write_report(args.out_dir)}")
     return 0

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.app import demo_dataset, outputs
-from pipeline.app.baseline import low_res_accuracy, train_low_res
+from pipeline.app import synth
 from pipeline.app.config import DemoConfig, ModelConfig, TrainConfig
 from pipeline.app.files import read_csv
-from pipeline.app.labels import read_labels
-from pipeline.app.prediction import predict
+from pipeline.app.prediction.batch import predict
+from pipeline.app.results import outputs
 from pipeline.app.runtime import default_device
-from pipeline.app.training import load_slides, train
+from pipeline.app.slide.labels import read_labels
+from pipeline.app.training.baseline import low_res_accuracy, train_low_res
+from pipeline.app.training.loop import load_slides, train
 
 
 @dataclass
@@ -58,15 +59,15 @@ def run_demo(
     torch.set_num_threads(1)
     train_dir, test_dir = out / "train_slides", out / "test_slides"
     log(f"writing {n_train} + {n_test} synthetic {size}x{size} slides to {out}")
-    train_labels = demo_dataset.write_dataset(
+    train_labels = synth.write_dataset(
         train_dir, n=n_train, size=size, seed=seed, progress=progress, workers=2
     )
-    test_labels = demo_dataset.write_dataset(
+    test_labels = synth.write_dataset(
         test_dir, n=n_test, size=size, seed=seed + 1, progress=progress, workers=2
     )
 
     device = default_device()
-    model_config = ModelConfig(class_names=demo_dataset.CLASS_NAMES)
+    model_config = ModelConfig(class_names=synth.CLASS_NAMES)
     train_config = TrainConfig(epochs=epochs, seed=seed)
     log("training the attention-sampling model")
     trained = train(

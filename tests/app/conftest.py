@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.app.config import ModelConfig, TrainConfig
-from pipeline.app.demo_dataset import CLASS_NAMES, write_dataset
+from pipeline.app.synth import CLASS_NAMES, write_dataset
 
 SLIDE_SIDE = 1024
 N_SLIDES = 8
@@ -50,7 +50,7 @@ def quick_train_config() -> TrainConfig:
 def run_dir(dataset, tmp_path_factory, small_model_config) -> Path:
     """A run directory trained for one epoch on ``dataset`` (predictions need a model,
     not a good one)."""
-    from pipeline.app.training import train
+    from pipeline.app.training.loop import train
 
     out = tmp_path_factory.mktemp("quick-run")
     config = TrainConfig(epochs=1, batch_size=4, val_fraction=0.0, seed=0)

@@ -10,8 +10,9 @@ import subprocess
 import pytest
 from PIL import Image
 
-from pipeline.app import files, outputs
+from pipeline.app import files
 from pipeline.app.cli import main
+from pipeline.app.results import outputs
 
 SMALL = ["--n-patches", "4", "--patch-size", "32", "--low-res-max-side", "128"]
 
@@ -73,7 +74,7 @@ def test_a_bug_keeps_its_traceback(dataset, monkeypatch):
     def broken(path):
         raise ValueError("an internal invariant broke")
 
-    monkeypatch.setattr("pipeline.app.metadata.slide_info", broken)
+    monkeypatch.setattr("pipeline.app.slide.metadata.slide_info", broken)
     with pytest.raises(ValueError, match="internal invariant"):
         main(["info", str(dataset / "slide_000.tiff")])
 

@@ -1,8 +1,9 @@
 """The demo end to end at toy size (its accuracy claim is checked by running
 ``ats-wsi demo`` itself, see docs/usage.md; here: it runs and reports)."""
 
-from pipeline.app import files, outputs
+from pipeline.app import files
 from pipeline.app.demo import run_demo
+from pipeline.app.results import outputs
 
 
 def test_demo_runs_and_reports(tmp_path):

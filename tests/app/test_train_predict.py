@@ -12,12 +12,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from pipeline.app import files, inference, outputs
-from pipeline.app.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
+from pipeline.app import files
 from pipeline.app.config import RunConfig
-from pipeline.app.inference import predict_slide
-from pipeline.app.prediction import predict
-from pipeline.app.training import METRIC_COLUMNS, METRICS_FILE, STATE_FILE, train
+from pipeline.app.model.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
+from pipeline.app.prediction import inference
+from pipeline.app.prediction.batch import predict
+from pipeline.app.prediction.inference import predict_slide
+from pipeline.app.results import outputs
+from pipeline.app.training.loop import METRIC_COLUMNS, METRICS_FILE, STATE_FILE, train
 from tests.app.geojson_rfc7946 import check_feature_collection, check_qupath
 
 
@@ -170,7 +172,7 @@ def test_gallery_patches_are_the_slide_pixels(predicted, dataset):
 def test_patches_are_in_tissue(predicted, dataset, n_slides, slide_side):
     # The tissue mask on by default: every sampled patch centre lies on tissue
     # (up to the thumbnail's resolution at the tissue's edge).
-    from pipeline.app.demo_dataset import make_layout
+    from pipeline.app.synth import make_layout
 
     result = predicted.results[3]
     layout = make_layout((slide_side, slide_side), seed=3 * 100_003 + 3, positive=True)
@@ -266,7 +268,7 @@ def test_real_svs_without_pyramid(run, cmu_svs):
 
 
 def test_list_inputs(tmp_path):
-    from pipeline.app.inputs import list_inputs
+    from pipeline.app.slide.inputs import list_inputs
 
     (tmp_path / "a").mkdir()
     for name in ("x.svs", "y.tiff", "notes.txt", ".hidden.svs"):
@@ -279,8 +281,8 @@ def test_list_inputs(tmp_path):
 
 
 def test_fewer_tissue_cells_than_patches(run, dataset):
-    from pipeline.app.inference import classify_view
-    from pipeline.app.slides import open_view
+    from pipeline.app.prediction.inference import classify_view
+    from pipeline.app.slide.views import open_view
 
     with open_view(dataset / "slide_001.tiff", run.model.config) as view:
         view.tissue = np.zeros_like(view.tissue)
