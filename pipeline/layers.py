@@ -314,9 +314,14 @@ class AttentionSampling(nn.Module):
         patch_size = x_low.shape[2:] if self.patch_size is None else self.patch_size
         patch_size = _checks.size_tuple(patch_size, x_low.dim() - 2, "patch_size")
         return gather_patches(
-            x_high, samples, attention_size, x_low.shape[2:], patch_size, self.receptive_field,
+            x_high,
+            samples,
+            attention_size,
+            x_low.shape[2:],
+            patch_size,
+            self.receptive_field,
             device=x_low.device,
-        )  # fmt: skip
+        )
 
     def estimate(
         self,
@@ -356,9 +361,7 @@ class AttentionSampling(nn.Module):
         out = self.draw(x_low, x_high, mask)
         return out.features, out.attention, out.patches
 
-    def attend(
-        self, x_low: Tensor, mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+    def attend(self, x_low: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The attention ``[B, *att]`` of ``x_low``, restricted to ``mask`` (BoolTensor
         ``[B, *m]``, pooled to the attention grid) and renormalised there, and that mask
         on the grid (None without a mask): what :meth:`draw` samples from."""
@@ -396,9 +399,12 @@ class AttentionSampling(nn.Module):
         features = self.feature(patches.flatten(0, 1))  # [B * N, ...]
         features = features.reshape(batch, n, *features.shape[1:])  # [B, N, ...]
         features = expectation(
-            features, sampled_attention, self.replace, self.estimator,
+            features,
+            sampled_attention,
+            self.replace,
+            self.estimator,
             sampled_proposal=sampled_proposal,
-        )  # fmt: skip
+        )
         return Draw(
             features, attention, patches, offsets, sampled_attention, regularizer, sampled_proposal
         )

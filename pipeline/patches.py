@@ -210,9 +210,14 @@ def gather_patches(
         # One image for every batch item (e.g. several draws on one slide): one read
         # of all B x N patches, so a tile under patches of several items decodes once.
         patches, offsets = _read_item(
-            x_high, samples.flatten(0, 1), attention_size, low_size, patch_size,
-            receptive_field, device,
-        )  # fmt: skip
+            x_high,
+            samples.flatten(0, 1),
+            attention_size,
+            low_size,
+            patch_size,
+            receptive_field,
+            device,
+        )
         return patches.unflatten(0, samples.shape[:2]), offsets.unflatten(0, samples.shape[:2])
     elif isinstance(x_high, Sequence) and not isinstance(x_high, str):
         items = list(x_high)

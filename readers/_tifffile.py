@@ -119,8 +119,15 @@ class TifffileSlide(Slide):
 
 
 # The objects a TiffFile makes for itself (others, e.g. its TiffFormat, are shared).
-_PER_FILE = (tifffile.TiffFile, tifffile.TiffPages, tifffile.TiffPage, tifffile.TiffFrame,
-             tifffile.TiffPageSeries, tifffile.TiffTags, tifffile.TiffTag)  # fmt: skip
+_PER_FILE = (
+    tifffile.TiffFile,
+    tifffile.TiffPages,
+    tifffile.TiffPage,
+    tifffile.TiffFrame,
+    tifffile.TiffPageSeries,
+    tifffile.TiffTags,
+    tifffile.TiffTag,
+)
 
 
 def _break_cycles(tif: tifffile.TiffFile) -> None:

@@ -140,8 +140,11 @@ def child_ats(path: str, repeats: int) -> dict:
         _ats_pass(model, path, seed)
         times.append(time.perf_counter() - began)
         read.append(_io_read_bytes() - before)
-    return {"seconds": float(np.median(times)), "bytes_read": int(np.median(read)),
-            "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
+    return {
+        "seconds": float(np.median(times)),
+        "bytes_read": int(np.median(read)),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def _ats_pass(model, path: str, seed: int) -> None:
@@ -176,8 +179,12 @@ def child_tiling(path: str, n_tiles: int) -> dict:
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
             model.feature_net(x)
     seconds = time.perf_counter() - began
-    return {"seconds_per_tile": seconds / len(pick), "tiles_timed": int(len(pick)),
-            "tissue_tiles": int(len(ty)), "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
+    return {
+        "seconds_per_tile": seconds / len(pick),
+        "tiles_timed": int(len(pick)),
+        "tissue_tiles": int(len(ty)),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def _tissue_tile_grid(view) -> np.ndarray:
@@ -192,8 +199,10 @@ def _tissue_tile_grid(view) -> np.ndarray:
 def _run_child(kind: str, path: Path, count: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, str(path), str(count)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -225,19 +234,29 @@ def main() -> None:
     tiling = _run_child("tiling", big, args.tiles)
     full = tiling["seconds_per_tile"] * tiling["tissue_tiles"]
     size = big.stat().st_size
-    print(f"slide {args.big} x {args.big}, {size / 1e9:.2f} GB JPEG, "
-          f"{tiling['tissue_tiles']} tissue tiles of {TILE}^2 at level 0")  # fmt: skip
+    print(
+        f"slide {args.big} x {args.big}, {size / 1e9:.2f} GB JPEG, "
+        f"{tiling['tissue_tiles']} tissue tiles of {TILE}^2 at level 0"
+    )
     print(f"ATS per slide:        {ats_big['seconds']:.3f} s (median of {args.repeats})")
-    print(f"full tiling per slide: {full:.0f} s (extrapolated from {tiling['tiles_timed']} "
-          f"random tissue tiles at {tiling['seconds_per_tile'] * 1e3:.1f} ms each)")  # fmt: skip
+    print(
+        f"full tiling per slide: {full:.0f} s (extrapolated from {tiling['tiles_timed']} "
+        f"random tissue tiles at {tiling['seconds_per_tile'] * 1e3:.1f} ms each)"
+    )
     print(f"speed-up:             {full / ats_big['seconds']:.0f}x (target >= 100x)")
-    print(f"peak RSS ATS:         {ats_big['peak_rss_mb']:.0f} MB; "
-          f"full tiling {tiling['peak_rss_mb']:.0f} MB (target < 1500 MB)")  # fmt: skip
-    print(f"bytes read by ATS:    {ats_big['bytes_read'] / 1e6:.2f} MB of {size / 1e6:.0f} MB "
-          f"= {100 * ats_big['bytes_read'] / size:.3f}% (target < 2%)")  # fmt: skip
+    print(
+        f"peak RSS ATS:         {ats_big['peak_rss_mb']:.0f} MB; "
+        f"full tiling {tiling['peak_rss_mb']:.0f} MB (target < 1500 MB)"
+    )
+    print(
+        f"bytes read by ATS:    {ats_big['bytes_read'] / 1e6:.2f} MB of {size / 1e6:.0f} MB "
+        f"= {100 * ats_big['bytes_read'] / size:.3f}% (target < 2%)"
+    )
     ratio = ats_big["peak_rss_mb"] / ats_small["peak_rss_mb"]
-    print(f"peak RSS ATS {args.small}^2 vs {args.big}^2: {ats_small['peak_rss_mb']:.0f} MB vs "
-          f"{ats_big['peak_rss_mb']:.0f} MB, ratio {ratio:.2f} (target <= 1.3)")  # fmt: skip
+    print(
+        f"peak RSS ATS {args.small}^2 vs {args.big}^2: {ats_small['peak_rss_mb']:.0f} MB vs "
+        f"{ats_big['peak_rss_mb']:.0f} MB, ratio {ratio:.2f} (target <= 1.3)"
+    )
 
 
 if __name__ == "__main__":

@@ -42,10 +42,15 @@ def build(encoder: str, freeze: bool):
 
     config = resolve(
         ModelConfig(
-            class_names=("negative", "positive"), feature_net=encoder, patch_size=(PATCH, PATCH),
-            n_patches=N_PATCHES, patch_mpp=MPP, low_res_max_side=512, freeze_features=freeze,
+            class_names=("negative", "positive"),
+            feature_net=encoder,
+            patch_size=(PATCH, PATCH),
+            n_patches=N_PATCHES,
+            patch_mpp=MPP,
+            low_res_max_side=512,
+            freeze_features=freeze,
         )
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     return SlideClassifier(config)
 
@@ -132,10 +137,14 @@ def main() -> None:
     path = args.cache / f"mosaic-{args.side}.tiff"
     make_slide(path, args.side)
 
-    print(f"slide {args.side}² at 0.25 µm/px; N = {N_PATCHES} patches of {PATCH}² at {MPP} µm/px;"
-          f" torch {torch.__version__}, 1 thread")  # fmt: skip
-    print("| encoder | ATS predict / slide | ATS train step, fine-tuned / frozen | "
-          "full tiling / slide | tissue tiles | ratio (tiling / ATS predict) |")  # fmt: skip
+    print(
+        f"slide {args.side}² at 0.25 µm/px; N = {N_PATCHES} patches of {PATCH}² at {MPP} µm/px;"
+        f" torch {torch.__version__}, 1 thread"
+    )
+    print(
+        "| encoder | ATS predict / slide | ATS train step, fine-tuned / frozen | "
+        "full tiling / slide | tissue tiles | ratio (tiling / ATS predict) |"
+    )
     print("|---|---|---|---|---|---|")
     for encoder in args.encoders.split(","):
         model = build(encoder, freeze=False)
@@ -146,9 +155,12 @@ def main() -> None:
         frozen_model.load_state_dict(model.state_dict())
         frozen = train_step_seconds(frozen_model, path, args.repeats)
         full = per_tile * n_tiles
-        print(f"| `{encoder}` | {predict:.2f} s | {tuned:.2f} s / {frozen:.2f} s | "
-              f"{full:,.0f} s ({per_tile * 1e3:.0f} ms/tile, {args.tiles} timed) | "
-              f"{n_tiles:,} | **{full / predict:,.0f}×** |", flush=True)  # fmt: skip
+        print(
+            f"| `{encoder}` | {predict:.2f} s | {tuned:.2f} s / {frozen:.2f} s | "
+            f"{full:,.0f} s ({per_tile * 1e3:.0f} ms/tile, {args.tiles} timed) | "
+            f"{n_tiles:,} | **{full / predict:,.0f}×** |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

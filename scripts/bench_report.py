@@ -37,9 +37,11 @@ def replicate(source: Path, out: Path, n: int) -> None:
     for i in range(n):
         row = dict(rows[i % len(rows)])
         old, new = row["slide"], f"{row['slide']}-{i:05d}"
-        pairs = [(outputs.heatmap_path(source, old), outputs.heatmap_path(out, new)),
-                 (outputs.thumbnail_path(source, old), outputs.thumbnail_path(out, new)),
-                 (outputs.geojson_path(source, old), outputs.geojson_path(out, new))]  # fmt: skip
+        pairs = [
+            (outputs.heatmap_path(source, old), outputs.heatmap_path(out, new)),
+            (outputs.thumbnail_path(source, old), outputs.thumbnail_path(out, new)),
+            (outputs.geojson_path(source, old), outputs.geojson_path(out, new)),
+        ]
         gallery = outputs.gallery_path(source, old, 0).parent
         pairs += [(p, outputs.gallery_path(out, new, int(p.stem))) for p in gallery.glob("*.png")]
         for src, dst in pairs:

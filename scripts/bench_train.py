@@ -131,8 +131,9 @@ def make_slides(cache: Path, n: int, distinct: int, side: int) -> list[Path]:
         if not path.exists():
             began = time.perf_counter()
             tmp = path.with_suffix(".partial.tiff")
-            write_tiff_pyramid(tmp, (side, side), MosaicSlide(side, seed=k), tile=TILE,
-                               mpp=0.25, quality=85)  # fmt: skip
+            write_tiff_pyramid(
+                tmp, (side, side), MosaicSlide(side, seed=k), tile=TILE, mpp=0.25, quality=85
+            )
             os.replace(tmp, path)
             print(f"wrote {path} in {time.perf_counter() - began:.0f} s", flush=True)
         sources.append(path)
@@ -153,8 +154,12 @@ def _peak_rss_mb() -> float:
 
 def bench(name, stream: Stream | None, paths, args, views_dir) -> dict:
     """One row of the table; ``stream``: the simulated accelerator's (None: the CPU)."""
-    config = ModelConfig(class_names=("negative", "positive"), n_patches=args.patches,
-                         patch_size=(args.patch, args.patch), low_res_max_side=256)  # fmt: skip
+    config = ModelConfig(
+        class_names=("negative", "positive"),
+        n_patches=args.patches,
+        patch_size=(args.patch, args.patch),
+        low_res_max_side=256,
+    )
     device = torch.device("cpu")
     views = ViewCache(views_dir, config)
     for path in paths:  # the view cache is filled once, as a first epoch would
@@ -175,8 +180,17 @@ def bench(name, stream: Stream | None, paths, args, views_dir) -> dict:
     busy = stream.busy if stream else 0.0
     reopening = Reader(max_open=1)
     began = time.perf_counter()
-    stream_epoch(m, torch.optim.AdamW(m.parameters()), items, views, 1,
-                 torch.Generator().manual_seed(0), device, depth=1, reader=reopening)  # fmt: skip
+    stream_epoch(
+        m,
+        torch.optim.AdamW(m.parameters()),
+        items,
+        views,
+        1,
+        torch.Generator().manual_seed(0),
+        device,
+        depth=1,
+        reader=reopening,
+    )
     if stream:
         stream.synchronize()
     wall = time.perf_counter() - began
@@ -196,9 +210,17 @@ def bench(name, stream: Stream | None, paths, args, views_dir) -> dict:
 
     busy = stream.busy if stream else 0.0
     began = time.perf_counter()
-    stream_epoch(m, torch.optim.AdamW(m.parameters()), items, views, args.batch,
-                 torch.Generator().manual_seed(0), device, depth=args.depth,
-                 on_step=on_step)  # fmt: skip
+    stream_epoch(
+        m,
+        torch.optim.AdamW(m.parameters()),
+        items,
+        views,
+        args.batch,
+        torch.Generator().manual_seed(0),
+        device,
+        depth=args.depth,
+        on_step=on_step,
+    )
     if stream:
         stream.synchronize()
     wall = time.perf_counter() - began
@@ -217,13 +239,15 @@ def bench(name, stream: Stream | None, paths, args, views_dir) -> dict:
         plan = m.sampler.plan(x_low, mask, torch.Generator().manual_seed(1))
         began = time.perf_counter()
         ratios = [(h / v.tissue.shape[0], w / v.tissue.shape[1]) for v in cached]
-        patches, offsets = reader.submit(read_batch, m.config, [i.path for i in batch], plan,
-                                         (h, w), ratios).result()  # fmt: skip
+        patches, offsets = reader.submit(
+            read_batch, m.config, [i.path for i in batch], plan, (h, w), ratios
+        ).result()
         read_s += time.perf_counter() - began
         began = time.perf_counter()
         out = m.sampler.estimate(x_low, patches, offsets, plan, mask)
-        loss = nn.functional.cross_entropy(m.head(out.features),
-                                           torch.tensor([i.label for i in batch]))  # fmt: skip
+        loss = nn.functional.cross_entropy(
+            m.head(out.features), torch.tensor([i.label for i in batch])
+        )
         optimizer.zero_grad()
         (loss + out.regularizer).backward()
         optimizer.step()
@@ -252,32 +276,41 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--depth", type=int, default=3, help="batches in flight")
     parser.add_argument("--latency", type=float, default=10.0, help="ms per 16 patches")
-    parser.add_argument("--backward", type=float, default=1.0,
-                        help="backward latency over forward latency")  # fmt: skip
-    parser.add_argument("--blocking", action="store_true",
-                        help="the host waits for every simulated kernel, not only for "
-                             "the features it reads")  # fmt: skip
+    parser.add_argument(
+        "--backward", type=float, default=1.0, help="backward latency over forward latency"
+    )
+    parser.add_argument(
+        "--blocking",
+        action="store_true",
+        help="the host waits for every simulated kernel, not only for the features it reads",
+    )
     args = parser.parse_args()
     paths = make_slides(args.cache, args.slides, args.distinct, args.side)
     rows = [
         bench("simulated accelerator", Stream(args.blocking), paths, args, args.cache / "views"),
         bench("CPU (small CNN)", None, paths, args, args.cache / "views"),
-    ]  # fmt: skip
-    print(f"\n{args.slides} slides of {args.side}^2, N={args.patches} patches of {args.patch}^2, "
-          f"batch {args.batch}, depth {args.depth}, simulated latency {args.latency} ms/16 "
-          f"patches forward, x{args.backward} backward, "
-          f"{'blocking' if args.blocking else 'asynchronous'} kernels\n")  # fmt: skip
-    print("| network | serial slides/s | streaming slides/s | speed-up | bound slides/s "
-          "| streaming / bound | busy serial | busy streaming | read s/slide | compute s/slide "
-          "| peak RSS MB at slides |")
+    ]
+    print(
+        f"\n{args.slides} slides of {args.side}^2, N={args.patches} patches of {args.patch}^2, "
+        f"batch {args.batch}, depth {args.depth}, simulated latency {args.latency} ms/16 "
+        f"patches forward, x{args.backward} backward, "
+        f"{'blocking' if args.blocking else 'asynchronous'} kernels\n"
+    )
+    print(
+        "| network | serial slides/s | streaming slides/s | speed-up | bound slides/s "
+        "| streaming / bound | busy serial | busy streaming | read s/slide | compute s/slide "
+        "| peak RSS MB at slides |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['network']} | {r['serial slides/s']:.2f} | {r['streaming slides/s']:.2f} "
-              f"| {r['streaming slides/s'] / r['serial slides/s']:.2f}x "
-              f"| {r['bound slides/s']:.2f} | {r['streaming slides/s'] / r['bound slides/s']:.0%} "
-              f"| {_percent(r['serial busy'])} | {_percent(r['streaming busy'])} "
-              f"| {r['read s/slide']:.3f} | {r['compute s/slide']:.3f} "
-              f"| {r['peak RSS MB by slides']} |")  # fmt: skip
+        print(
+            f"| {r['network']} | {r['serial slides/s']:.2f} | {r['streaming slides/s']:.2f} "
+            f"| {r['streaming slides/s'] / r['serial slides/s']:.2f}x "
+            f"| {r['bound slides/s']:.2f} | {r['streaming slides/s'] / r['bound slides/s']:.0%} "
+            f"| {_percent(r['serial busy'])} | {_percent(r['streaming busy'])} "
+            f"| {r['read s/slide']:.3f} | {r['compute s/slide']:.3f} "
+            f"| {r['peak RSS MB by slides']} |"
+        )
 
 
 if __name__ == "__main__":

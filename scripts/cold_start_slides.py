@@ -35,8 +35,12 @@ ARMS = {
     "hematoxylin": {"prior": "hematoxylin", "prior_weight": 0.8},
     # 4x the model's 12 patches per slide while the remedies last.
     "early-patches": {"early_patches": 48},
-    "early-patches+explore+hematoxylin": {"early_patches": 48, "exploration": 0.3,
-                                          "prior": "hematoxylin", "prior_weight": 0.5},
+    "early-patches+explore+hematoxylin": {
+        "early_patches": 48,
+        "exploration": 0.3,
+        "prior": "hematoxylin",
+        "prior_weight": 0.5,
+    },
     # The attention net first fitted to the hematoxylin prior (100 steps, no patches).
     "init-hematoxylin": {"prior": "hematoxylin", "prior_init_steps": 100},
     "init-hematoxylin-300": {"prior": "hematoxylin", "prior_init_steps": 300},
@@ -56,9 +60,13 @@ def first_epoch_at(history: list[dict], target: float) -> int | None:
 def _typed(row: dict) -> dict:
     """A row read back from cold_start_slides.csv, with its numbers as numbers."""
     reached = row["epoch_to_95pct"]
-    return {**row, "seed": int(row["seed"]), "epoch_to_95pct": int(reached) if reached else "",
-            "final_val_accuracy": float(row["final_val_accuracy"]),
-            "seconds_per_epoch": float(row["seconds_per_epoch"])}  # fmt: skip
+    return {
+        **row,
+        "seed": int(row["seed"]),
+        "epoch_to_95pct": int(reached) if reached else "",
+        "final_val_accuracy": float(row["final_val_accuracy"]),
+        "seconds_per_epoch": float(row["seconds_per_epoch"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,10 +78,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--remedy-epochs", type=float, default=4.0)
-    parser.add_argument("--n-patches", type=int, default=ModelConfig.n_patches,
-                        help="the model's patches per slide (training and validation)")
-    parser.add_argument("--estimator", choices=ESTIMATORS, default="unbiased",
-                        help="the model's estimator (ModelConfig.estimator)")
+    parser.add_argument(
+        "--n-patches",
+        type=int,
+        default=ModelConfig.n_patches,
+        help="the model's patches per slide (training and validation)",
+    )
+    parser.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="unbiased",
+        help="the model's estimator (ModelConfig.estimator)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     data = args.out / "slides"
@@ -83,23 +99,36 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for arm in args.arms:
         for seed in args.seeds:
-            config = TrainConfig(epochs=args.epochs, seed=seed, remedy_epochs=args.remedy_epochs,
-                                 **ARMS[arm])  # fmt: skip
+            config = TrainConfig(
+                epochs=args.epochs, seed=seed, remedy_epochs=args.remedy_epochs, **ARMS[arm]
+            )
             began = time.perf_counter()
-            result = train(data, labels, args.out / arm / f"seed_{seed}",
-                           ModelConfig(class_names=CLASS_NAMES, n_patches=args.n_patches,
-                                       estimator=args.estimator),
-                           config, device="cpu",
-                           progress=False, log=lambda _: None)  # fmt: skip
+            result = train(
+                data,
+                labels,
+                args.out / arm / f"seed_{seed}",
+                ModelConfig(
+                    class_names=CLASS_NAMES, n_patches=args.n_patches, estimator=args.estimator
+                ),
+                config,
+                device="cpu",
+                progress=False,
+                log=lambda _: None,
+            )
             seconds = time.perf_counter() - began
             reached = first_epoch_at(result.history, TARGET)
-            rows.append({
-                "arm": arm, "seed": seed, "epoch_to_95pct": reached or "",
-                "final_val_accuracy": result.history[-1]["val_accuracy"],
-                "seconds_per_epoch": round(seconds / args.epochs, 2),
-                "val_accuracy_by_epoch": " ".join(f"{r['val_accuracy']:.2f}"
-                                                  for r in result.history),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "epoch_to_95pct": reached or "",
+                    "final_val_accuracy": result.history[-1]["val_accuracy"],
+                    "seconds_per_epoch": round(seconds / args.epochs, 2),
+                    "val_accuracy_by_epoch": " ".join(
+                        f"{r['val_accuracy']:.2f}" for r in result.history
+                    ),
+                }
+            )
             print(rows[-1], flush=True)
     table = args.out / "cold_start_slides.csv"
     if table.is_file():  # keep the rows of the arms and seeds not rerun
@@ -111,8 +140,10 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n| arm | seeds reaching {TARGET:.0%} | epochs to {TARGET:.0%} (mean ± sd) "
-          "| final val accuracy | s/epoch |\n|---|---|---|---|---|")  # fmt: skip
+    print(
+        f"\n| arm | seeds reaching {TARGET:.0%} | epochs to {TARGET:.0%} (mean ± sd) "
+        "| final val accuracy | s/epoch |\n|---|---|---|---|---|"
+    )
     for arm in args.arms:
         mine = [r for r in rows if r["arm"] == arm]
         epochs = [r["epoch_to_95pct"] for r in mine if r["epoch_to_95pct"] != ""]

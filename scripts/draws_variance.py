@@ -34,20 +34,28 @@ def main() -> None:
     model, _ = load_model(args.model)
     paths = [i.path for i in list_inputs([args.slides]) if not i.error]
     print(f"{len(paths)} slides, {args.seeds} seeds per K\n")
-    print("| draws K | sd of p across seeds (mean over slides) | slides whose label flips "
-          "| s / slide |\n|---|---|---|---|")
+    print(
+        "| draws K | sd of p across seeds (mean over slides) | slides whose label flips "
+        "| s / slide |\n|---|---|---|---|"
+    )
     for draws in args.draws:
         began = time.perf_counter()
         # A tiny display thumbnail: only the probabilities are looked at here.
-        probs = np.array([
-            [predict_slide(model, p, seed, draws=draws, display_side=32).probs[-1]
-             for seed in range(args.seeds)]
-            for p in paths
-        ])  # fmt: skip
+        probs = np.array(
+            [
+                [
+                    predict_slide(model, p, seed, draws=draws, display_side=32).probs[-1]
+                    for seed in range(args.seeds)
+                ]
+                for p in paths
+            ]
+        )
         seconds = (time.perf_counter() - began) / probs.size
         flips = np.mean([len({bool(v > 0.5) for v in row}) > 1 for row in probs])
-        print(f"| {draws} | {probs.std(axis=1, ddof=1).mean():.4f} | {flips:.0%} "
-              f"| {seconds:.3f} |", flush=True)
+        print(
+            f"| {draws} | {probs.std(axis=1, ddof=1).mean():.4f} | {flips:.0%} | {seconds:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

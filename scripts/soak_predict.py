@@ -47,9 +47,21 @@ def peak_rss_mb() -> float:
 class _MallInfo2(ctypes.Structure):
     """glibc's ``struct mallinfo2``."""
 
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-        "uordblks", "fordblks", "keepcost")]  # fmt: skip
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def glibc_heap() -> dict[str, int] | None:
@@ -62,8 +74,12 @@ def glibc_heap() -> dict[str, int] | None:
         return None
     mallinfo2.restype = _MallInfo2
     info = mallinfo2()
-    return {"heap": info.arena >> 20, "used": info.uordblks >> 20,
-            "free": info.fordblks >> 20, "free_chunks": info.ordblks}  # fmt: skip
+    return {
+        "heap": info.arena >> 20,
+        "used": info.uordblks >> 20,
+        "free": info.fordblks >> 20,
+        "free_chunks": info.ordblks,
+    }
 
 
 def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:
@@ -89,8 +105,10 @@ def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:
             times.append(time.perf_counter())
             if len(times) in marks:
                 rss[len(times)] = (peak_rss_mb(), worker_peak())
-                print(f"  {len(times)} slides: glibc heap of this process (MB) {glibc_heap()}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"  {len(times)} slides: glibc heap of this process (MB) {glibc_heap()}",
+                    flush=True,
+                )
 
     summary = predict(run_dir, [slides], out, runner=measured, progress=False)
     return {"summary": summary, "rss": rss, "times": times}

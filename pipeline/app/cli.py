@@ -54,8 +54,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     import readers
 
     return (
-        UserError, FileNotFoundError, NotADirectoryError, ConnectionError, readers.SlideError,
-    )  # fmt: skip
+        UserError,
+        FileNotFoundError,
+        NotADirectoryError,
+        ConnectionError,
+        readers.SlideError,
+    )
 
 
 def _given(args: argparse.Namespace, names: Sequence[str]) -> dict:
@@ -103,17 +107,42 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 MODEL_OPTIONS = (
-    "n_patches", "patch_size", "low_res_max_side", "low_res_level", "low_res_mpp",
-    "patch_level", "patch_mpp", "entropy_strength", "estimator",
-    "feature_net", "feature_weights", "feature_mean", "feature_std", "feature_input_size",
+    "n_patches",
+    "patch_size",
+    "low_res_max_side",
+    "low_res_level",
+    "low_res_mpp",
+    "patch_level",
+    "patch_mpp",
+    "entropy_strength",
+    "estimator",
+    "feature_net",
+    "feature_weights",
+    "feature_mean",
+    "feature_std",
+    "feature_input_size",
     "assume_mpp",
-)  # fmt: skip
+)
 TRAIN_OPTIONS = (
-    "epochs", "lr", "batch_size", "val_fraction", "seed", "select_metric", "patience", "balance",
-    "exploration", "prior", "prior_weight", "remedy_epochs", "early_patches", "prior_init_steps",
+    "epochs",
+    "lr",
+    "batch_size",
+    "val_fraction",
+    "seed",
+    "select_metric",
+    "patience",
+    "balance",
+    "exploration",
+    "prior",
+    "prior_weight",
+    "remedy_epochs",
+    "early_patches",
+    "prior_init_steps",
     "queue_depth",
-    "feature_lr", "color_jitter", "hed_jitter",
-)  # fmt: skip
+    "feature_lr",
+    "color_jitter",
+    "hed_jitter",
+)
 TRAIN_FLAGS = ("amp", "augment_flips")
 
 
@@ -165,11 +194,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.folds is not None:
         cv = cross_validate(args.slides, args.labels, args.out, args.folds, **options)
-        print(f"{args.folds} fold models in {cv.run_dir}/fold_<k>; "
-              f"summary in {cv.run_dir / CV_SUMMARY_FILE}")  # fmt: skip
+        print(
+            f"{args.folds} fold models in {cv.run_dir}/fold_<k>; "
+            f"summary in {cv.run_dir / CV_SUMMARY_FILE}"
+        )
         return 0
-    result = train(args.slides, args.labels, args.out, val_labels=args.val_labels,
-                   val_slides=args.val_slides, **options)  # fmt: skip
+    result = train(
+        args.slides,
+        args.labels,
+        args.out,
+        val_labels=args.val_labels,
+        val_slides=args.val_slides,
+        **options,
+    )
     print(
         f"model saved in {result.run_dir} (best epoch {result.best_epoch} of "
         f"{len(result.history)}; {len(result.skipped)} slides skipped)"
@@ -192,9 +229,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     counts = m["counts"]
     missed = ", ".join(f"{n} {why}" for why, n in counts["not_evaluated"].items())
-    print(f"{counts['evaluated']} of {counts['labelled_slides']} labelled slides evaluated"
-          + (f" (not evaluated: {missed})" if missed else "")
-          + f"; {counts['predictions_without_label']} predictions without a label")  # fmt: skip
+    print(
+        f"{counts['evaluated']} of {counts['labelled_slides']} labelled slides evaluated"
+        + (f" (not evaluated: {missed})" if missed else "")
+        + f"; {counts['predictions_without_label']} predictions without a label"
+    )
     print(", ".join(show(n) for n in ("accuracy", "balanced_accuracy", "roc_auc")))
     print(f"written: {', '.join(str(f) for f in result.files)}")
     return 0
@@ -210,12 +249,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     report = ReportConfig(report=not args.no_report, **_given(args, REPORT_OPTIONS))
     # Every user error is raised by prepare_batch, before a cluster is started.
-    with prepare_batch(
-        args.model, args.slides, args.out, overwrite=args.overwrite, device=args.device,
-        recursive=args.recursive, slides_csv=args.slides_csv, report=report,
-        slide_mpp=_slide_mpp(args),
-        **_given(args, ["seed", "draws", "roi_dir", "feature_weights", "assume_mpp"]),
-    ) as batch, connect(args.scheduler, args.workers) as client:  # fmt: skip
+    with (
+        prepare_batch(
+            args.model,
+            args.slides,
+            args.out,
+            overwrite=args.overwrite,
+            device=args.device,
+            recursive=args.recursive,
+            slides_csv=args.slides_csv,
+            report=report,
+            slide_mpp=_slide_mpp(args),
+            **_given(args, ["seed", "draws", "roi_dir", "feature_weights", "assume_mpp"]),
+        ) as batch,
+        connect(args.scheduler, args.workers) as client,
+    ):
         runner = None if client is None else on_cluster(client, args.device)
         summary = batch.run(runner, progress=not args.quiet)
     for result in summary.failed:
@@ -250,61 +298,120 @@ DEMO_OPTIONS = ("out_dir", "n_train", "n_test", "size", "epochs", "seed")
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     M = ModelConfig
     g = p.add_argument_group("model (new runs only; a resumed run keeps its own)")
-    g.add_argument("--n-patches", type=int,
-                   help=f"patches sampled per slide {_default(M, 'n_patches')}")
-    g.add_argument("--patch-size", type=int,
-                   help=f"patch side in patch-level pixels {_default(M, 'patch_size')}")
-    g.add_argument("--low-res-max-side", type=int,
-                   help=f"longer side of the attention view {_default(M, 'low_res_max_side')}")
+    g.add_argument(
+        "--n-patches", type=int, help=f"patches sampled per slide {_default(M, 'n_patches')}"
+    )
+    g.add_argument(
+        "--patch-size",
+        type=int,
+        help=f"patch side in patch-level pixels {_default(M, 'patch_size')}",
+    )
+    g.add_argument(
+        "--low-res-max-side",
+        type=int,
+        help=f"longer side of the attention view {_default(M, 'low_res_max_side')}",
+    )
     g.add_argument("--low-res-level", type=int, help="pyramid level as the attention view")
-    g.add_argument("--low-res-mpp", type=float,
-                   help="microns per pixel of the attention view, exactly")
-    g.add_argument("--patch-level", type=int,
-                   help=f"pyramid level of the patches {_default(M, 'patch_level')}")
-    g.add_argument("--patch-mpp", type=float,
-                   help="microns per pixel of the patches, exactly (patches resampled)")
+    g.add_argument(
+        "--low-res-mpp", type=float, help="microns per pixel of the attention view, exactly"
+    )
+    g.add_argument(
+        "--patch-level", type=int, help=f"pyramid level of the patches {_default(M, 'patch_level')}"
+    )
+    g.add_argument(
+        "--patch-mpp",
+        type=float,
+        help="microns per pixel of the patches, exactly (patches resampled)",
+    )
     g.add_argument("--no-tissue-mask", action="store_true", help="sample outside tissue too")
-    g.add_argument("--entropy", type=float, dest="entropy_strength",
-                   help=f"entropy regularizer strength {_default(M, 'entropy_strength')}")
-    g.add_argument("--estimator", choices=ESTIMATORS,
-                   help="average of the draws: the mean, or later draws weighted more "
-                        f"(both unbiased; docs/cold_start.md) {_default(M, 'estimator')}")
+    g.add_argument(
+        "--entropy",
+        type=float,
+        dest="entropy_strength",
+        help=f"entropy regularizer strength {_default(M, 'entropy_strength')}",
+    )
+    g.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        help="average of the draws: the mean, or later draws weighted more "
+        f"(both unbiased; docs/cold_start.md) {_default(M, 'estimator')}",
+    )
     g = p.add_argument_group("encoder (docs/encoders.md)")
-    g.add_argument("--feature-net", metavar="NAME",
-                   help=f"small, timm:<name> or module.path:factory {_default(M, 'feature_net')}")
-    g.add_argument("--feature-weights", metavar="PATH",
-                   help="local encoder weights: .safetensors, or .bin/.pth (tensors only)")
-    g.add_argument("--feature-mean", type=_channels, metavar="R,G,B",
-                   help="encoder input mean (default: the timm model's pretrained config)")
-    g.add_argument("--feature-std", type=_channels, metavar="R,G,B",
-                   help="encoder input std (default: the timm model's pretrained config)")
-    g.add_argument("--feature-input-size", type=int, metavar="N",
-                   help="side the encoder sees, patches resized to it (default: timm config)")
-    g.add_argument("--freeze-features", action="store_true",
-                   help="train only the attention net and head (batch norm in eval mode)")
+    g.add_argument(
+        "--feature-net",
+        metavar="NAME",
+        help=f"small, timm:<name> or module.path:factory {_default(M, 'feature_net')}",
+    )
+    g.add_argument(
+        "--feature-weights",
+        metavar="PATH",
+        help="local encoder weights: .safetensors, or .bin/.pth (tensors only)",
+    )
+    g.add_argument(
+        "--feature-mean",
+        type=_channels,
+        metavar="R,G,B",
+        help="encoder input mean (default: the timm model's pretrained config)",
+    )
+    g.add_argument(
+        "--feature-std",
+        type=_channels,
+        metavar="R,G,B",
+        help="encoder input std (default: the timm model's pretrained config)",
+    )
+    g.add_argument(
+        "--feature-input-size",
+        type=int,
+        metavar="N",
+        help="side the encoder sees, patches resized to it (default: timm config)",
+    )
+    g.add_argument(
+        "--freeze-features",
+        action="store_true",
+        help="train only the attention net and head (batch norm in eval mode)",
+    )
     _add_mpp_options(p)
 
 
 def _add_mpp_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("slides without mpp metadata (needed by --patch-mpp/--low-res-mpp)")
     g.add_argument("--slide-mpp", metavar="CSV", help="columns slide,mpp (overrides the files)")
-    g.add_argument("--assume-mpp", type=float, metavar="X",
-                   help="microns per level-0 pixel of slides that state none")
+    g.add_argument(
+        "--assume-mpp",
+        type=float,
+        metavar="X",
+        help="microns per level-0 pixel of slides that state none",
+    )
 
 
 def _add_training_extras(p: argparse.ArgumentParser) -> None:
     T = TrainConfig
     g = p.add_argument_group("fine-tuning and augmentation")
-    g.add_argument("--feature-lr", type=float,
-                   help="learning rate of a fine-tuned encoder (default: --lr)")
-    g.add_argument("--amp", action="store_true",
-                   help="mixed precision on CUDA (a no-op with a message on the CPU)")
-    g.add_argument("--augment-flips", action="store_true",
-                   help="random flips and 90-degree rotations of each training slide")
-    g.add_argument("--color-jitter", type=float, metavar="S",
-                   help=f"brightness/contrast/saturation of patches {_default(T, 'color_jitter')}")
-    g.add_argument("--hed-jitter", type=float, metavar="S",
-                   help=f"stain (HED) jitter of patches {_default(T, 'hed_jitter')}")
+    g.add_argument(
+        "--feature-lr", type=float, help="learning rate of a fine-tuned encoder (default: --lr)"
+    )
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision on CUDA (a no-op with a message on the CPU)",
+    )
+    g.add_argument(
+        "--augment-flips",
+        action="store_true",
+        help="random flips and 90-degree rotations of each training slide",
+    )
+    g.add_argument(
+        "--color-jitter",
+        type=float,
+        metavar="S",
+        help=f"brightness/contrast/saturation of patches {_default(T, 'color_jitter')}",
+    )
+    g.add_argument(
+        "--hed-jitter",
+        type=float,
+        metavar="S",
+        help=f"stain (HED) jitter of patches {_default(T, 'hed_jitter')}",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -322,18 +429,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Attention sampling for gigapixel whole-slide images."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress and no summary; errors only")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress and no summary; errors only"
+    )
     # Also accepted after the command; SUPPRESS keeps it from resetting the global one.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="no progress and no summary; errors only")
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress and no summary; errors only",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", parents=[common], help="levels, sizes, mpp and backend of slides")
     p.add_argument("slides", nargs="+", metavar="SLIDE_OR_DIR")
-    p.add_argument("--json", action="store_true",
-                   help="print JSON: one object per slide, {path, error} for a failure")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: one object per slide, {path, error} for a failure",
+    )
     p.add_argument("--recursive", action="store_true", help="list sub-directories too")
     p.set_defaults(run=cmd_info)
 
@@ -352,97 +468,183 @@ def build_parser() -> argparse.ArgumentParser:
     T = TrainConfig
     p.add_argument("--epochs", type=int, help=_default(T, "epochs"))
     p.add_argument("--lr", type=float, help=f"learning rate {_default(T, 'lr')}")
-    p.add_argument("--batch-size", type=int,
-                   help=f"slides per optimizer step {_default(T, 'batch_size')}")
+    p.add_argument(
+        "--batch-size", type=int, help=f"slides per optimizer step {_default(T, 'batch_size')}"
+    )
     p.add_argument("--val-fraction", type=float, help=_default(T, "val_fraction"))
     p.add_argument("--seed", type=int, help=_default(T, "seed"))
-    p.add_argument("--queue-depth", type=int, help="batches in flight: 1 reads then computes, "
-                   f"more read ahead while the model computes {_default(T, 'queue_depth')}")
+    p.add_argument(
+        "--queue-depth",
+        type=int,
+        help="batches in flight: 1 reads then computes, "
+        f"more read ahead while the model computes {_default(T, 'queue_depth')}",
+    )
     g = p.add_argument_group("cold start (DESIGN 4b: unbiased; training only)")
-    g.add_argument("--exploration", type=float,
-                   help=f"weight of uniform sampling over tissue {_default(T, 'exploration')}")
-    g.add_argument("--prior", choices=["none", "tissue", "hematoxylin"],
-                   help=f"content prior mixed into the sampling {_default(T, 'prior')}")
-    g.add_argument("--prior-weight", type=float,
-                   help=f"weight of the prior, < 1 {_default(T, 'prior_weight')}")
-    g.add_argument("--remedy-epochs", type=float,
-                   help="epochs over which both weights decay to 0 "
-                        f"{_default(T, 'remedy_epochs')}, 0: constant")
-    g.add_argument("--early-patches", type=int, metavar="N",
-                   help="patches per slide during the remedy epochs "
-                        f"{_default(T, 'early_patches')}, 0: --n-patches")
-    g.add_argument("--prior-init-steps", type=int, metavar="S",
-                   help="first fit the attention net to --prior for S steps "
-                        f"{_default(T, 'prior_init_steps')}")
-    p.add_argument("--select", dest="select_metric", choices=SELECT_METRICS, help="validation "
-                   f"metric that picks the best epoch {_default(T, 'select_metric')}")
-    p.add_argument("--patience", type=int, metavar="P", help="stop after P epochs without "
-                   f"improvement, 0 never {_default(T, 'patience')}")
-    p.add_argument("--balance", choices=BALANCE_MODES, help="imbalanced classes: weight the "
-                   f"loss or sample evenly {_default(T, 'balance')}")
+    g.add_argument(
+        "--exploration",
+        type=float,
+        help=f"weight of uniform sampling over tissue {_default(T, 'exploration')}",
+    )
+    g.add_argument(
+        "--prior",
+        choices=["none", "tissue", "hematoxylin"],
+        help=f"content prior mixed into the sampling {_default(T, 'prior')}",
+    )
+    g.add_argument(
+        "--prior-weight", type=float, help=f"weight of the prior, < 1 {_default(T, 'prior_weight')}"
+    )
+    g.add_argument(
+        "--remedy-epochs",
+        type=float,
+        help="epochs over which both weights decay to 0 "
+        f"{_default(T, 'remedy_epochs')}, 0: constant",
+    )
+    g.add_argument(
+        "--early-patches",
+        type=int,
+        metavar="N",
+        help="patches per slide during the remedy epochs "
+        f"{_default(T, 'early_patches')}, 0: --n-patches",
+    )
+    g.add_argument(
+        "--prior-init-steps",
+        type=int,
+        metavar="S",
+        help="first fit the attention net to --prior for S steps "
+        f"{_default(T, 'prior_init_steps')}",
+    )
+    p.add_argument(
+        "--select",
+        dest="select_metric",
+        choices=SELECT_METRICS,
+        help=f"validation metric that picks the best epoch {_default(T, 'select_metric')}",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        metavar="P",
+        help=f"stop after P epochs without improvement, 0 never {_default(T, 'patience')}",
+    )
+    p.add_argument(
+        "--balance",
+        choices=BALANCE_MODES,
+        help=f"imbalanced classes: weight the loss or sample evenly {_default(T, 'balance')}",
+    )
     validation = p.add_mutually_exclusive_group()
-    validation.add_argument("--folds", type=int, metavar="K",
-                            help="stratified, case-grouped K-fold cross-validation into "
-                            "RUN_DIR/fold_<k>/ and RUN_DIR/cv_summary.csv")
-    validation.add_argument("--val-labels", metavar="CSV",
-                            help="a fixed external validation set instead of a split")
-    p.add_argument("--val-slides", metavar="DIR", help="directory of --val-labels' slides "
-                   "(default: --slides)")
-    p.add_argument("--resplit", action="store_true",
-                   help="the labels changed under this run: split again, train from epoch 1")
+    validation.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="stratified, case-grouped K-fold cross-validation into "
+        "RUN_DIR/fold_<k>/ and RUN_DIR/cv_summary.csv",
+    )
+    validation.add_argument(
+        "--val-labels", metavar="CSV", help="a fixed external validation set instead of a split"
+    )
+    p.add_argument(
+        "--val-slides", metavar="DIR", help="directory of --val-labels' slides (default: --slides)"
+    )
+    p.add_argument(
+        "--resplit",
+        action="store_true",
+        help="the labels changed under this run: split again, train from epoch 1",
+    )
     cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--cache-dir", metavar="DIR", help="on-disk cache of the slides' "
-                       "attention views, so the next run skips reading them (default: "
-                       "$ATS_WSI_CACHE or ~/.cache/ats-wsi/views)")
-    cache.add_argument("--no-view-cache", action="store_true",
-                       help="read every slide's view anew, cache nothing")
+    cache.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="on-disk cache of the slides' "
+        "attention views, so the next run skips reading them (default: "
+        "$ATS_WSI_CACHE or ~/.cache/ats-wsi/views)",
+    )
+    cache.add_argument(
+        "--no-view-cache", action="store_true", help="read every slide's view anew, cache nothing"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     _add_model_options(p)
     _add_training_extras(p)
     p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser("evaluate", parents=[common],
-                       help="metrics of predictions against true labels, with CIs")
-    p.add_argument("--predictions", required=True, metavar="CSV",
-                   help="predictions.csv of ats-wsi predict (or its output directory)")
+    p = sub.add_parser(
+        "evaluate", parents=[common], help="metrics of predictions against true labels, with CIs"
+    )
+    p.add_argument(
+        "--predictions",
+        required=True,
+        metavar="CSV",
+        help="predictions.csv of ats-wsi predict (or its output directory)",
+    )
     p.add_argument("--labels", required=True, metavar="CSV", help="columns slide,label")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="where metrics.json, metrics.md and roc.png go")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="where metrics.json, metrics.md and roc.png go"
+    )
     E = EvaluateConfig
-    p.add_argument("--bootstrap", type=int, dest="n_bootstrap", metavar="N",
-                   help=f"bootstrap resamples for the 95%% CIs {_default(E, 'n_bootstrap')}")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        dest="n_bootstrap",
+        metavar="N",
+        help=f"bootstrap resamples for the 95%% CIs {_default(E, 'n_bootstrap')}",
+    )
     p.add_argument("--seed", type=int, help=f"of the bootstrap {_default(E, 'seed')}")
     p.set_defaults(run=cmd_evaluate)
 
-    p = sub.add_parser("predict", parents=[common],
-                       help="classify slides into CSV, heatmaps and GeoJSON")
+    p = sub.add_parser(
+        "predict", parents=[common], help="classify slides into CSV, heatmaps and GeoJSON"
+    )
     p.add_argument("--model", required=True, metavar="RUN_DIR")
     p.add_argument("--slides", nargs="+", default=[], metavar="DIR_OR_FILE")
-    p.add_argument("--slides-csv", metavar="CSV",
-                   help="a CSV naming the slides: column path, optional column slide (output name)")
+    p.add_argument(
+        "--slides-csv",
+        metavar="CSV",
+        help="a CSV naming the slides: column path, optional column slide (output name)",
+    )
     p.add_argument("--recursive", action="store_true", help="list sub-directories of --slides")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
-    p.add_argument("--overwrite", action="store_true",
-                   help="redo slides already done; replace outputs made by another model or seed")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo slides already done; replace outputs made by another model or seed",
+    )
     p.add_argument("--seed", type=int, help=_default(PredictConfig, "seed"))
-    p.add_argument("--draws", type=_positive_int, metavar="K",
-                   help="independent draws of patches averaged per slide (their spread is "
-                        f"prob_<class>_sd) {_default(PredictConfig, 'draws')}")
-    p.add_argument("--roi-dir", metavar="DIR", help="<slide>.geojson regions of interest "
-                   "(QuPath polygons, level-0 pixels) restricting where patches are sampled")
+    p.add_argument(
+        "--draws",
+        type=_positive_int,
+        metavar="K",
+        help="independent draws of patches averaged per slide (their spread is "
+        f"prob_<class>_sd) {_default(PredictConfig, 'draws')}",
+    )
+    p.add_argument(
+        "--roi-dir",
+        metavar="DIR",
+        help="<slide>.geojson regions of interest "
+        "(QuPath polygons, level-0 pixels) restricting where patches are sampled",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    p.add_argument("--feature-weights", metavar="PATH",
-                   help="where the run's frozen encoder weights file is now (checked by SHA-256)")
+    p.add_argument(
+        "--feature-weights",
+        metavar="PATH",
+        help="where the run's frozen encoder weights file is now (checked by SHA-256)",
+    )
     _add_mpp_options(p)
     cluster = p.add_mutually_exclusive_group()
     cluster.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler")
-    cluster.add_argument("--workers", type=_positive_int, metavar="N",
-                         help="local Dask worker processes")
+    cluster.add_argument(
+        "--workers", type=_positive_int, metavar="N", help="local Dask worker processes"
+    )
     R = ReportConfig
-    p.add_argument("--heatmap-size", type=int, dest="heatmap_side", metavar="PIXELS",
-                   help=f"longer side of the heatmap and thumbnail {_default(R, 'heatmap_side')}")
-    p.add_argument("--heatmap-scale", choices=config.HEATMAP_SCALES,
-                   help=f"attention colour scale {_default(R, 'heatmap_scale')}")
+    p.add_argument(
+        "--heatmap-size",
+        type=int,
+        dest="heatmap_side",
+        metavar="PIXELS",
+        help=f"longer side of the heatmap and thumbnail {_default(R, 'heatmap_side')}",
+    )
+    p.add_argument(
+        "--heatmap-scale",
+        choices=config.HEATMAP_SCALES,
+        help=f"attention colour scale {_default(R, 'heatmap_scale')}",
+    )
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
     p.set_defaults(run=cmd_predict)
 

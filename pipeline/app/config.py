@@ -112,8 +112,15 @@ class ModelConfig:
     slide_mpp: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        _as_ints(self, "width", "n_patches", "receptive_field", "low_res_max_side",
-                 "low_res_level", "patch_level")  # fmt: skip
+        _as_ints(
+            self,
+            "width",
+            "n_patches",
+            "receptive_field",
+            "low_res_max_side",
+            "low_res_level",
+            "patch_level",
+        )
         if len(self.class_names) < 2:
             raise ConfigError(f"class_names: need at least 2 classes, got {list(self.class_names)}")
         if len(set(self.class_names)) != len(self.class_names):
@@ -242,10 +249,19 @@ class TrainConfig:
     hed_jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        _as_ints(self, "epochs", "batch_size", "seed", "patience", "queue_depth",
-                 "early_patches", "prior_init_steps")  # fmt: skip
-        _check_positive(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                        queue_depth=self.queue_depth)  # fmt: skip
+        _as_ints(
+            self,
+            "epochs",
+            "batch_size",
+            "seed",
+            "patience",
+            "queue_depth",
+            "early_patches",
+            "prior_init_steps",
+        )
+        _check_positive(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, queue_depth=self.queue_depth
+        )
         if self.feature_lr is not None and not self.feature_lr >= 0:
             raise ConfigError(f"feature_lr: expected >= 0, got {self.feature_lr}")
         for name in ("color_jitter", "hed_jitter"):
@@ -268,8 +284,9 @@ class TrainConfig:
         if self.early_patches < 0:
             raise ConfigError(f"early_patches: expected >= 0, got {self.early_patches}")
         if self.early_patches and not self.remedy_epochs:
-            raise ConfigError("early_patches needs remedy_epochs > 0 (for every epoch, set "
-                              "the model's n_patches)")  # fmt: skip
+            raise ConfigError(
+                "early_patches needs remedy_epochs > 0 (for every epoch, set the model's n_patches)"
+            )
         if self.patience < 0:
             raise ConfigError(f"patience: expected >= 0, got {self.patience}")
         _check_choice("select_metric", self.select_metric, SELECT_METRICS)

@@ -71,9 +71,15 @@ def run_demo(
     train_config = TrainConfig(epochs=epochs, seed=seed)
     log("training the attention-sampling model")
     trained = train(
-        train_dir, train_labels, out / "run", model_config, train_config,
-        device=device, progress=progress, log=log,
-    )  # fmt: skip
+        train_dir,
+        train_labels,
+        out / "run",
+        model_config,
+        train_config,
+        device=device,
+        progress=progress,
+        log=log,
+    )
     log("predicting the test slides")
     summary = predict(trained.model, [test_dir], out / "predictions", seed=seed, progress=progress)
     truth = {r.name: r.label for r in read_labels(test_labels, test_dir).rows}
@@ -91,9 +97,13 @@ def run_demo(
     baseline_accuracy = low_res_accuracy(baseline, test_slides)
 
     result = DemoResult(
-        out, trained.run_dir, summary.out_dir, ats_accuracy, baseline_accuracy,
+        out,
+        trained.run_dir,
+        summary.out_dir,
+        ats_accuracy,
+        baseline_accuracy,
         time.perf_counter() - began,
-    )  # fmt: skip
+    )
     log(
         f"\ntest accuracy on {len(truth)} slides: attention sampling {ats_accuracy:.1%}, "
         f"low-resolution baseline {baseline_accuracy:.1%} (chance 50%)\n"

@@ -46,12 +46,14 @@ ARMS = {
     "centred+init+patches": {"centred_head": True, "prior_init_steps": 100, "early_patches": 30},
     # ... and the entropy regularizer ramped from the paper's 1e-4 to a negative strength
     # (sharper attention) between the end of the remedies and the end of the budget.
-    "centred+init+sharpen": {"centred_head": True, "prior_init_steps": 100,
-                             "regularizer_end": -0.01},
+    "centred+init+sharpen": {
+        "centred_head": True,
+        "prior_init_steps": 100,
+        "regularizer_end": -0.01,
+    },
     # ... and the draws' estimates weighted in proportion to their order (pipeline
     # estimator "linear": unbiased, less variance for a peaked attention).
-    "centred+init+linear": {"centred_head": True, "prior_init_steps": 100,
-                            "estimator": "linear"},
+    "centred+init+linear": {"centred_head": True, "prior_init_steps": 100, "estimator": "linear"},
 }
 THRESHOLDS = (0.5, 0.1)
 
@@ -67,10 +69,15 @@ def read_runs(out: Path) -> dict[str, list[list[dict]]]:
     for metrics in sorted(out.glob("*/seed_*/metrics.csv")):
         with metrics.open() as f:
             rows = [
-                {**r, "steps": int(r["steps"]), "test_error": float(r["test_error"]),
-                 "train_seconds": float(r["train_seconds"])}
-                for r in csv.DictReader(f) if r["model"] == "ats-unbiased"
-            ]  # fmt: skip
+                {
+                    **r,
+                    "steps": int(r["steps"]),
+                    "test_error": float(r["test_error"]),
+                    "train_seconds": float(r["train_seconds"]),
+                }
+                for r in csv.DictReader(f)
+                if r["model"] == "ats-unbiased"
+            ]
         runs.setdefault(metrics.parent.parent.name, []).append(rows)
     return runs
 
@@ -129,8 +136,13 @@ def _plot(runs: dict[str, list[list[dict]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
     for colour, (arm, seeds) in zip(plt.cm.tab10.colors, runs.items(), strict=False):
         for k, rows in enumerate(seeds):
-            ax.plot([r["steps"] for r in rows], [100 * r["test_error"] for r in rows],
-                    color=colour, alpha=0.8, label=arm if k == 0 else None)  # fmt: skip
+            ax.plot(
+                [r["steps"] for r in rows],
+                [100 * r["test_error"] for r in rows],
+                color=colour,
+                alpha=0.8,
+                label=arm if k == 0 else None,
+            )
     for threshold in THRESHOLDS:
         ax.axhline(100 * threshold, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("training steps")
@@ -146,16 +158,22 @@ def _plot(runs: dict[str, list[list[dict]]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default runs/cold_start_<preset>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default runs/cold_start_<preset>)"
+    )
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    parser.add_argument("--remedy-epochs", type=float, default=4,
-                        help="epochs over which the remedies' weights decay to 0")
+    parser.add_argument(
+        "--remedy-epochs",
+        type=float,
+        default=4,
+        help="epochs over which the remedies' weights decay to 0",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--summarise", type=Path, metavar="OUT",
-                        help="only summarise the runs already in OUT")
+    parser.add_argument(
+        "--summarise", type=Path, metavar="OUT", help="only summarise the runs already in OUT"
+    )
     args = parser.parse_args(argv)
     if args.summarise:
         summarise(args.summarise)
@@ -169,9 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     for arm in args.arms:
         for seed in args.seeds:
             arm_preset = dataclasses.replace(
-                preset, seed=seed, remedy_steps=remedy_steps, **ARMS[arm],
+                preset,
+                seed=seed,
+                remedy_steps=remedy_steps,
+                **ARMS[arm],
                 epochs={"ats-unbiased": args.epochs or preset.epochs["ats-unbiased"]},
-            )  # fmt: skip
+            )
             run(arm_preset, out / arm / f"seed_{seed}", ["ats-unbiased"], torch.device("cpu"))
     summarise(out)
 

@@ -78,9 +78,7 @@ def load_idx_digits(images_path: str | Path, labels_path: str | Path) -> Digits:
     if images.ndim != 3:
         raise ValueError(f"{images_path}: expected [N, s, s] images, got shape {images.shape}")
     if labels.shape != (len(images),):
-        raise ValueError(
-            f"{labels_path}: expected {len(images)} labels, got shape {labels.shape}"
-        )
+        raise ValueError(f"{labels_path}: expected {len(images)} labels, got shape {labels.shape}")
     scale = 255.0 if images.dtype == np.uint8 else float(max(images.max(), 1))
     return Digits((images / scale).astype(np.float32), labels.astype(np.int64))
 
@@ -193,13 +191,17 @@ class MegapixelMNIST(torch.utils.data.Dataset):
         self.noise_bank = make_noise_patterns(rng, config.n_patterns, s)
         by_class = [np.flatnonzero(digits.labels == c) for c in range(10)]
         self.targets = rng.integers(0, 10, n)
-        self.digit_ids = np.stack([
-            np.concatenate([
-                rng.choice(by_class[t], N_TARGET),
-                rng.choice(np.flatnonzero(digits.labels != t), N_DIGITS - N_TARGET),
-            ])
-            for t in self.targets
-        ])
+        self.digit_ids = np.stack(
+            [
+                np.concatenate(
+                    [
+                        rng.choice(by_class[t], N_TARGET),
+                        rng.choice(np.flatnonzero(digits.labels != t), N_DIGITS - N_TARGET),
+                    ]
+                )
+                for t in self.targets
+            ]
+        )
         self.noise_ids = rng.integers(0, config.n_patterns, (n, config.n_noise))
         self.positions = np.stack([self._place(rng, n_objects, s) for _ in range(n)])
         self._rows = area_matrix(config.size[0], config.low_size[0])

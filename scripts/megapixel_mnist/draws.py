@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("| run | trained with | one draw, same estimator (%) | one draw, other estimator (%) "
-          "| mean of 8 draws (%) |\n|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| run | trained with | one draw, same estimator (%) | one draw, other estimator (%) "
+        "| mean of 8 draws (%) |\n|---|---|---|---|---|"
+    )
     for run_dir in args.runs:
         preset, model = load_run(run_dir)
         train_set, test_set = make_datasets(preset)

@@ -56,11 +56,15 @@ class FeatureNet(nn.Module):
         super().__init__()
         c = self.channels
         self.trunk = nn.Sequential(
-            nn.Conv2d(1, c, 7), nn.ReLU(),
-            nn.Conv2d(c, c, 3), nn.ReLU(),
-            nn.Conv2d(c, c, 3), nn.ReLU(),
-            nn.Conv2d(c, c, 3), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(1, c, 7),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3),
+            nn.ReLU(),
+        )
 
     @property
     def shrink(self) -> int:
@@ -144,7 +148,8 @@ class ATSModel(nn.Module):
             n_patches=n_patches,
             replace=False,
             attention_regularizer=pipeline.MultinomialEntropy(
-                regularizer(0) if callable(regularizer) else regularizer),
+                regularizer(0) if callable(regularizer) else regularizer
+            ),
             receptive_field=0,
             estimator=estimator,
             exploration=exploration,
@@ -319,14 +324,19 @@ def _schedule(start: float, steps: int) -> pipeline.proposals.Weight:
 
 MODELS = {
     "ats-unbiased": lambda cfg: ATSModel(
-        cfg.patch_size, cfg.n_patches, _regularizer(cfg), estimator=cfg.estimator,
+        cfg.patch_size,
+        cfg.n_patches,
+        _regularizer(cfg),
+        estimator=cfg.estimator,
         exploration=_schedule(cfg.exploration, cfg.remedy_steps),
         prior_weight=_schedule(cfg.prior_weight, cfg.remedy_steps),
-        centred_head=cfg.centred_head, early_patches=cfg.early_patches,
+        centred_head=cfg.centred_head,
+        early_patches=cfg.early_patches,
         early_steps=cfg.remedy_steps,
     ),
-    "ats-reference": lambda cfg: ATSModel(cfg.patch_size, cfg.n_patches, cfg.regularizer,
-                                          estimator="reference"),
+    "ats-reference": lambda cfg: ATSModel(
+        cfg.patch_size, cfg.n_patches, cfg.regularizer, estimator="reference"
+    ),
     "low-res-cnn": lambda cfg: LowResCNN(),
     "full": lambda cfg: FullModel(cfg.patch_size, cfg.regularizer),
-}  # fmt: skip
+}

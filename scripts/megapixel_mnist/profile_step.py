@@ -25,8 +25,13 @@ from torch import nn
 
 from .train import PRESETS, build_model, make_datasets
 
-PHASES = ("attention + sampling", "patch extraction", "attention + features + estimate",
-          "backward", "optimizer step")  # fmt: skip
+PHASES = (
+    "attention + sampling",
+    "patch extraction",
+    "attention + features + estimate",
+    "backward",
+    "optimizer step",
+)
 
 
 def step_phases(model, optimizer, x_low, x_high, y, clip_norm: float) -> dict[str, float]:
@@ -79,12 +84,15 @@ def main(argv: list[str] | None = None) -> None:
     totals = dict.fromkeys(PHASES, 0.0)
     for _ in range(args.steps):
         x_low, x_high, y = next(batches)
-        for name, seconds in step_phases(model, optimizer, x_low, x_high, y,
-                                         preset.clip_norm).items():  # fmt: skip
+        for name, seconds in step_phases(
+            model, optimizer, x_low, x_high, y, preset.clip_norm
+        ).items():
             totals[name] += seconds / args.steps
     total = sum(totals.values())
-    print(f"preset {preset.name}: batch {preset.batch_size}, {preset.n_patches} patches of "
-          f"{preset.patch_size}^2, canvas {preset.canvas.size}, {args.threads} thread(s)\n")
+    print(
+        f"preset {preset.name}: batch {preset.batch_size}, {preset.n_patches} patches of "
+        f"{preset.patch_size}^2, canvas {preset.canvas.size}, {args.threads} thread(s)\n"
+    )
     print("| phase | s/step | share |\n|---|---|---|")
     for name, seconds in totals.items():
         print(f"| {name} | {seconds:.3f} | {seconds / total:.0%} |")

@@ -67,20 +67,36 @@ PRESETS = {
     p.name: p
     for p in (
         # The reference script's defaults (1500x1500, 50 noise squares, 500 epochs).
-        Preset("paper", CanvasConfig((1500, 1500), 0.12, 50), 5000, 1000,
-               dict.fromkeys(MODELS, 500)),
-        Preset("quick", CanvasConfig((160, 160), 0.12, 3), 800, 200,
-               {"ats-unbiased": 24, "ats-reference": 24, "low-res-cnn": 20, "full": 2},
-               batch_size=16, patch_size=32),
-        Preset("tiny", CanvasConfig((160, 160), 0.12, 2), 8, 4, ALL, batch_size=4, patch_size=24,
-               n_patches=3),
+        Preset(
+            "paper", CanvasConfig((1500, 1500), 0.12, 50), 5000, 1000, dict.fromkeys(MODELS, 500)
+        ),
+        Preset(
+            "quick",
+            CanvasConfig((160, 160), 0.12, 3),
+            800,
+            200,
+            {"ats-unbiased": 24, "ats-reference": 24, "low-res-cnn": 20, "full": 2},
+            batch_size=16,
+            patch_size=32,
+        ),
+        Preset(
+            "tiny",
+            CanvasConfig((160, 160), 0.12, 2),
+            8,
+            4,
+            ALL,
+            batch_size=4,
+            patch_size=24,
+            n_patches=3,
+        ),
         # The original authors' sanity setting: 500x500 canvases, no noise, scale 0.2,
         # the paper's networks and patches. 18 epochs (1,134 steps) take about 25
         # minutes on one thread of this CPU (docs/cold_start.md).
-        Preset("easy", CanvasConfig((500, 500), 0.2, 0), 2000, 500,
-               {"ats-unbiased": 18}, batch_size=32),
+        Preset(
+            "easy", CanvasConfig((500, 500), 0.2, 0), 2000, 500, {"ats-unbiased": 18}, batch_size=32
+        ),
     )
-}  # fmt: skip
+}
 
 
 def load_digits(mnist_dir: str | None, split: str) -> Digits:
@@ -99,10 +115,12 @@ def load_digits(mnist_dir: str | None, split: str) -> Digits:
 
 
 def make_datasets(preset: Preset, mnist_dir: str | None = None):
-    train = MegapixelMNIST(load_digits(mnist_dir, "train"), preset.n_train, preset.canvas,
-                           seed=preset.seed)  # fmt: skip
-    test = MegapixelMNIST(load_digits(mnist_dir, "test"), preset.n_test, preset.canvas,
-                          seed=preset.seed + 1)  # fmt: skip
+    train = MegapixelMNIST(
+        load_digits(mnist_dir, "train"), preset.n_train, preset.canvas, seed=preset.seed
+    )
+    test = MegapixelMNIST(
+        load_digits(mnist_dir, "test"), preset.n_test, preset.canvas, seed=preset.seed + 1
+    )
     return train, test
 
 
@@ -112,8 +130,9 @@ def build_model(name: str, preset: Preset) -> nn.Module:
     return MODELS[name](preset)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, preset: Preset,
-               step: int = 0):  # fmt: skip
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch, preset: Preset, step: int = 0
+):
     """One optimisation step (the `step`-th); returns (loss, number of errors) on the batch."""
     x_low, x_high, y = batch
     logits, regularizer = model(x_low, x_high, step)
@@ -179,8 +198,9 @@ def _forever(loader):
         yield from loader
 
 
-def fit(name: str, model: nn.Module, train_loader, test_loader, preset: Preset, log,
-        statistics=None) -> None:  # fmt: skip
+def fit(
+    name: str, model: nn.Module, train_loader, test_loader, preset: Preset, log, statistics=None
+) -> None:
     """Train `model` for its preset epochs, calling `log(row)` after each epoch.
 
     statistics: training batches from which a centred head's test-time
@@ -207,12 +227,19 @@ def fit(name: str, model: nn.Module, train_loader, test_loader, preset: Preset, 
         if statistics is not None:
             refresh_statistics(model, statistics)
         test_loss, test_error = evaluate(model, test_loader)
-        log({
-            "model": name, "epoch": epoch, "steps": step, "train_seconds": trained_seconds,
-            "train_loss": total_loss / count, "train_error": errors / count,
-            "test_loss": test_loss, "test_error": test_error,
-            "train_seconds_per_image": train_seconds / count,
-        })  # fmt: skip
+        log(
+            {
+                "model": name,
+                "epoch": epoch,
+                "steps": step,
+                "train_seconds": trained_seconds,
+                "train_loss": total_loss / count,
+                "train_error": errors / count,
+                "test_loss": test_loss,
+                "test_error": test_error,
+                "train_seconds_per_image": train_seconds / count,
+            }
+        )
 
 
 def peak_forward_memory(model: nn.Module, x_low: torch.Tensor, x_high: torch.Tensor) -> int:
@@ -237,8 +264,9 @@ def peak_forward_memory(model: nn.Module, x_low: torch.Tensor, x_high: torch.Ten
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model(x_low, x_high)
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    deltas = (e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-              for e in events)  # fmt: skip
+    deltas = (
+        e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage for e in events
+    )
     return max(itertools.accumulate(deltas, initial=0))
 
 
@@ -246,8 +274,10 @@ def peak_forward_memory(model: nn.Module, x_low: torch.Tensor, x_high: torch.Ten
 def seconds_per_image(model: nn.Module, dataset, device: torch.device, n: int = 20) -> float:
     """Mean inference time of one image (batch of 1), after one warm-up forward."""
     model.eval()
-    images = [_to(device, (x_low[None], x_high[None])) for x_low, x_high, _ in
-              (dataset[i] for i in range(min(n, len(dataset))))]  # fmt: skip
+    images = [
+        _to(device, (x_low[None], x_high[None]))
+        for x_low, x_high, _ in (dataset[i] for i in range(min(n, len(dataset))))
+    ]
     model(*images[0])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -268,8 +298,12 @@ def plot_test_error(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
-        ax.plot([r["epoch"] for r in mine], [100 * r["test_error"] for r in mine],
-                marker="o", label=name)  # fmt: skip
+        ax.plot(
+            [r["epoch"] for r in mine],
+            [100 * r["test_error"] for r in mine],
+            marker="o",
+            label=name,
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
     ax.set_ylim(bottom=0)
@@ -318,8 +352,9 @@ def plot_patches(model: ATSModel, dataset, index: int, path: Path, device: torch
     plt.close(fig)
 
 
-def run(preset: Preset, out: Path, models: list[str], device: torch.device,
-        mnist_dir: str | None = None) -> list[dict]:  # fmt: skip
+def run(
+    preset: Preset, out: Path, models: list[str], device: torch.device, mnist_dir: str | None = None
+) -> list[dict]:
     """Train and measure `models` on `preset`; returns the results rows."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "preset.json").write_text(json.dumps(dataclasses.asdict(preset), indent=2))
@@ -336,29 +371,43 @@ def run(preset: Preset, out: Path, models: list[str], device: torch.device,
             if new:
                 writer.writeheader()
             writer.writerow(row)
-        tqdm.write(f"{row['model']} epoch {row['epoch']}: train loss {row['train_loss']:.3f}, "
-                   f"test error {100 * row['test_error']:.1f}%")  # fmt: skip
+        tqdm.write(
+            f"{row['model']} epoch {row['epoch']}: train loss {row['train_loss']:.3f}, "
+            f"test error {100 * row['test_error']:.1f}%"
+        )
 
     for name in models:
         torch.manual_seed(preset.seed)
         model = build_model(name, preset).to(device)
         shuffle = torch.Generator().manual_seed(preset.seed)
-        loader = torch.utils.data.DataLoader(train_set, preset.batch_size, shuffle=True,
-                                             generator=shuffle)  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            train_set, preset.batch_size, shuffle=True, generator=shuffle
+        )
         test_loader = torch.utils.data.DataLoader(test_set, preset.batch_size)
         statistics = statistics_loader(train_set, preset.batch_size)
-        fit(name, model, _DeviceLoader(loader, device), _DeviceLoader(test_loader, device),
-            preset, log, _DeviceLoader(statistics, device))  # fmt: skip
+        fit(
+            name,
+            model,
+            _DeviceLoader(loader, device),
+            _DeviceLoader(test_loader, device),
+            preset,
+            log,
+            _DeviceLoader(statistics, device),
+        )
         mine = [r for r in rows if r["model"] == name]
         train_seconds = float(np.mean([r["train_seconds_per_image"] for r in mine]))
-        results.append(measure(name, model, test_set, device, len(mine), mine[-1]["test_error"],
-                               train_seconds))  # fmt: skip
+        results.append(
+            measure(name, model, test_set, device, len(mine), mine[-1]["test_error"], train_seconds)
+        )
         if isinstance(model, ATSModel):
             # The exact sum the sampled estimate stands for, with the same trained networks.
             exact = exact_twin(model)
             error = evaluate(exact, _DeviceLoader(test_loader, device))[1]
-            results.append(measure(f"{name} (exact sum)", exact, test_set, device, len(mine),
-                                   error, float("nan")))  # fmt: skip
+            results.append(
+                measure(
+                    f"{name} (exact sum)", exact, test_set, device, len(mine), error, float("nan")
+                )
+            )
         if name == "ats-unbiased":
             partial = out / "model.safetensors.partial"  # a crash leaves no half-written file
             # Channels-last weights are not contiguous; safetensors wants them packed.
@@ -368,8 +417,9 @@ def run(preset: Preset, out: Path, models: list[str], device: torch.device,
             # The probabilities of 8 draws of n_patches averaged, as `ats-wsi predict`
             # does by default: the same networks and patch count, several draws.
             error = evaluate(model, _DeviceLoader(test_loader, device), draws=8)[1]
-            row = measure(f"{name} (mean of 8 draws)", model, test_set, device, len(mine),
-                          error, float("nan"))  # fmt: skip
+            row = measure(
+                f"{name} (mean of 8 draws)", model, test_set, device, len(mine), error, float("nan")
+            )
             row["test_seconds_per_image"] *= 8  # measured for one draw
             results.append(row)
             # The same networks with 4x the patches per canvas at test time: how much of
@@ -378,16 +428,32 @@ def run(preset: Preset, out: Path, models: list[str], device: torch.device,
             model.n_patches = 4 * trained_patches
             refresh_statistics(model, _DeviceLoader(statistics, device))
             error = evaluate(model, _DeviceLoader(test_loader, device))[1]
-            results.append(measure(f"{name} ({model.n_patches} patches at test)", model,
-                                   test_set, device, len(mine), error, float("nan")))  # fmt: skip
+            results.append(
+                measure(
+                    f"{name} ({model.n_patches} patches at test)",
+                    model,
+                    test_set,
+                    device,
+                    len(mine),
+                    error,
+                    float("nan"),
+                )
+            )
             model.n_patches = trained_patches
     plot_test_error(rows, out / "test_error.png")
     write_results(results, out, preset)
     return results
 
 
-def measure(name: str, model: nn.Module, test_set, device: torch.device, epochs: int,
-            test_error: float, train_seconds: float) -> dict:  # fmt: skip
+def measure(
+    name: str,
+    model: nn.Module,
+    test_set,
+    device: torch.device,
+    epochs: int,
+    test_error: float,
+    train_seconds: float,
+) -> dict:
     """One results row: error, train and test time per image, peak forward memory."""
     x_low, x_high, _ = test_set[0]
     peak = peak_forward_memory(model, *_to(device, (x_low[None], x_high[None])))
@@ -429,11 +495,15 @@ def combine(runs: list[Path], out: Path) -> None:
     rows, results = [], []
     for run_dir in runs:
         with (run_dir / "metrics.csv").open() as f:
-            rows += [{**r, "epoch": int(r["epoch"]), "test_error": float(r["test_error"])}
-                     for r in csv.DictReader(f)]  # fmt: skip
+            rows += [
+                {**r, "epoch": int(r["epoch"]), "test_error": float(r["test_error"])}
+                for r in csv.DictReader(f)
+            ]
         with (run_dir / "results.csv").open() as f:
-            results += [{k: v if k == "model" else float(v) for k, v in r.items()}
-                        for r in csv.DictReader(f)]  # fmt: skip
+            results += [
+                {k: v if k == "model" else float(v) for k, v in r.items()}
+                for r in csv.DictReader(f)
+            ]
     preset = PRESETS[json.loads((runs[0] / "preset.json").read_text())["name"]]
     with (out / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -450,40 +520,88 @@ def _seconds(value: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default runs/megapixel_mnist_<preset>)")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument("--mnist", default=None, metavar="DIR",
-                        help="directory with the MNIST IDX files (default: scikit-learn digits)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default runs/megapixel_mnist_<preset>)",
+    )
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--mnist",
+        default=None,
+        metavar="DIR",
+        help="directory with the MNIST IDX files (default: scikit-learn digits)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lr", type=float, default=None, help="override the preset's lr")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="override the preset's epochs (all models)")  # fmt: skip
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="override the preset's epochs (all models)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")
-    parser.add_argument("--exploration", type=float, default=None,
-                        help="ATS: weight of uniform exploration (DESIGN 4b)")
-    parser.add_argument("--prior-weight", type=float, default=None,
-                        help="ATS: weight of the brightness prior of the low-res view")
-    parser.add_argument("--remedy-steps", type=int, default=None,
-                        help="ATS: decay both weights linearly to 0 over this many steps")
-    parser.add_argument("--centred-head", action="store_true", default=None,
-                        help="ATS: standardise the estimated features before the head "
-                             "(a cold-start remedy, see ATSModel)")  # fmt: skip
-    parser.add_argument("--early-patches", type=int, default=None,
-                        help="ATS: patches per canvas during the --remedy-steps")
-    parser.add_argument("--prior-init-steps", type=int, default=None,
-                        help="ATS: first fit the attention net to the brightness prior "
-                             "for this many batches (a cold-start remedy, see ATSModel)")
-    parser.add_argument("--estimator", choices=("unbiased", "linear"), default=None,
-                        help="ATS: average of the draws (pipeline.expectation's estimator)")
-    parser.add_argument("--regularizer-end", type=float, default=None,
-                        help="ATS: ramp the entropy strength to this value (negative: "
-                             "sharper attention) from --remedy-steps to the budget's end")
-    parser.add_argument("--combine", type=Path, nargs="+", metavar="RUN_DIR",
-                        help="only merge these runs' metrics and results into --out")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")  # fmt: skip
+    parser.add_argument(
+        "--exploration",
+        type=float,
+        default=None,
+        help="ATS: weight of uniform exploration (DESIGN 4b)",
+    )
+    parser.add_argument(
+        "--prior-weight",
+        type=float,
+        default=None,
+        help="ATS: weight of the brightness prior of the low-res view",
+    )
+    parser.add_argument(
+        "--remedy-steps",
+        type=int,
+        default=None,
+        help="ATS: decay both weights linearly to 0 over this many steps",
+    )
+    parser.add_argument(
+        "--centred-head",
+        action="store_true",
+        default=None,
+        help="ATS: standardise the estimated features before the head "
+        "(a cold-start remedy, see ATSModel)",
+    )
+    parser.add_argument(
+        "--early-patches",
+        type=int,
+        default=None,
+        help="ATS: patches per canvas during the --remedy-steps",
+    )
+    parser.add_argument(
+        "--prior-init-steps",
+        type=int,
+        default=None,
+        help="ATS: first fit the attention net to the brightness prior "
+        "for this many batches (a cold-start remedy, see ATSModel)",
+    )
+    parser.add_argument(
+        "--estimator",
+        choices=("unbiased", "linear"),
+        default=None,
+        help="ATS: average of the draws (pipeline.expectation's estimator)",
+    )
+    parser.add_argument(
+        "--regularizer-end",
+        type=float,
+        default=None,
+        help="ATS: ramp the entropy strength to this value (negative: "
+        "sharper attention) from --remedy-steps to the budget's end",
+    )
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="only merge these runs' metrics and results into --out",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -492,11 +610,17 @@ def main(argv: list[str] | None = None) -> None:
         preset = dataclasses.replace(preset, lr=args.lr)
     if args.epochs is not None:
         preset = dataclasses.replace(preset, epochs=dict.fromkeys(preset.epochs, args.epochs))
-    overrides = {"seed": args.seed, "exploration": args.exploration,
-                 "prior_weight": args.prior_weight, "remedy_steps": args.remedy_steps,
-                 "centred_head": args.centred_head, "early_patches": args.early_patches,
-                 "prior_init_steps": args.prior_init_steps, "estimator": args.estimator,
-                 "regularizer_end": args.regularizer_end}
+    overrides = {
+        "seed": args.seed,
+        "exploration": args.exploration,
+        "prior_weight": args.prior_weight,
+        "remedy_steps": args.remedy_steps,
+        "centred_head": args.centred_head,
+        "early_patches": args.early_patches,
+        "prior_init_steps": args.prior_init_steps,
+        "estimator": args.estimator,
+        "regularizer_end": args.regularizer_end,
+    }
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
@@ -506,5 +630,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.combine:
         combine(args.combine, out)
         return
-    run(preset, out, [m for m in models if m in preset.epochs], torch.device(args.device),
-        args.mnist)  # fmt: skip
+    run(
+        preset,
+        out,
+        [m for m in models if m in preset.epochs],
+        torch.device(args.device),
+        args.mnist,
+    )

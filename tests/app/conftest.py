@@ -54,8 +54,16 @@ def run_dir(dataset, tmp_path_factory, small_model_config) -> Path:
 
     out = tmp_path_factory.mktemp("quick-run")
     config = TrainConfig(epochs=1, batch_size=4, val_fraction=0.0, seed=0)
-    train(dataset, dataset / "labels.csv", out, small_model_config, config, device="cpu",
-          progress=False, log=lambda _: None)  # fmt: skip
+    train(
+        dataset,
+        dataset / "labels.csv",
+        out,
+        small_model_config,
+        config,
+        device="cpu",
+        progress=False,
+        log=lambda _: None,
+    )
     return out
 
 

@@ -13,9 +13,9 @@ import numbers
 def _check_position(position, where: str) -> None:
     # RFC 7946 3.1.1: a position is an array of two or three numbers, x (easting) first.
     assert isinstance(position, list) and len(position) in (2, 3), f"{where}: bad position"
-    assert all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in position
-    ), f"{where}: non-numeric coordinate {position}"
+    assert all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in position), (
+        f"{where}: non-numeric coordinate {position}"
+    )
 
 
 def _signed_area(ring) -> float:

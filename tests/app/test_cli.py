@@ -48,13 +48,45 @@ def test_user_errors_exit_2_without_traceback(dataset, run_dir, tmp_path, capsys
     cases = [
         (["info", str(tmp_path / "missing.svs")], "missing.svs"),
         (["info", str(tmp_path / "fake.svs")], "fake.svs"),
-        (["train", "--slides", str(dataset), "--labels", str(tmp_path / "nope.csv"),
-          "--out", str(tmp_path / "run")], "nope.csv"),
-        (["predict", "--model", str(tmp_path / "norun"), "--slides", str(dataset),
-          "--out", str(tmp_path / "o")], "norun"),
-        (["predict", "--model", str(run_dir), "--slides", str(dataset), "--out",
-          str(tmp_path / "o"), "--scheduler", unreachable], unreachable),
-    ]  # fmt: skip
+        (
+            [
+                "train",
+                "--slides",
+                str(dataset),
+                "--labels",
+                str(tmp_path / "nope.csv"),
+                "--out",
+                str(tmp_path / "run"),
+            ],
+            "nope.csv",
+        ),
+        (
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "norun"),
+                "--slides",
+                str(dataset),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "norun",
+        ),
+        (
+            [
+                "predict",
+                "--model",
+                str(run_dir),
+                "--slides",
+                str(dataset),
+                "--out",
+                str(tmp_path / "o"),
+                "--scheduler",
+                unreachable,
+            ],
+            unreachable,
+        ),
+    ]
     for argv, name in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -62,8 +94,17 @@ def test_user_errors_exit_2_without_traceback(dataset, run_dir, tmp_path, capsys
 
 
 def test_bad_option_values_are_usage_errors(dataset, tmp_path, capsys):
-    argv = ["train", "--slides", str(dataset), "--labels", str(dataset / "labels.csv"),
-            "--out", str(tmp_path / "run"), "--n-patches", "0"]  # fmt: skip
+    argv = [
+        "train",
+        "--slides",
+        str(dataset),
+        "--labels",
+        str(dataset / "labels.csv"),
+        "--out",
+        str(tmp_path / "run"),
+        "--n-patches",
+        "0",
+    ]
     assert main(argv) == 2
     assert "n_patches: expected > 0, got 0" in capsys.readouterr().err
 
@@ -107,7 +148,7 @@ def test_synth_train_predict(tmp_path, capsys):
         "0",
     ]
     # The model averages its draws with the "linear" estimator, kept through prediction.
-    assert main([*argv, *SMALL, "--estimator", "linear"]) == 0  # fmt: skip
+    assert main([*argv, *SMALL, "--estimator", "linear"]) == 0
     assert (run / "model.safetensors").is_file()
     assert json.loads((run / "config.json").read_text())["model"]["estimator"] == "linear"
     (data / "broken.svs").write_text("not a slide\n")

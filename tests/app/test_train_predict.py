@@ -27,8 +27,16 @@ from tests.app.geojson_rfc7946 import check_feature_collection, check_qupath
 def run(dataset, tmp_path_factory, small_model_config, quick_train_config):
     small, quick = small_model_config, quick_train_config
     out = tmp_path_factory.mktemp("run")
-    return train(dataset, dataset / "labels.csv", out, small, quick, device="cpu", progress=False,
-                 log=lambda _: None)  # fmt: skip
+    return train(
+        dataset,
+        dataset / "labels.csv",
+        out,
+        small,
+        quick,
+        device="cpu",
+        progress=False,
+        log=lambda _: None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +76,27 @@ def test_model_files_load_without_pickle(run, dataset, monkeypatch):
 
 
 def test_resumed_training_equals_uninterrupted(run, dataset, tmp_path, small_model_config):
-    one = train(dataset, dataset / "labels.csv", tmp_path, small_model_config,
-                run.config.train.__class__(**{**run.config.train.__dict__, "epochs": 1}),
-                device="cpu", progress=False, log=lambda _: None)  # fmt: skip
+    one = train(
+        dataset,
+        dataset / "labels.csv",
+        tmp_path,
+        small_model_config,
+        run.config.train.__class__(**{**run.config.train.__dict__, "epochs": 1}),
+        device="cpu",
+        progress=False,
+        log=lambda _: None,
+    )
     assert len(one.history) == 1
     lines = []
-    two = train(dataset, dataset / "labels.csv", tmp_path, train_config=run.config.train,
-                device="cpu", progress=False, log=lines.append)  # fmt: skip
+    two = train(
+        dataset,
+        dataset / "labels.csv",
+        tmp_path,
+        train_config=run.config.train,
+        device="cpu",
+        progress=False,
+        log=lines.append,
+    )
     assert any("resuming" in line and "after epoch 1" in line for line in lines)
     assert [h["epoch"] for h in two.history] == [1, 2]
     for name, tensor in run.model.state_dict().items():
@@ -96,9 +118,16 @@ def test_bad_label_rows_are_reported_and_skipped(dataset, tmp_path, small_model_
     ]
     files.write_csv(slides / "labels.csv", ["slide", "label"], rows)
     lines = []
-    result = train(slides, slides / "labels.csv", tmp_path / "run", small_model_config,
-                   run_config_epochs(1), device="cpu", progress=False,
-                   log=lines.append)  # fmt: skip
+    result = train(
+        slides,
+        slides / "labels.csv",
+        tmp_path / "run",
+        small_model_config,
+        run_config_epochs(1),
+        device="cpu",
+        progress=False,
+        log=lines.append,
+    )
     assert len(result.skipped) == 2
     assert "gone.tiff" in result.skipped[0] and "FileNotFoundError" in result.skipped[0]
     assert "notes.tiff" in result.skipped[1]
@@ -132,8 +161,9 @@ def test_heatmap_and_geojson(predicted, n_slides, slide_side):
         img.load()
         assert img.size == (slide_side + outputs.COLOUR_BAR_WIDTH, slide_side)
         assert Image.open(outputs.thumbnail_path(predicted.out_dir, result.slide)).size == (
-            slide_side, slide_side,
-        )  # fmt: skip
+            slide_side,
+            slide_side,
+        )
         data = json.loads(outputs.geojson_path(predicted.out_dir, result.slide).read_text())
         check_feature_collection(data)
         check_qupath(data)
@@ -275,7 +305,8 @@ def test_list_inputs(tmp_path):
         (tmp_path / "a" / name).write_text("")
     a = tmp_path / "a"
     assert [(i.path, i.name, i.error) for i in list_inputs([a])] == [
-        (a / "x.svs", "x", ""), (a / "y.tiff", "y", "")
+        (a / "x.svs", "x", ""),
+        (a / "y.tiff", "y", ""),
     ]
     assert [i.path for i in list_inputs([a, a / "y.tiff"])] == [a / "x.svs", a / "y.tiff"]  # once
 

@@ -47,16 +47,16 @@ def test_estimate_under_exploration_is_unbiased(replace):
     model, a, x_low, x_high = _setup(exploration=0.5, replace=replace)
     model.train()
     generator = torch.Generator().manual_seed(1)
-    draws = torch.stack([
-        model.draw(x_low, x_high, generator=generator).features[0, 0] for _ in range(4000)
-    ])  # fmt: skip
+    draws = torch.stack(
+        [model.draw(x_low, x_high, generator=generator).features[0, 0] for _ in range(4000)]
+    )
     exact = _exact(a, x_low, x_high)
     # 5 standard errors of the Monte-Carlo mean: fails on a biased estimator.
     assert abs(draws.mean() - exact) < 5 * draws.std() / len(draws) ** 0.5
     # The draws did explore: cells of tiny attention were drawn far more than a says.
-    cells = torch.cat([
-        model.draw(x_low, x_high, generator=generator).offsets[0] for _ in range(300)
-    ])  # fmt: skip
+    cells = torch.cat(
+        [model.draw(x_low, x_high, generator=generator).offsets[0] for _ in range(300)]
+    )
     assert (cells == torch.tensor([0, 15])).all(1).any()  # the zero-attention cell (0, 3)
 
 
@@ -126,8 +126,10 @@ def test_sample_patches_module_returns_the_proposal_and_checks():
     out = sampler(torch.zeros(1, 1, 4, 4), torch.rand(1, 1, 20, 20), attention)
     assert len(out) == 3 and out[2].shape == (1, 2)
     torch.testing.assert_close(out[2], torch.full((1, 2), 1 / 16))  # q = a when a is uniform
-    assert len(SamplePatches(2, (5, 5))(torch.zeros(1, 1, 4, 4), torch.rand(1, 1, 20, 20),
-                                        attention)) == 2  # fmt: skip
+    assert (
+        len(SamplePatches(2, (5, 5))(torch.zeros(1, 1, 4, 4), torch.rand(1, 1, 20, 20), attention))
+        == 2
+    )
     with pytest.raises(ValueError, match="not defined under a proposal"):
         attention_sampling(nn.Identity(), nn.Identity(), estimator="reference", exploration=0.1)
     with pytest.raises(ValueError, match="prior_weight must be < 1"):
@@ -166,8 +168,9 @@ def test_a_stale_plan_is_a_proposal_and_stays_unbiased():
         patches, offsets = model.read(x_low, x_high, plan.samples, plan.attention_size)
         model.attention.logits.data = a_new.log()
         for stale in (True, False):
-            estimates[stale].append(model.estimate(x_low, patches, offsets, plan, stale=stale)
-                                    .features[0, 0].detach())  # fmt: skip
+            estimates[stale].append(
+                model.estimate(x_low, patches, offsets, plan, stale=stale).features[0, 0].detach()
+            )
     exact = _exact(a_new, x_low, x_high)
     for stale, unbiased in ((True, True), (False, False)):
         values = torch.stack(estimates[stale])

@@ -170,8 +170,10 @@ def test_full_model_computes_the_features_of_the_patches_ats_samples():
         attention = torch.zeros(2, h, w).double()
         attention[:, cy, cx] = 1
         patches, _, offsets = sampler(x_low, x_high, attention, return_offsets=True)
-        assert offsets[:, 0].tolist() == [[int(models.grid_offsets(h, H, p)[cy]),
-                                          int(models.grid_offsets(w, W, p)[cx])]] * 2
+        assert (
+            offsets[:, 0].tolist()
+            == [[int(models.grid_offsets(h, H, p)[cy]), int(models.grid_offsets(w, W, p)[cx])]] * 2
+        )
         torch.testing.assert_close(model.features(patches[:, 0]), dense[:, :, cy, cx])
 
 
@@ -209,10 +211,16 @@ def test_training_steps_change_parameters(name):
 def test_tiny_run_writes_metrics_results_and_figures(tmp_path):
     results = train.run(TINY, tmp_path, list(models.MODELS), torch.device("cpu"))
     names = [r["model"] for r in results]
-    assert names == ["ats-unbiased", "ats-unbiased (exact sum)",
-                     "ats-unbiased (mean of 8 draws)",
-                     "ats-unbiased (12 patches at test)", "ats-reference",
-                     "ats-reference (exact sum)", "low-res-cnn", "full"]  # fmt: skip
+    assert names == [
+        "ats-unbiased",
+        "ats-unbiased (exact sum)",
+        "ats-unbiased (mean of 8 draws)",
+        "ats-unbiased (12 patches at test)",
+        "ats-reference",
+        "ats-reference (exact sum)",
+        "low-res-cnn",
+        "full",
+    ]
     metrics = (tmp_path / "metrics.csv").read_text().splitlines()
     assert metrics[0].startswith("model,epoch,steps,train_seconds,train_loss")
     assert len(metrics) == 1 + sum(TINY.epochs.values())
@@ -260,8 +268,19 @@ def test_evaluation_averages_the_probabilities_of_several_draws():
 def test_cold_start_runs_arms_and_summarises(tmp_path):
     from scripts.megapixel_mnist import cold_start
 
-    cold_start.main(["--preset", "tiny", "--arms", "plain", "explore+prior", "--seeds", "0",
-                     "--out", str(tmp_path)])  # fmt: skip
+    cold_start.main(
+        [
+            "--preset",
+            "tiny",
+            "--arms",
+            "plain",
+            "explore+prior",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     table = {r["arm"]: r for r in cold_start.summarise(tmp_path)}
     assert set(table) == {"plain", "explore+prior"}
     assert all(r["seeds"] == 1 and r["final_steps"] == 2 for r in table.values())

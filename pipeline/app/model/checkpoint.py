@@ -144,9 +144,7 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: no {what} (is {path.parent} a run directory?)"
-        ) from None
+        raise FileNotFoundError(f"{path}: no {what} (is {path.parent} a run directory?)") from None
 
 
 def save_optimizer(run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:

@@ -153,9 +153,7 @@ class PredictionStore:
         if old == self.manifest:
             return
         legacy = [
-            p.name
-            for p in (self.out_dir / outputs.PREDICTIONS, self.journal.path)
-            if p.exists()
+            p.name for p in (self.out_dir / outputs.PREDICTIONS, self.journal.path) if p.exists()
         ]
         if old is not None or legacy:
             if not self.overwrite:
@@ -266,17 +264,22 @@ class Batch:
                 for i in bad
             )
             computed = (runner or run_here)(
-                self.model, [i.path for i in todo], self.config.seed,
-                display_side=self.report.heatmap_side, draws=self.config.draws,
+                self.model,
+                [i.path for i in todo],
+                self.config.seed,
+                display_side=self.report.heatmap_side,
+                draws=self.config.draws,
                 roi_dir=self.config.roi_dir,
-            )  # fmt: skip
+            )
             for result in itertools.chain(given, computed):
                 if result.path in by_path:
                     result = dataclasses.replace(result, slide=by_path[result.path].name)
                 store.add(result)
-                results.append(dataclasses.replace(
-                    result, thumbnail=None, display=None, attention=None, patches=None
-                ))  # fmt: skip
+                results.append(
+                    dataclasses.replace(
+                        result, thumbnail=None, display=None, attention=None, patches=None
+                    )
+                )
                 bar.update()
         store.write_csv()
         if self.report.report:

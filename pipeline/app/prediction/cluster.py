@@ -234,9 +234,14 @@ def predict_on_client(
 
     def submit(path: Path):
         return client.submit(
-            _predict_task, weights, os.path.abspath(path), int(seed), device_name, options,
+            _predict_task,
+            weights,
+            os.path.abspath(path),
+            int(seed),
+            device_name,
+            options,
             key=f"{TASK_PREFIX}-{slide_name(path)}-{run}-{next(numbers)}",
-        )  # fmt: skip
+        )
 
     # Slides go out a window at a time: results wait in worker memory until this
     # process has written them, so a slow writer must not let them pile up.

@@ -139,9 +139,14 @@ def classify_view(
         flags.append("low_tissue")
     if not tissue.any():
         return SlideResult(
-            slide=name, path=str(view.path), status="no_tissue", tissue_fraction=0.0,
-            flags=tuple(flags), thumbnail=view.thumbnail, mpp=view.patch_mpp,
-        )  # fmt: skip
+            slide=name,
+            path=str(view.path),
+            status="no_tissue",
+            tissue_fraction=0.0,
+            flags=tuple(flags),
+            thumbnail=view.thumbnail,
+            mpp=view.patch_mpp,
+        )
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(slide_seed(seed, view.path))
     x_low = view.x_low(device).expand(draws, -1, -1, -1)  # [K, 3, h, w]: one per draw
@@ -189,9 +194,11 @@ def error_result(path: str | os.PathLike, error: BaseException) -> SlideResult:
     """The ``error`` result of ``path``; the message names the path once."""
     message = str(error) if str(path) in str(error) else f"{path}: {error}"
     return SlideResult(
-        slide=slide_name(path), path=str(path), status="error",
+        slide=slide_name(path),
+        path=str(path),
+        status="error",
         error=f"{type(error).__name__}: {message}",
-    )  # fmt: skip
+    )
 
 
 def predict_slide(

@@ -61,9 +61,10 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
         return float(skm.roc_auc_score(y_true, probs[:, 1]))
     probs = probs / probs.sum(axis=1, keepdims=True)  # CSV rounding: sklearn wants sums of 1
     return float(
-        skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro",
-                          labels=np.arange(n_classes))
-    )  # fmt: skip
+        skm.roc_auc_score(
+            y_true, probs, multi_class="ovr", average="macro", labels=np.arange(n_classes)
+        )
+    )
 
 
 def point_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
@@ -94,8 +95,11 @@ def _all_metrics(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray) -> d
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
         "roc_auc": roc_auc(y_true, probs),
-        "precision": precision, "recall": recall, "f1": f1, "support": support,
-    }  # fmt: skip
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": support,
+    }
 
 
 def classification_report(
@@ -152,13 +156,16 @@ def classification_report(
     }
     matrix = skm.confusion_matrix(y_true, y_pred, labels=np.arange(len(class_names)))
     report["confusion_matrix"] = {
-        "classes": list(class_names), "rows": "true", "columns": "predicted",
+        "classes": list(class_names),
+        "rows": "true",
+        "columns": "predicted",
         "matrix": matrix.tolist(),
-    }  # fmt: skip
+    }
     report["bootstrap"] = {
-        "resamples": n_bootstrap, "seed": seed,
+        "resamples": n_bootstrap,
+        "seed": seed,
         "method": "stratified by true class, percentile interval",
-    }  # fmt: skip
+    }
     return report
 
 
@@ -178,7 +185,7 @@ class Evaluation:
 def prediction_classes(columns: Sequence[str]) -> list[str]:
     """Class names of a ``predictions.csv`` header: its ``prob_<class>`` columns, in
     order, without the spread columns ``prob_<class>_sd`` of another class."""
-    named = [c[len("prob_"):] for c in columns if c.startswith("prob_")]
+    named = [c[len("prob_") :] for c in columns if c.startswith("prob_")]
     return [c for c in named if not (c.endswith("_sd") and c[: -len("_sd")] in named)]
 
 
@@ -236,8 +243,9 @@ def evaluate(
     predicted = {r["slide"] for r in rows}
     excluded += [
         {"slide": r.name, "reason": "no prediction row", "status": ""}
-        for r in table.rows if r.name not in predicted
-    ]  # fmt: skip
+        for r in table.rows
+        if r.name not in predicted
+    ]
     if not y_true:
         raise UserError(
             f"{path}: no slide has both an 'ok' prediction and a label in {table.source} "
@@ -302,8 +310,13 @@ def write_roc_png(
         ax.plot(fpr, tpr, label=f"{class_names[c]} (AUC {one:.3f})")
     ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="chance")
     kind = "" if len(class_names) == 2 else "one-vs-rest, macro "
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
-           ylim=(0, 1.01), title=f"ROC, {len(y_true)} slides ({kind}AUC {auc:.3f})")  # fmt: skip
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        title=f"ROC, {len(y_true)} slides ({kind}AUC {auc:.3f})",
+    )
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     with atomic_target(path) as tmp:
@@ -335,9 +348,7 @@ def metrics_markdown(metrics: dict) -> str:
         "| metric | value | 95 % CI |",
         "| --- | --- | --- |",
     ]
-    lines += [
-        f"| {name.replace('_', ' ')} | {_value(metrics[name])} |" for name in SUMMARY_METRICS
-    ]
+    lines += [f"| {name.replace('_', ' ')} | {_value(metrics[name])} |" for name in SUMMARY_METRICS]
     lines += [
         "",
         f"ROC AUC: {metrics['roc_auc']['average']}"

@@ -42,9 +42,14 @@ def prediction_columns(class_names: Sequence[str]) -> list[str]:
     tissue_fraction, mpp, flags, error`` (``inference.SlideResult`` documents them;
     ``mpp``: microns per pixel of the patches, empty when the slide's is unknown)."""
     return [
-        *BASE_COLUMNS, *(f"prob_{c}" for c in class_names),
-        *(f"prob_{c}_sd" for c in class_names), "tissue_fraction", "mpp", "flags", "error",
-    ]  # fmt: skip
+        *BASE_COLUMNS,
+        *(f"prob_{c}" for c in class_names),
+        *(f"prob_{c}_sd" for c in class_names),
+        "tissue_fraction",
+        "mpp",
+        "flags",
+        "error",
+    ]
 
 
 def heatmap_path(out_dir: str | os.PathLike, slide: str) -> Path:
@@ -89,9 +94,14 @@ def write_slide_files(
     )
     written.append(heatmap_path(out_dir, slide))
     write_heatmap_png(
-        written[-1], result.display, result.attention, result.boxes,
-        result.patch_attention, result.slide_shape, heatmap_scale,
-    )  # fmt: skip
+        written[-1],
+        result.display,
+        result.attention,
+        result.boxes,
+        result.patch_attention,
+        result.slide_shape,
+        heatmap_scale,
+    )
     probs = dict(zip(class_names, np.asarray(result.probs).tolist(), strict=True))
     collection = patches_feature_collection(
         result.boxes, result.patch_attention, result.slide_shape, slide, result.label, probs
@@ -135,8 +145,9 @@ def write_thumbnail_jpeg(
         # Black under white: visible on glass and on dark tissue alike.
         draw.rectangle([x - 1, y - 1, x + w, y + h], outline=(0, 0, 0), width=3)
         draw.rectangle([x - 1, y - 1, x + w, y + h], outline=(255, 255, 255), width=1)
-        draw.text((x + 2, y + 1), str(rank), fill=(255, 255, 255), stroke_width=2,
-                  stroke_fill=(0, 0, 0))  # fmt: skip
+        draw.text(
+            (x + 2, y + 1), str(rank), fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0)
+        )
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=90)
     atomic_write_bytes(path, buf.getvalue())
@@ -209,8 +220,14 @@ def write_heatmap_png(
     ax.imshow(display[..., :3], interpolation="nearest")
     level = np.asarray(norm(attention), dtype=np.float64).clip(0, 1)
     alpha = np.where(attention > 0, 0.25 + 0.5 * level, 0.0)
-    ax.imshow(attention, cmap=colormaps[COLOUR_MAP], norm=norm, alpha=alpha,
-              extent=(0, w, h, 0), interpolation="nearest")  # fmt: skip
+    ax.imshow(
+        attention,
+        cmap=colormaps[COLOUR_MAP],
+        norm=norm,
+        alpha=alpha,
+        extent=(0, w, h, 0),
+        interpolation="nearest",
+    )
     shown = _display_boxes(boxes, slide_shape, display.shape)
     for rank, i in enumerate(attention_order(patch_attention), start=1):
         y, x, bh, bw = shown[i]
@@ -275,8 +292,10 @@ def patches_feature_collection(
     features = [
         {
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [box_ring((0, 0, height, width),
-                                                                     slide_shape)]},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [box_ring((0, 0, height, width), slide_shape)],
+            },
             "properties": {
                 "objectType": "annotation",
                 "name": f"{slide}: {label}",

@@ -102,8 +102,10 @@ def read_entries(out_dir: Path) -> tuple[Columns, list[SlideEntry]]:
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir}: no such directory")
     if not csv_path.is_file():
-        raise UserError(f"{out_dir}: no {outputs.PREDICTIONS}, nothing to report "
-                        "(run ats-wsi predict into it first)")  # fmt: skip
+        raise UserError(
+            f"{out_dir}: no {outputs.PREDICTIONS}, nothing to report "
+            "(run ats-wsi predict into it first)"
+        )
     rows = read_csv(csv_path)
     header = list(rows[0]) if rows else []
     entries = []
@@ -196,8 +198,10 @@ def _table(entries: list[SlideEntry], columns: Columns) -> str:
         ]
         for c in columns.classes:
             value = r.get(f"prob_{c}", "")
-            cells.append(f'<td data-value="{html.escape(value)}">'
-                         f"{html.escape(_probability(r, c, columns))}</td>")  # fmt: skip
+            cells.append(
+                f'<td data-value="{html.escape(value)}">'
+                f"{html.escape(_probability(r, c, columns))}</td>"
+            )
         for c in columns.qc:
             value = r.get(c, "")
             shown = _number(value) if c in numeric and value else value
@@ -236,7 +240,7 @@ def _panel(out_dir: Path, i: int, entry: SlideEntry, columns: Columns) -> str:
     slide, status = r["slide"], r.get("status", "")
     head = (
         f'<section class="panel" id="slide-{i}" data-status="{html.escape(status)}">\n'
-        f"<h2>{html.escape(slide)} <span class=\"status-{html.escape(status)}\">"
+        f'<h2>{html.escape(slide)} <span class="status-{html.escape(status)}">'
         f"{html.escape(status)}</span></h2>\n"
         f'<p class="path">{html.escape(r.get("path", ""))}</p>\n'
     )
@@ -246,14 +250,24 @@ def _panel(out_dir: Path, i: int, entry: SlideEntry, columns: Columns) -> str:
         f"p({html.escape(c)}) {html.escape(_probability(r, c, columns))}" for c in columns.classes
     )
     qc = "".join(f" · {html.escape(c)} {html.escape(r.get(c, ''))}" for c in columns.qc)
-    thumbnail = _image(out_dir, outputs.thumbnail_path(out_dir, slide),
-                       f"{slide}: thumbnail with the sampled patches", "thumbnail")  # fmt: skip
-    heatmap = _image(out_dir, outputs.heatmap_path(out_dir, slide),
-                     f"{slide}: attention heatmap", "heatmap")  # fmt: skip
+    thumbnail = _image(
+        out_dir,
+        outputs.thumbnail_path(out_dir, slide),
+        f"{slide}: thumbnail with the sampled patches",
+        "thumbnail",
+    )
+    heatmap = _image(
+        out_dir, outputs.heatmap_path(out_dir, slide), f"{slide}: attention heatmap", "heatmap"
+    )
     gallery = "\n".join(
         "<figure>"
-        + _image(out_dir, outputs.gallery_path(out_dir, slide, p.index),
-                 f"{slide} patch rank {p.rank}", "patch", zoom=True)  # fmt: skip
+        + _image(
+            out_dir,
+            outputs.gallery_path(out_dir, slide, p.index),
+            f"{slide} patch rank {p.rank}",
+            "patch",
+            zoom=True,
+        )
         + f"<figcaption>#{p.rank} · attention {p.attention:.3g}<br>"
         f"x {p.box[1]}, y {p.box[0]} · {p.box[3]} × {p.box[2]}</figcaption></figure>"
         for p in entry.patches
@@ -268,8 +282,7 @@ def _panel(out_dir: Path, i: int, entry: SlideEntry, columns: Columns) -> str:
         + f'<figure>{heatmap}<figcaption class="colour-scale">Colour ({outputs.COLOUR_MAP}): '
         + f"{html.escape(entry.scale or 'scale not recorded')}</figcaption></figure>\n</div>\n"
         + f"<h3>Sampled patches by attention ({len(entry.patches)}; "
-        "level-0 pixel boxes)</h3>\n"
-        + f'<div class="gallery">\n{gallery}\n</div>\n</section>'
+        "level-0 pixel boxes)</h3>\n" + f'<div class="gallery">\n{gallery}\n</div>\n</section>'
     )
 
 

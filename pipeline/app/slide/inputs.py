@@ -23,14 +23,28 @@ from pipeline.app.errors import UserError
 from pipeline.app.files import read_table
 
 SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu",
-    ".svslide", ".dcm", ".zarr",
-)  # fmt: skip
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".svslide",
+    ".dcm",
+    ".zarr",
+)
 """File (or directory, for Zarr) suffixes taken as slides when listing a directory."""
 
 _RESERVED_NAMES = {
-    "CON", "PRN", "AUX", "NUL", *(f"{port}{i}" for port in ("COM", "LPT") for i in range(1, 10)),
-}  # fmt: skip
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"{port}{i}" for port in ("COM", "LPT") for i in range(1, 10)),
+}
 """Device names Windows reserves whatever the extension (``NUL.png`` too)."""
 
 MAX_NAME_BYTES = 200

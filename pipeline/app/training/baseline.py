@@ -47,8 +47,5 @@ def train_low_res(
 @torch.no_grad()
 def low_res_accuracy(model: LowResClassifier, slides: list[LabelledSlide]) -> float:
     device = next(model.parameters()).device
-    correct = [
-        int(model(low_res_tensor(s.thumbnail, device)).argmax(1)) == s.label
-        for s in slides
-    ]
+    correct = [int(model(low_res_tensor(s.thumbnail, device)).argmax(1)) == s.label for s in slides]
     return sum(correct) / len(correct)

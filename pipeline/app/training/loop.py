@@ -122,10 +122,14 @@ def load_slides(
             view = views.load(row.path)
             slides.append(
                 LabelledSlide(
-                    row.path, config.class_names.index(row.label), view.thumbnail,
-                    view.tissue, row.name, row.case,
+                    row.path,
+                    config.class_names.index(row.label),
+                    view.thumbnail,
+                    view.tissue,
+                    row.name,
+                    row.case,
                 )
-            )  # fmt: skip
+            )
         except Exception as e:  # every unreadable slide is reported and skipped
             skipped.append(f"{row.path}: {type(e).__name__}: {e}")
             warn(f"skipping {skipped[-1]}")
@@ -140,8 +144,9 @@ def check_classes(
     present = {s.label for s in slides}
     notes = [
         f"{source}: class {name!r} has no readable slide to train on"
-        for i, name in enumerate(class_names) if i not in present
-    ]  # fmt: skip
+        for i, name in enumerate(class_names)
+        if i not in present
+    ]
     if len(present) < 2:
         found = [class_names[i] for i in sorted(present)]
         raise UserError(
@@ -299,9 +304,11 @@ def early_patches(
 
 
 def fit_attention_to_prior(
-    model: SlideClassifier, slides: Sequence[LabelledSlide], config: TrainConfig,
+    model: SlideClassifier,
+    slides: Sequence[LabelledSlide],
+    config: TrainConfig,
     device: torch.device,
-) -> float:  # fmt: skip
+) -> float:
     """Fit the attention net alone to the content prior ``config.prior`` (see
     ``TrainConfig.prior_init_steps``): each step takes ``batch_size`` slides at random
     and minimises ``-sum_k p_k log a_k``, ``a`` the attention restricted to tissue and
@@ -361,14 +368,24 @@ def train_epoch(
         weights = class_weights(slides, len(model.config.class_names))
     views = {s.path: s.view for s in slides}
     return stream_epoch(
-        model, optimizer, [StreamItem(slides[i].path, slides[i].label) for i in order],
-        _Views(views), config.batch_size,
+        model,
+        optimizer,
+        [StreamItem(slides[i].path, slides[i].label) for i in order],
+        _Views(views),
+        config.batch_size,
         torch.Generator(device).manual_seed(slide_seed(config.seed, f"epoch-{epoch}")),
-        device, depth=config.queue_depth, reader=reader, warn=warn,
-        augmentation=Augmentation.from_config(config), prior=config.prior,
-        first_slide=(epoch - 1) * len(slides), class_weights=weights, amp=config.amp,
-        progress=progress, n_patches=early_patches(model.config.n_patches, len(slides), config),
-    )  # fmt: skip
+        device,
+        depth=config.queue_depth,
+        reader=reader,
+        warn=warn,
+        augmentation=Augmentation.from_config(config),
+        prior=config.prior,
+        first_slide=(epoch - 1) * len(slides),
+        class_weights=weights,
+        amp=config.amp,
+        progress=progress,
+        n_patches=early_patches(model.config.n_patches, len(slides), config),
+    )
 
 
 class _Views(dict):
@@ -391,8 +408,9 @@ def evaluate(
     that shares ``handles`` is idle."""
     model.eval()
     return [
-        run_slide(model, s, device, torch.Generator(device).manual_seed(slide_seed(seed, s.path)),
-                  handles)  # fmt: skip
+        run_slide(
+            model, s, device, torch.Generator(device).manual_seed(slide_seed(seed, s.path)), handles
+        )
         for s in slides
     ]
 
@@ -485,8 +503,9 @@ def _load(pool, external, config: ModelConfig, log, progress, cache_dir=None) ->
     class_notes = check_classes(loaded, config.class_names, pool.source)
     for message in class_notes:
         log(message)
-    return _Labels(pool, external, loaded, val_loaded, skipped + unread + val_unread,
-                   notes + class_notes)  # fmt: skip
+    return _Labels(
+        pool, external, loaded, val_loaded, skipped + unread + val_unread, notes + class_notes
+    )
 
 
 def train(
@@ -575,8 +594,10 @@ def fit(
         model = new_model(run_config.model, cfg.seed, device)
         if cfg.prior_init_steps:
             loss = fit_attention_to_prior(model, train_set, cfg, device)
-            log(f"attention fitted to the {cfg.prior} prior in {cfg.prior_init_steps} steps "
-                f"(cross-entropy {loss:.3f})")  # fmt: skip
+            log(
+                f"attention fitted to the {cfg.prior} prior in {cfg.prior_init_steps} steps "
+                f"(cross-entropy {loss:.3f})"
+            )
     set_exploration(model, len(train_set), cfg)
     optimizer = make_optimizer(model, cfg)
     if cfg.amp and device.type != "cuda":
@@ -594,8 +615,10 @@ def fit(
         _write_split(out, data, train_set, val_set)
     log(f"{len(train_set)} training slides, {len(val_set)} validation slides")
     if not val_set:
-        log("no validation slides: no model selection or early stopping; "
-            "model.safetensors holds the last epoch")  # fmt: skip
+        log(
+            "no validation slides: no model selection or early stopping; "
+            "model.safetensors holds the last epoch"
+        )
 
     reader = Reader()  # its slide handles stay open across epochs
     try:
@@ -609,8 +632,10 @@ def fit(
             row = epoch_row(epoch, steps, val_steps, val_set, time.perf_counter() - began)
             history.append(row)
             best = history[best_epoch - 1] if best_epoch else None
-            improved = not val_set or best is None or (
-                selection_key(row, cfg.select_metric) > selection_key(best, cfg.select_metric)
+            improved = (
+                not val_set
+                or best is None
+                or (selection_key(row, cfg.select_metric) > selection_key(best, cfg.select_metric))
             )
             best_epoch = epoch if improved else best_epoch
             save_epoch(
@@ -621,8 +646,10 @@ def fit(
         reader.close()
     if best_epoch != len(history):
         model, _ = checkpoint.load_model(out, device)
-        log(f"best epoch {best_epoch} by validation {cfg.select_metric}: "
-            f"{out / checkpoint.MODEL_FILE}")
+        log(
+            f"best epoch {best_epoch} by validation {cfg.select_metric}: "
+            f"{out / checkpoint.MODEL_FILE}"
+        )
     model.eval()
     return TrainResult(out, model, run_config, history, best_epoch, data.skipped, data.notes)
 
@@ -633,8 +660,10 @@ def _stopped(history: list[dict], best_epoch: int, cfg: TrainConfig, log) -> boo
         return False
     if len(history) - best_epoch < cfg.patience:
         return False
-    log(f"early stop after epoch {len(history)}: no better validation {cfg.select_metric} "
-        f"in {cfg.patience} epochs (best epoch {best_epoch})")  # fmt: skip
+    log(
+        f"early stop after epoch {len(history)}: no better validation {cfg.select_metric} "
+        f"in {cfg.patience} epochs (best epoch {best_epoch})"
+    )
     return True
 
 
@@ -643,11 +672,20 @@ def _write_split(out: Path, data: _Labels, train_set, val_set) -> None:
     ``unread`` for a slide that could not be read)."""
     sets = {s.name: "train" for s in train_set} | {s.name: "val" for s in val_set}
     rows = data.pool.rows + (data.external.rows if data.external else [])
-    write_csv(out / SPLIT_FILE, SPLIT_COLUMNS, [
-        {"slide": r.name, "label": r.label, "case": r.case, "set": sets.get(r.name, "unread"),
-         "path": str(r.path)}
-        for r in rows
-    ])  # fmt: skip
+    write_csv(
+        out / SPLIT_FILE,
+        SPLIT_COLUMNS,
+        [
+            {
+                "slide": r.name,
+                "label": r.label,
+                "case": r.case,
+                "set": sets.get(r.name, "unread"),
+                "path": str(r.path),
+            }
+            for r in rows
+        ],
+    )
 
 
 def saved_split(out: Path, pool: LabelTable, external: LabelTable | None) -> dict[str, str]:
@@ -689,9 +727,13 @@ def _changes(before: dict, now: dict) -> str:
     changed = {n for n in now.keys() & before.keys() if now[n] != before[n]}
     parts = [
         f"{len(names)} slides {what}: {some(names)}"
-        for what, names in (("added", added), ("removed", removed),
-                            ("with a new label or case", changed)) if names
-    ]  # fmt: skip
+        for what, names in (
+            ("added", added),
+            ("removed", removed),
+            ("with a new label or case", changed),
+        )
+        if names
+    ]
     return "; ".join(parts)
 
 
@@ -755,14 +797,16 @@ def cross_validate(
     log = log or tqdm.write
     out = Path(out)
     pool, _ = _read_tables(labels, slides, None, None)
-    run_config, resuming = resolve_run(out / "fold_1", pool.classes, model_config, train_config,
-                                       resplit)  # fmt: skip
+    run_config, resuming = resolve_run(
+        out / "fold_1", pool.classes, model_config, train_config, resplit
+    )
     if resuming:
         saved_split(out / "fold_1", pool, None)  # refuse changed labels before reading slides
     data = _load(pool, None, run_config.model, log, progress, cache_dir)
     cfg = run_config.train
-    assigned = assign_folds([s.label for s in data.slides], [s.case for s in data.slides],
-                            folds, cfg.seed)  # fmt: skip
+    assigned = assign_folds(
+        [s.label for s in data.slides], [s.case for s in data.slides], folds, cfg.seed
+    )
     results = []
     for k in range(folds):
         fold_dir = out / f"fold_{k + 1}"
@@ -779,9 +823,11 @@ def cross_validate(
     summary = cv_summary(results)
     write_csv(out / CV_SUMMARY_FILE, CV_COLUMNS, summary)
     mean, sd = summary[-2], summary[-1]
-    log(f"cross-validation over {folds} folds: " + ", ".join(
-        f"{m} {mean[m]} ± {sd[m]}" for m in VAL_METRICS if mean[m] != ""
-    ) + f"; {out / CV_SUMMARY_FILE}")  # fmt: skip
+    log(
+        f"cross-validation over {folds} folds: "
+        + ", ".join(f"{m} {mean[m]} ± {sd[m]}" for m in VAL_METRICS if mean[m] != "")
+        + f"; {out / CV_SUMMARY_FILE}"
+    )
     return CrossValidation(out, results, summary)
 
 
@@ -792,11 +838,16 @@ def cv_summary(results: Sequence[TrainResult]) -> list[dict]:
     for k, result in enumerate(results, start=1):
         state = json.loads((result.run_dir / STATE_FILE).read_text())
         best = result.history[result.best_epoch - 1]
-        rows.append({
-            "fold": k, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-            "n_train": len(state["train_slides"]), "n_val": len(state["val_slides"]),
-            **{m: best[m] for m in VAL_METRICS},
-        })  # fmt: skip
+        rows.append(
+            {
+                "fold": k,
+                "best_epoch": result.best_epoch,
+                "epochs_run": len(result.history),
+                "n_train": len(state["train_slides"]),
+                "n_val": len(state["val_slides"]),
+                **{m: best[m] for m in VAL_METRICS},
+            }
+        )
     mean, sd = {"fold": "mean"}, {"fold": "sd"}
     for m in VAL_METRICS:
         values = [r[m] for r in rows if r[m] is not None]

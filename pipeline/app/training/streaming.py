@@ -86,8 +86,14 @@ class ViewCache:
     plain arrays and are read with ``allow_pickle=False``.
     """
 
-    FIELDS = ("low_res_max_side", "low_res_level", "low_res_mpp", "tissue_mask", "assume_mpp",
-              "slide_mpp")  # fmt: skip
+    FIELDS = (
+        "low_res_max_side",
+        "low_res_level",
+        "low_res_mpp",
+        "tissue_mask",
+        "assume_mpp",
+        "slide_mpp",
+    )
 
     def __init__(self, directory: str | os.PathLike | None, config: ModelConfig) -> None:
         self.directory = None if directory is None else Path(directory)
@@ -230,10 +236,16 @@ class Reader:
         self.handles.close()
 
 
-def read_batch(handles: SlideHandles, config: ModelConfig, paths: Sequence, plan: pipeline.Plan,
-               low_size: tuple[int, int], ratios: Sequence[tuple[float, float]],
-               transforms: Sequence | None = None,
-               augmentation: Augmentation = Augmentation()) -> tuple:  # noqa: B008 # fmt: skip
+def read_batch(
+    handles: SlideHandles,
+    config: ModelConfig,
+    paths: Sequence,
+    plan: pipeline.Plan,
+    low_size: tuple[int, int],
+    ratios: Sequence[tuple[float, float]],
+    transforms: Sequence | None = None,
+    augmentation: Augmentation = Augmentation(),  # noqa: B008
+) -> tuple:
     """Patches ``[B, N, 3, p, p]`` (float in [0, 1]) and offsets ``[B, N, 2]`` of
     ``plan``'s positions: slides ``paths`` read as ``config`` reads patches (slides
     opened through ``handles``), seen through their augmentation ``transforms`` and
@@ -246,9 +258,13 @@ def read_batch(handles: SlideHandles, config: ModelConfig, paths: Sequence, plan
         source, _ = patch_view(slide, config, level0_mpp(slide, config))
         sources.append(PaddedSource(augmentation.source(source, transform), ratio))
     return pipeline.gather_patches(
-        sources, plan.samples.cpu(), plan.attention_size, low_size, config.patch_size,
+        sources,
+        plan.samples.cpu(),
+        plan.attention_size,
+        low_size,
+        config.patch_size,
         config.receptive_field,
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -273,8 +289,14 @@ class _Planning:
         return cls(copy.deepcopy(sampler, memo=shared), model.config, **options)
 
 
-def _prepare(handles: SlideHandles, planning: _Planning, items: list[StreamItem],
-             weights: dict, step: int, first_slide: int) -> _Prepared:  # fmt: skip
+def _prepare(
+    handles: SlideHandles,
+    planning: _Planning,
+    items: list[StreamItem],
+    weights: dict,
+    step: int,
+    first_slide: int,
+) -> _Prepared:
     """Plan and read one batch in the read thread (see the module docstring). Slides
     whose view or tiles cannot be read are skipped with their reason; a batch of
     unreadable tiles is skipped whole (one read serves the batch)."""
@@ -300,16 +322,25 @@ def _prepare(handles: SlideHandles, planning: _Planning, items: list[StreamItem]
     plan = planning.planner.plan(x_low, mask, generator, priors, step=first_slide)
     ratios = [(h / v.tissue.shape[0], w / v.tissue.shape[1]) for v in cached]
     try:
-        patches, offsets = read_batch(handles, planning.config, [i.path for i in items], plan,
-                                      (h, w), ratios, transforms, augmentation)  # fmt: skip
+        patches, offsets = read_batch(
+            handles,
+            planning.config,
+            [i.path for i in items],
+            plan,
+            (h, w),
+            ratios,
+            transforms,
+            augmentation,
+        )
     except Exception as e:  # an unreadable tile: the batch is skipped, not the run
         skipped.append(f"skipping {[str(i.path) for i in items]}: {type(e).__name__}: {e}")
         return _Prepared(None, skipped)
     return _Prepared(_Planned(items, x_low, mask, plan, patches, offsets, step), skipped)
 
 
-def stack_priors(views: Sequence[CachedView], prior: str, shape: tuple[int, int],
-                 device: torch.device) -> torch.Tensor:  # fmt: skip
+def stack_priors(
+    views: Sequence[CachedView], prior: str, shape: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """Each view's content prior (``priors.slide_prior``), zero-padded to ``shape``
     ``(h, w)`` as ``stack_views`` pads: float [B, h, w]."""
     stacked = torch.zeros(len(views), *shape, device=device)
@@ -382,9 +413,15 @@ def stream_epoch(
     model.train()
     own_reader = reader is None
     reader = reader or Reader()
-    planning = _Planning.of(model, views=views, generator=generator, device=device,
-                            augmentation=augmentation, prior=prior,
-                            n_patches=n_patches)  # fmt: skip
+    planning = _Planning.of(
+        model,
+        views=views,
+        generator=generator,
+        device=device,
+        augmentation=augmentation,
+        prior=prior,
+        n_patches=n_patches,
+    )
     batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     queue: deque[tuple[int, Future]] = deque()  # (slides in the batch, its _Prepared)
     results: list[StepResult] = []
@@ -398,10 +435,15 @@ def stream_epoch(
             while len(queue) < depth and submitted < len(batches):
                 batch = batches[submitted]
                 # Cloned here, so the batch is planned with the weights of this moment.
-                weights = {k: v.detach().clone()
-                           for k, v in model.sampler.attention.state_dict().items()}  # fmt: skip
-                queue.append((len(batch), reader.submit(
-                    _prepare, planning, batch, weights, steps, planned_slides)))  # fmt: skip
+                weights = {
+                    k: v.detach().clone() for k, v in model.sampler.attention.state_dict().items()
+                }
+                queue.append(
+                    (
+                        len(batch),
+                        reader.submit(_prepare, planning, batch, weights, steps, planned_slides),
+                    )
+                )
                 submitted += 1
                 planned_slides += len(batch)
             if not queue:
@@ -413,9 +455,15 @@ def stream_epoch(
                 warn(message)
             if prepared.planned is None:
                 continue
-            results += _train_step(model, optimizer, prepared.planned,
-                                   steps != prepared.planned.step, device, class_weights,
-                                   scaler)  # fmt: skip
+            results += _train_step(
+                model,
+                optimizer,
+                prepared.planned,
+                steps != prepared.planned.step,
+                device,
+                class_weights,
+                scaler,
+            )
             steps += 1
             if on_step is not None:
                 on_step()
@@ -436,16 +484,16 @@ def _transformed(view: CachedView, augmentation: Augmentation, transform) -> Cac
     return CachedView(thumbnail.permute(1, 2, 0).numpy(), tissue.numpy())
 
 
-def _train_step(model, optimizer, planned: _Planned, stale: bool, device, class_weights,
-                scaler):  # fmt: skip
+def _train_step(model, optimizer, planned: _Planned, stale: bool, device, class_weights, scaler):
     patches = planned.patches
     if device.type == "cuda":
         # Pinned host memory lets the copy overlap the kernels still running.
         patches = patches.pin_memory().to(device, non_blocking=True)
     target = torch.tensor([i.label for i in planned.items], device=device)
     with torch.autocast(device.type, enabled=scaler.is_enabled()):
-        out = model.sampler.estimate(planned.x_low, patches, planned.offsets, planned.plan,
-                                     planned.mask, stale=stale)  # fmt: skip
+        out = model.sampler.estimate(
+            planned.x_low, patches, planned.offsets, planned.plan, planned.mask, stale=stale
+        )
         logits = model.head(out.features)
     losses = F.cross_entropy(logits.float(), target, reduction="none")  # [B]
     weighted = losses if class_weights is None else losses * _on(class_weights, device)[target]

@@ -54,9 +54,13 @@ def weights(tmp_path):
 
 def factory_config(small_model_config, **changes) -> ModelConfig:
     return dataclasses.replace(
-        small_model_config, feature_net=FACTORY, feature_mean=(0.6, 0.4, 0.7),
-        feature_std=(0.2, 0.25, 0.15), feature_input_size=(24, 24), **changes,
-    )  # fmt: skip
+        small_model_config,
+        feature_net=FACTORY,
+        feature_mean=(0.6, 0.4, 0.7),
+        feature_std=(0.2, 0.25, 0.15),
+        feature_input_size=(24, 24),
+        **changes,
+    )
 
 
 def assert_state_equal(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -111,9 +115,21 @@ def test_key_mismatch_is_one_line_naming_the_keys(small_model_config, tmp_path, 
 def test_cli_reports_a_bad_weights_file_in_one_line(dataset, tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    code = main(["train", "--slides", str(dataset), "--labels", str(dataset / "labels.csv"),
-                 "--out", str(tmp_path / "run"), "--feature-net", FACTORY,
-                 "--feature-weights", str(bad)])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--slides",
+            str(dataset),
+            "--labels",
+            str(dataset / "labels.csv"),
+            "--out",
+            str(tmp_path / "run"),
+            "--feature-net",
+            FACTORY,
+            "--feature-weights",
+            str(bad),
+        ]
+    )
     last = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
     assert code == 2
     assert last == (
@@ -127,18 +143,26 @@ def test_frozen_encoder_is_unchanged_while_attention_trains(
 ):
     config = factory_config(small_model_config, feature_weights=str(weights), freeze_features=True)
     initial = new_model(encoders.resolve(config), seed=0, device=torch.device("cpu"))
-    result = train(dataset, dataset / "labels.csv", tmp_path / "run", config,
-                   TrainConfig(epochs=1, batch_size=2, seed=0), device="cpu", progress=False,
-                   log=lambda _: None)  # fmt: skip
+    result = train(
+        dataset,
+        dataset / "labels.csv",
+        tmp_path / "run",
+        config,
+        TrainConfig(epochs=1, batch_size=2, seed=0),
+        device="cpu",
+        progress=False,
+        log=lambda _: None,
+    )
     model = result.model
     # Parameters and batch-norm statistics: exactly the file's (BN was in eval mode).
     assert_state_equal(model.feature_net.net, pretrained_state())
     assert not any(p.requires_grad for p in model.feature_net.parameters())
     changed = [
         not torch.equal(a, b)
-        for a, b in zip(model.attention_net.parameters(), initial.attention_net.parameters(),
-                        strict=True)
-    ]  # fmt: skip
+        for a, b in zip(
+            model.attention_net.parameters(), initial.attention_net.parameters(), strict=True
+        )
+    ]
     assert all(changed)
 
     run = result.run_dir
@@ -153,8 +177,9 @@ def test_frozen_encoder_is_unchanged_while_attention_trains(
 
     moved = tmp_path / "moved.safetensors"
     shutil.copy(weights, moved)
-    summary = predict(run, [dataset / "slide_000.tiff"], tmp_path / "out",
-                      feature_weights=moved, progress=False)  # fmt: skip
+    summary = predict(
+        run, [dataset / "slide_000.tiff"], tmp_path / "out", feature_weights=moved, progress=False
+    )
     assert summary.results[0].status == "ok"
     save_file(pretrained_state(seed=6), str(weights))  # other weights under the same name
     with pytest.raises(ConfigError, match=r"encoder weights differ from the run's \(SHA-256"):
@@ -186,10 +211,14 @@ def test_timm_encoder_by_name_and_local_weights(small_model_config, tmp_path):
     source = timm.create_model("test_resnet", pretrained=False, num_classes=10)
     path = tmp_path / "test_resnet.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    config = encoders.resolve(dataclasses.replace(
-        small_model_config, feature_net="timm:test_resnet", feature_weights=str(path),
-        feature_input_size=(64, 64),
-    ))  # fmt: skip
+    config = encoders.resolve(
+        dataclasses.replace(
+            small_model_config,
+            feature_net="timm:test_resnet",
+            feature_weights=str(path),
+            feature_input_size=(64, 64),
+        )
+    )
     pretrained = timm.get_pretrained_cfg("test_resnet")
     assert config.feature_mean == tuple(pretrained.mean) and config.feature_input_size == (64, 64)
     assert config.feature_std == tuple(pretrained.std)

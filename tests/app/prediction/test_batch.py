@@ -40,9 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Root ignores file modes through these two capabilities; without them it is refused
 # like anyone else.
 UNPRIVILEGED = (
-    ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
-    if os.geteuid() == 0
-    else []
+    ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
 )
 
 
@@ -53,8 +51,9 @@ def cli(*args: str, unprivileged: bool = False, wait: bool = True):
     argv = [*(UNPRIVILEGED if unprivileged else []), sys.executable, "-m", "pipeline.app.cli"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if not wait:
-        return subprocess.Popen([*argv, *args], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        return subprocess.Popen(
+            [*argv, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     return subprocess.run([*argv, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -98,8 +97,9 @@ def test_output_dir_of_another_model_is_refused_not_mixed(run_dir, dataset, tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "predict.seed: 0 -> 1" in err
 
-    summary = predict(other_model(), [dataset / "slide_000.tiff"], out, overwrite=True,
-                      progress=False)  # fmt: skip
+    summary = predict(
+        other_model(), [dataset / "slide_000.tiff"], out, overwrite=True, progress=False
+    )
     assert not summary.failed
     rows = rows_of(out)
     assert [r["slide"] for r in rows] == ["slide_000"]  # the first model's rows are gone
@@ -224,16 +224,30 @@ def test_files_follow_the_umask(dataset, tmp_path, small_model_config):
         config = {"epochs": 1, "batch_size": 4, "val_fraction": 0.0}
         from pipeline.app.config import TrainConfig
 
-        result = train(dataset, dataset / "labels.csv", tmp_path / "run", small_model_config,
-                       TrainConfig(**config), device="cpu", progress=False,
-                       log=lambda _: None)  # fmt: skip
+        result = train(
+            dataset,
+            dataset / "labels.csv",
+            tmp_path / "run",
+            small_model_config,
+            TrainConfig(**config),
+            device="cpu",
+            progress=False,
+            log=lambda _: None,
+        )
         predict(result.run_dir, [dataset / "slide_001.tiff"], tmp_path / "out", progress=False)
     finally:
         os.umask(old)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert {p.name for p in written} >= {MODEL_FILE, "config.json", "optimizer.safetensors",
-                                         JOURNAL_FILE, MANIFEST_FILE, LOCK_FILE,
-                                         outputs.PREDICTIONS, "slide_001.png"}  # fmt: skip
+    assert {p.name for p in written} >= {
+        MODEL_FILE,
+        "config.json",
+        "optimizer.safetensors",
+        JOURNAL_FILE,
+        MANIFEST_FILE,
+        LOCK_FILE,
+        outputs.PREDICTIONS,
+        "slide_001.png",
+    }
     modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in written}
     assert set(modes.values()) == {"0o664"}, modes
 
@@ -249,8 +263,7 @@ def test_symlink_loops_and_missing_files_get_error_rows(run_dir, dataset, tmp_pa
     (slides / "sub" / "up").symlink_to("..")  # a directory cycle, met with --recursive
     shutil.copy(dataset / "slide_001.tiff", slides / "sub" / "deep.tiff")
     missing = tmp_path / "gone.svs"
-    summary = predict(run_dir, [slides, missing], tmp_path / "out", recursive=True,
-                      progress=False)  # fmt: skip
+    summary = predict(run_dir, [slides, missing], tmp_path / "out", recursive=True, progress=False)
     rows = {r["slide"]: r for r in rows_of(tmp_path / "out")}
     assert sorted(rows) == ["deep", "gone", "good", "loop", "up"]
     assert rows["good"]["status"] == rows["deep"]["status"] == "ok"
@@ -275,9 +288,15 @@ def test_same_file_names_in_different_folders_get_distinct_names(run_dir, datase
 def test_slides_csv_ids_and_unsafe_ids(run_dir, dataset, tmp_path):
     out = tmp_path / "out"
     d = dataset
-    lines = ["path;slide", f"{d / 'slide_000.tiff'};first", "slides/../x.tiff;../escape",
-             f"{d / 'slide_001.tiff'};", f"{d / 'slide_002.tiff'};NUL",
-             f"{d / 'slide_003.tiff'};a\tb", f"{d / 'slide_004.tiff'};sub/dir"]  # fmt: skip
+    lines = [
+        "path;slide",
+        f"{d / 'slide_000.tiff'};first",
+        "slides/../x.tiff;../escape",
+        f"{d / 'slide_001.tiff'};",
+        f"{d / 'slide_002.tiff'};NUL",
+        f"{d / 'slide_003.tiff'};a\tb",
+        f"{d / 'slide_004.tiff'};sub/dir",
+    ]
     (tmp_path / "slides.csv").write_text("\n".join(lines) + "\n")  # ';' as a spreadsheet saves
     before = set(tmp_path.parent.iterdir())
     summary = predict(run_dir, [], out, slides_csv=tmp_path / "slides.csv", progress=False)
@@ -293,8 +312,15 @@ def test_slides_csv_ids_and_unsafe_ids(run_dir, dataset, tmp_path):
 def test_a_slides_csv_without_a_path_column_is_a_user_error(run_dir, tmp_path, capsys):
     (tmp_path / "slides.csv").write_text("file;slide\na.svs;a\n")
     out = tmp_path / "out"
-    argv = ["predict", "--model", str(run_dir), "--slides-csv", str(tmp_path / "slides.csv"),
-            "--out", str(out)]  # fmt: skip
+    argv = [
+        "predict",
+        "--model",
+        str(run_dir),
+        "--slides-csv",
+        str(tmp_path / "slides.csv"),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "expected columns ['path'], found ['file', 'slide']" in err and "';'" in err
@@ -311,8 +337,17 @@ def test_unreadable_files_and_directories_give_the_os_reason(run_dir, dataset, t
     (slides / "secret.tiff").chmod(0)
     (slides / "closed").chmod(0)
     try:
-        result = cli("predict", "--model", str(run_dir), "--slides", str(slides), "--recursive",
-                     "--out", str(base / "out"), unprivileged=True)  # fmt: skip
+        result = cli(
+            "predict",
+            "--model",
+            str(run_dir),
+            "--slides",
+            str(slides),
+            "--recursive",
+            "--out",
+            str(base / "out"),
+            unprivileged=True,
+        )
     finally:
         (slides / "closed").chmod(0o755)
     assert result.returncode == 1, result.stderr
@@ -341,13 +376,26 @@ def test_user_errors_are_one_line_exit_2_before_any_work(case, run_dir, dataset,
         extra = ["--device", "cuda"]
     else:
         extra = ["--workers", "0"]
-    result = cli("predict", "--model", str(run_dir), "--slides", str(dataset), "--out",
-                 str(out), *extra, unprivileged=True)  # fmt: skip
+    result = cli(
+        "predict",
+        "--model",
+        str(run_dir),
+        "--slides",
+        str(dataset),
+        "--out",
+        str(out),
+        *extra,
+        unprivileged=True,
+    )
     out.chmod(0o755) if out.is_dir() else None
     assert result.returncode == 2, result.stderr
-    expected = {"read-only": "Permission denied", "no-execute": "Permission denied",
-                "a-file": "is a file, not a directory", "device": "no usable CUDA",
-                "workers": "argument --workers: expected an integer >= 1"}[case]  # fmt: skip
+    expected = {
+        "read-only": "Permission denied",
+        "no-execute": "Permission denied",
+        "a-file": "is a file, not a directory",
+        "device": "no usable CUDA",
+        "workers": "argument --workers: expected an integer >= 1",
+    }[case]
     lines = result.stderr.splitlines()
     assert "Traceback" not in result.stderr and expected in lines[-1]
     assert len(lines) == 1 or case == "workers"  # argparse shows the usage above its line
@@ -356,19 +404,35 @@ def test_user_errors_are_one_line_exit_2_before_any_work(case, run_dir, dataset,
 
 def test_train_out_naming_a_file_is_a_user_error(dataset, tmp_path, capsys):
     (tmp_path / "run").write_text("")
-    argv = ["train", "--slides", str(dataset), "--labels", str(dataset / "labels.csv"),
-            "--out", str(tmp_path / "run")]  # fmt: skip
+    argv = [
+        "train",
+        "--slides",
+        str(dataset),
+        "--labels",
+        str(dataset / "labels.csv"),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 2
     assert "run: is a file, not a directory" in capsys.readouterr().err
 
 
 def test_a_missing_named_file_is_an_error_row_exit_1(run_dir, dataset, tmp_path):
-    result = cli("predict", "--model", str(run_dir), "--slides", str(dataset / "slide_000.tiff"),
-                 str(tmp_path / "nope.svs"), "--out", str(tmp_path / "out"))  # fmt: skip
+    result = cli(
+        "predict",
+        "--model",
+        str(run_dir),
+        "--slides",
+        str(dataset / "slide_000.tiff"),
+        str(tmp_path / "nope.svs"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert result.returncode == 1
     assert "nope.svs: No such file or directory" in result.stderr
     assert {r["slide"]: r["status"] for r in rows_of(tmp_path / "out")} == {
-        "slide_000": "ok", "nope": "error"
+        "slide_000": "ok",
+        "nope": "error",
     }
     # Not a terminal: plain progress lines, never a carriage return.
     assert "\r" not in result.stderr
@@ -390,8 +454,13 @@ def test_help_info_and_version_without_torch(dataset, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def run(*args):
-        return subprocess.run([sys.executable, "-c", blocker, *args], env=env,
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-c", blocker, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     helped = run("--help")
     assert helped.returncode == 0 and "predict" in helped.stdout, helped.stderr
@@ -419,6 +488,14 @@ def test_plain_progress_lines():
 
 
 def test_quiet_prints_nothing_on_success(run_dir, dataset, tmp_path):
-    result = cli("--quiet", "predict", "--model", str(run_dir), "--slides",
-                 str(dataset / "slide_000.tiff"), "--out", str(tmp_path / "out"))  # fmt: skip
+    result = cli(
+        "--quiet",
+        "predict",
+        "--model",
+        str(run_dir),
+        "--slides",
+        str(dataset / "slide_000.tiff"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""

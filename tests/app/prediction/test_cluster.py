@@ -66,8 +66,12 @@ def client():
 
 def assert_same_result(got, expected):
     assert (got.slide, got.path, got.status, got.label, got.error) == (
-        expected.slide, expected.path, expected.status, expected.label, expected.error,
-    )  # fmt: skip
+        expected.slide,
+        expected.path,
+        expected.status,
+        expected.label,
+        expected.error,
+    )
     if expected.status == "ok":
         np.testing.assert_allclose(got.probs, expected.probs, rtol=0, atol=PROB_TOLERANCE)
         np.testing.assert_array_equal(got.boxes, expected.boxes)

@@ -30,8 +30,9 @@ def test_more_draws_shrink_the_spread_across_seeds(untrained, dataset):
     slide = dataset / "slide_001.tiff"
 
     def probs(draws):
-        return np.array([predict_slide(untrained, slide, seed, draws=draws).probs[1]
-                         for seed in range(24)])  # fmt: skip
+        return np.array(
+            [predict_slide(untrained, slide, seed, draws=draws).probs[1] for seed in range(24)]
+        )
 
     one, eight = probs(1), probs(8)
     # Draws are independent given the view: Var(mean of 8) = Var(one) / 8. With 24
@@ -86,10 +87,14 @@ def test_region_of_interest_restricts_the_patches(untrained, dataset, tmp_path):
     # The lower-right quarter of the 1024 x 1024 slide, with a hole in its middle.
     outer = [[512, 512], [1024, 512], [1024, 1024], [512, 1024], [512, 512]]
     hole = [[700, 700], [700, 800], [800, 800], [800, 700], [700, 700]]
-    feature = {"type": "Feature", "properties": {"objectType": "annotation"},
-               "geometry": {"type": "Polygon", "coordinates": [outer, hole]}}  # fmt: skip
-    (roi / "slide_003.geojson").write_text(json.dumps(
-        {"type": "FeatureCollection", "features": [feature]}))  # fmt: skip
+    feature = {
+        "type": "Feature",
+        "properties": {"objectType": "annotation"},
+        "geometry": {"type": "Polygon", "coordinates": [outer, hole]},
+    }
+    (roi / "slide_003.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": [feature]})
+    )
     inside = predict_slide(untrained, dataset / "slide_003.tiff", 0, draws=1, roi_dir=roi)
     assert inside.status == "ok" and inside.tissue_fraction < 0.25
     centres = inside.boxes[:, :2] + inside.boxes[:, 2:] / 2  # (y, x)

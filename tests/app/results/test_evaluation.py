@@ -18,37 +18,70 @@ from pipeline.app.results.evaluation import evaluate, point_metrics, prediction_
 CLASSES = ["benign", "tumour"]
 # (slide, true label, predicted label, P(tumour)): scored rows, in file order.
 SCORED = [
-    ("s01", "benign", "benign", 0.10), ("s02", "benign", "benign", 0.35),
-    ("s03", "benign", "tumour", 0.62), ("s04", "benign", "benign", 0.20),
-    ("s05", "benign", "benign", 0.45), ("s06", "tumour", "tumour", 0.91),
-    ("s07", "tumour", "benign", 0.40), ("s08", "tumour", "tumour", 0.77),
-    ("s09", "tumour", "tumour", 0.55), ("s10", "tumour", "tumour", 0.88),
-    ("s11", "tumour", "benign", 0.48), ("s12", "benign", "benign", 0.05),
-]  # fmt: skip
+    ("s01", "benign", "benign", 0.10),
+    ("s02", "benign", "benign", 0.35),
+    ("s03", "benign", "tumour", 0.62),
+    ("s04", "benign", "benign", 0.20),
+    ("s05", "benign", "benign", 0.45),
+    ("s06", "tumour", "tumour", 0.91),
+    ("s07", "tumour", "benign", 0.40),
+    ("s08", "tumour", "tumour", 0.77),
+    ("s09", "tumour", "tumour", 0.55),
+    ("s10", "tumour", "tumour", 0.88),
+    ("s11", "tumour", "benign", 0.48),
+    ("s12", "benign", "benign", 0.05),
+]
 
 
 def write_case(tmp_path):
     """predictions.csv as predict writes it, plus columns another version may add
     (spread, QC), a failed slide, a no_tissue slide and an unlabelled one; and a
     labels CSV with one slide that has no prediction row."""
-    columns = ["slide", "path", "status", "label", "prob_benign", "prob_tumour",
-               "prob_benign_sd", "prob_tumour_sd", "tissue_fraction", "error"]  # fmt: skip
+    columns = [
+        "slide",
+        "path",
+        "status",
+        "label",
+        "prob_benign",
+        "prob_tumour",
+        "prob_benign_sd",
+        "prob_tumour_sd",
+        "tissue_fraction",
+        "error",
+    ]
     rows = [
-        {"slide": s, "path": f"/data/{s}.svs", "status": "ok", "label": pred,
-         "prob_benign": f"{1 - p:.6f}", "prob_tumour": f"{p:.6f}", "prob_benign_sd": "0.01",
-         "prob_tumour_sd": "0.01", "tissue_fraction": "0.4"}
+        {
+            "slide": s,
+            "path": f"/data/{s}.svs",
+            "status": "ok",
+            "label": pred,
+            "prob_benign": f"{1 - p:.6f}",
+            "prob_tumour": f"{p:.6f}",
+            "prob_benign_sd": "0.01",
+            "prob_tumour_sd": "0.01",
+            "tissue_fraction": "0.4",
+        }
         for s, _, pred, p in SCORED
-    ]  # fmt: skip
+    ]
     rows += [
         {"slide": "s13", "path": "/data/s13.svs", "status": "error", "error": "SlideError: bad"},
         {"slide": "s14", "path": "/data/s14.svs", "status": "no_tissue", "tissue_fraction": "0"},
-        {"slide": "x99", "path": "/data/x99.svs", "status": "ok", "label": "benign",
-         "prob_benign": "0.9", "prob_tumour": "0.1"},
-    ]  # fmt: skip
+        {
+            "slide": "x99",
+            "path": "/data/x99.svs",
+            "status": "ok",
+            "label": "benign",
+            "prob_benign": "0.9",
+            "prob_tumour": "0.1",
+        },
+    ]
     files.write_csv(tmp_path / "predictions.csv", columns, rows)
     labels = [{"slide": f"{s}.svs", "label": t} for s, t, _, _ in SCORED]
-    labels += [{"slide": "s13.svs", "label": "tumour"}, {"slide": "s14", "label": "benign"},
-               {"slide": "s15.svs", "label": "tumour"}]  # fmt: skip
+    labels += [
+        {"slide": "s13.svs", "label": "tumour"},
+        {"slide": "s14", "label": "benign"},
+        {"slide": "s15.svs", "label": "tumour"},
+    ]
     files.write_csv(tmp_path / "labels.csv", ["slide", "label"], labels)
     return tmp_path / "predictions.csv", tmp_path / "labels.csv"
 
@@ -88,12 +121,17 @@ def test_slides_not_evaluated_are_counted_and_listed(tmp_path):
     counts = m["counts"]
     assert counts["labelled_slides"] == 15 and counts["evaluated"] == 12
     assert counts["not_evaluated"] == {
-        "no prediction row": 1, "not classified (status no_tissue)": 1, "prediction failed": 1,
-    }  # fmt: skip
+        "no prediction row": 1,
+        "not classified (status no_tissue)": 1,
+        "prediction failed": 1,
+    }
     assert counts["predictions_without_label"] == 1
     reasons = {e["slide"]: e["reason"] for e in m["not_evaluated"]}
-    assert reasons == {"s13": "prediction failed", "s14": "not classified (status no_tissue)",
-                       "s15": "no prediction row"}  # fmt: skip
+    assert reasons == {
+        "s13": "prediction failed",
+        "s14": "not classified (status no_tissue)",
+        "s15": "no prediction row",
+    }
     page = (tmp_path / "out" / "metrics.md").read_text()
     assert "12 of 15 labelled slides evaluated" in page
     for slide in ("s13", "s14", "s15", "x99"):
@@ -115,13 +153,26 @@ def test_three_classes_one_vs_rest_macro_auc(tmp_path):
     probs = rng.dirichlet(np.ones(3), size=len(y))
     probs[np.arange(len(y)), y] += 0.5
     probs = np.round(probs / probs.sum(1, keepdims=True), 6)
-    rows = [{"slide": f"s{i}", "path": "", "status": "ok", "label": names[p.argmax()],
-             **{f"prob_{n}": f"{v:.6f}" for n, v in zip(names, p, strict=True)}}
-            for i, p in enumerate(probs)]  # fmt: skip
-    files.write_csv(tmp_path / "p.csv", ["slide", "path", "status", "label", "prob_a",
-                                         "prob_b", "prob_c", "error"], rows)  # fmt: skip
-    files.write_csv(tmp_path / "l.csv", ["slide", "label"],
-                    [{"slide": f"s{i}", "label": names[c]} for i, c in enumerate(y)])
+    rows = [
+        {
+            "slide": f"s{i}",
+            "path": "",
+            "status": "ok",
+            "label": names[p.argmax()],
+            **{f"prob_{n}": f"{v:.6f}" for n, v in zip(names, p, strict=True)},
+        }
+        for i, p in enumerate(probs)
+    ]
+    files.write_csv(
+        tmp_path / "p.csv",
+        ["slide", "path", "status", "label", "prob_a", "prob_b", "prob_c", "error"],
+        rows,
+    )
+    files.write_csv(
+        tmp_path / "l.csv",
+        ["slide", "label"],
+        [{"slide": f"s{i}", "label": names[c]} for i, c in enumerate(y)],
+    )
     m = evaluate(tmp_path / "p.csv", tmp_path / "l.csv", tmp_path / "out", n_bootstrap=20).metrics
     expected = skm.roc_auc_score(y, probs / probs.sum(1, keepdims=True), multi_class="ovr")
     assert m["roc_auc"]["value"] == pytest.approx(expected)
@@ -156,8 +207,17 @@ def test_bad_inputs_name_the_file(tmp_path):
 
 def test_cli_evaluate(tmp_path, capsys):
     predictions, labels = write_case(tmp_path)
-    argv = ["evaluate", "--predictions", str(tmp_path), "--labels", str(labels),
-            "--out", str(tmp_path / "out"), "--bootstrap", "50"]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--predictions",
+        str(tmp_path),
+        "--labels",
+        str(labels),
+        "--out",
+        str(tmp_path / "out"),
+        "--bootstrap",
+        "50",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "12 of 15 labelled slides evaluated" in out and "roc auc" in out

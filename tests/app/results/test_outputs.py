@@ -25,9 +25,19 @@ def test_atomic_target_keeps_old_file_on_error(tmp_path):
 def test_csv_round_trip(tmp_path):
     columns = outputs.prediction_columns(["neg", "pos"])
     assert columns == [
-        "slide", "path", "status", "label", "prob_neg", "prob_pos", "prob_neg_sd", "prob_pos_sd",
-        "tissue_fraction", "mpp", "flags", "error",
-    ]  # fmt: skip
+        "slide",
+        "path",
+        "status",
+        "label",
+        "prob_neg",
+        "prob_pos",
+        "prob_neg_sd",
+        "prob_pos_sd",
+        "tissue_fraction",
+        "mpp",
+        "flags",
+        "error",
+    ]
     rows = [{"slide": "a", "status": "ok", "prob_neg": "0.25"}, {"slide": "b", "error": "x, y"}]
     files.write_csv(tmp_path / "p.csv", columns, rows)
     back = files.read_csv(tmp_path / "p.csv")
@@ -45,8 +55,9 @@ def test_heatmap_is_display_sized_transparent_off_tissue_with_a_colour_bar(tmp_p
     boxes = np.array([[60, 90, 20, 30]])  # level-0 (y, x, h, w) on a 400 x 600 slide
     for scale in ("absolute", "relative"):
         path = tmp_path / f"{scale}.png"
-        outputs.write_heatmap_png(path, display, attention, boxes, np.array([0.5]), (400, 600),
-                                  scale)  # fmt: skip
+        outputs.write_heatmap_png(
+            path, display, attention, boxes, np.array([0.5]), (400, 600), scale
+        )
         img = np.asarray(Image.open(path))
         assert img.shape == (40, 60 + outputs.COLOUR_BAR_WIDTH, 3)  # never upsampled
         np.testing.assert_array_equal(img[0:10, 30:40], 200)  # attention 0: thumbnail as is
@@ -64,8 +75,9 @@ def test_heatmap_is_display_sized_transparent_off_tissue_with_a_colour_bar(tmp_p
 
 def test_thumbnail_has_the_boxes(tmp_path):
     display = np.full((40, 60, 3), 120, np.uint8)
-    outputs.write_thumbnail_jpeg(tmp_path / "t.jpg", display, np.array([[100, 200, 100, 200]]),
-                                 np.array([1.0]), (400, 600))  # fmt: skip
+    outputs.write_thumbnail_jpeg(
+        tmp_path / "t.jpg", display, np.array([[100, 200, 100, 200]]), np.array([1.0]), (400, 600)
+    )
     img = np.asarray(Image.open(tmp_path / "t.jpg")).astype(int)
     assert img.shape == (40, 60, 3)
     assert img[9, 25:38].mean() > 200  # white line over grey: the top edge (y 10, less 1)
@@ -75,9 +87,13 @@ def test_thumbnail_has_the_boxes(tmp_path):
 def test_geojson_is_xy_ordered_and_clipped_to_the_slide(tmp_path):
     boxes = np.array([[10, 20, 32, 64], [-8, 990, 32, 32]])  # (y, x, h, w) level 0
     collection = outputs.patches_feature_collection(
-        boxes, np.array([0.25, 0.5]), (100, 1000, 3), "s1", "positive",
+        boxes,
+        np.array([0.25, 0.5]),
+        (100, 1000, 3),
+        "s1",
+        "positive",
         {"negative": 0.25, "positive": 0.75},
-    )  # fmt: skip
+    )
     outputs.write_geojson(tmp_path / "p.geojson", collection)
     data = json.loads((tmp_path / "p.geojson").read_text())
     check_feature_collection(data)

@@ -26,8 +26,13 @@ from pipeline.app.results import outputs
 from pipeline.app.results.report import REPORT, write_report
 
 CLASSES = ("benign", "tumour")
-COLUMNS = [*outputs.prediction_columns(CLASSES), "prob_benign_sd", "prob_tumour_sd",
-           "tissue_fraction", "mpp"]  # fmt: skip
+COLUMNS = [
+    *outputs.prediction_columns(CLASSES),
+    "prob_benign_sd",
+    "prob_tumour_sd",
+    "tissue_fraction",
+    "mpp",
+]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = (
     "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run "
@@ -48,12 +53,18 @@ def fake_result(i: int, rng: np.random.Generator) -> SlideResult:
     tumour = (0.5, 0.2, 0.4, 0.3)[i]  # not in slide order: sorting has work to do
     boxes = np.array([[1000 + 300 * k, 1000 + 100 * i, 48, 48] for k in range(6)])
     return SlideResult(
-        slide=f"slide {i:02d}", path=f"/data/slide {i:02d}.svs", status="ok",
-        label=CLASSES[i % 2], probs=np.array([1 - tumour, tumour], np.float32),
-        display=display, attention=attention.astype(np.float32), boxes=boxes,
+        slide=f"slide {i:02d}",
+        path=f"/data/slide {i:02d}.svs",
+        status="ok",
+        label=CLASSES[i % 2],
+        probs=np.array([1 - tumour, tumour], np.float32),
+        display=display,
+        attention=attention.astype(np.float32),
+        boxes=boxes,
         patch_attention=rng.random(6).astype(np.float32),
-        patches=rng.integers(0, 255, (6, 48, 48, 3), dtype=np.uint8), slide_shape=(4000, 3000),
-    )  # fmt: skip
+        patches=rng.integers(0, 255, (6, 48, 48, 3), dtype=np.uint8),
+        slide_shape=(4000, 3000),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +77,30 @@ def out_dir(tmp_path_factory):
         result = fake_result(i, rng)
         outputs.write_slide_files(out, result, CLASSES, "absolute" if i else "relative")
         row = result.row(CLASSES)
-        row.update(prob_benign_sd="0.01", prob_tumour_sd="0.01",
-                   tissue_fraction=f"{0.3 + 0.1 * i:.2f}", mpp="0.5")  # fmt: skip
+        row.update(
+            prob_benign_sd="0.01",
+            prob_tumour_sd="0.01",
+            tissue_fraction=f"{0.3 + 0.1 * i:.2f}",
+            mpp="0.5",
+        )
         rows.append(row)
-    rows.append({"slide": "broken", "path": "/data/broken.svs", "status": "error",
-                 "error": "SlideError: /data/broken.svs: not a slide <format>"})  # fmt: skip
-    rows.append({"slide": "glass", "path": "/data/glass.svs", "status": "no_tissue",
-                 "tissue_fraction": "0.00", "mpp": "0.5"})  # fmt: skip
+    rows.append(
+        {
+            "slide": "broken",
+            "path": "/data/broken.svs",
+            "status": "error",
+            "error": "SlideError: /data/broken.svs: not a slide <format>",
+        }
+    )
+    rows.append(
+        {
+            "slide": "glass",
+            "path": "/data/glass.svs",
+            "status": "no_tissue",
+            "tissue_fraction": "0.00",
+            "mpp": "0.5",
+        }
+    )
     files.write_csv(out / outputs.PREDICTIONS, COLUMNS, rows)
     write_report(out)
     return out
@@ -180,7 +208,8 @@ def test_colour_bar_is_present_and_stated(out_dir, browser):
     browser.execute_script("arguments[0].scrollIntoView(); return arguments[0].decode()", heatmap)
     box = browser.execute_script(
         "const r = arguments[0].getBoundingClientRect();"
-        "return [r.left, r.top, r.width, r.height, window.devicePixelRatio]", heatmap
+        "return [r.left, r.top, r.width, r.height, window.devicePixelRatio]",
+        heatmap,
     )
     shot = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB"))
     left, top, width, height, ratio = (float(v) for v in box)

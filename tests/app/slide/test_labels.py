@@ -15,9 +15,14 @@ def write(path, rows, columns=("slide", "label")):
 
 
 def test_clean_table(tmp_path):
-    csv = write(tmp_path / "l.csv", [{"slide": "a.tiff", "label": "x", "case": "p1"},
-                                     {"slide": "b.tiff", "label": " y ", "case": ""}],
-                ("slide", "label", "case"))  # fmt: skip
+    csv = write(
+        tmp_path / "l.csv",
+        [
+            {"slide": "a.tiff", "label": "x", "case": "p1"},
+            {"slide": "b.tiff", "label": " y ", "case": ""},
+        ],
+        ("slide", "label", "case"),
+    )
     table = read_labels(csv, tmp_path)
     assert [(r.name, r.label, r.case) for r in table.rows] == [("a", "x", "p1"), ("b", "y", "b")]
     assert table.rows[0].path == tmp_path / "a.tiff" and table.rows[0].line == 2
@@ -25,21 +30,33 @@ def test_clean_table(tmp_path):
 
 
 def test_empty_and_whitespace_labels_are_left_out(tmp_path):
-    csv = write(tmp_path / "l.csv", [{"slide": "a.tiff", "label": "x"},
-                                     {"slide": "b.tiff", "label": ""},
-                                     {"slide": "c.tiff", "label": "   "}])  # fmt: skip
+    csv = write(
+        tmp_path / "l.csv",
+        [
+            {"slide": "a.tiff", "label": "x"},
+            {"slide": "b.tiff", "label": ""},
+            {"slide": "c.tiff", "label": "   "},
+        ],
+    )
     table = read_labels(csv, tmp_path)
     assert [r.name for r in table.rows] == ["a"] and table.classes == ("x",)
-    assert table.left_out == [f"{csv} line 3: b.tiff: empty label; row left out",
-                              f"{csv} line 4: c.tiff: empty label; row left out"]  # fmt: skip
+    assert table.left_out == [
+        f"{csv} line 3: b.tiff: empty label; row left out",
+        f"{csv} line 4: c.tiff: empty label; row left out",
+    ]
 
 
 def test_duplicates(tmp_path):
-    csv = write(tmp_path / "l.csv", [
-        {"slide": "a.tiff", "label": "x"}, {"slide": "b.tiff", "label": "x"},
-        {"slide": "a", "label": "x"}, {"slide": "b.tiff", "label": "y"},
-        {"slide": "c.tiff", "label": "y"},
-    ])  # fmt: skip
+    csv = write(
+        tmp_path / "l.csv",
+        [
+            {"slide": "a.tiff", "label": "x"},
+            {"slide": "b.tiff", "label": "x"},
+            {"slide": "a", "label": "x"},
+            {"slide": "b.tiff", "label": "y"},
+            {"slide": "c.tiff", "label": "y"},
+        ],
+    )
     table = read_labels(csv)
     assert [r.name for r in table.rows] == ["a", "c"]
     (note,) = table.notes
@@ -52,11 +69,15 @@ def test_duplicates(tmp_path):
 def test_names_without_extension(tmp_path):
     for name in ("a.svs", "b.tiff", "b.ome.tiff"):
         (tmp_path / name).write_bytes(b"")
-    csv = write(tmp_path / "l.csv", [{"slide": "a", "label": "x"}, {"slide": "b", "label": "y"},
-                                     {"slide": "zz", "label": "y"}])  # fmt: skip
+    csv = write(
+        tmp_path / "l.csv",
+        [{"slide": "a", "label": "x"}, {"slide": "b", "label": "y"}, {"slide": "zz", "label": "y"}],
+    )
     table = read_labels(csv, tmp_path)
-    assert [(r.name, r.path) for r in table.rows] == [("a", tmp_path / "a.svs"),
-                                                      ("zz", tmp_path / "zz")]  # fmt: skip
+    assert [(r.name, r.path) for r in table.rows] == [
+        ("a", tmp_path / "a.svs"),
+        ("zz", tmp_path / "zz"),
+    ]
     using = tmp_path / "a.svs"
     assert table.notes == [f"{csv} line 2: a listed without its extension; using {using}"]
     assert table.left_out == [

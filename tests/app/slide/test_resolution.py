@@ -34,9 +34,14 @@ def write_two_levels(path, mpp: float | None, factor: int = 4) -> None:
             if mpp is not None:
                 tags = {"resolution": (1e4 / (mpp * d),) * 2, "resolutionunit": "CENTIMETER"}
             tif.write(
-                render_he(0, 0, H // d, W // d, d), tile=(128, 128), photometric="rgb",
-                compression="deflate", subfiletype=1 if k else 0, metadata=None, **tags,
-            )  # fmt: skip
+                render_he(0, 0, H // d, W // d, d),
+                tile=(128, 128),
+                photometric="rgb",
+                compression="deflate",
+                subfiletype=1 if k else 0,
+                metadata=None,
+                **tags,
+            )
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +54,13 @@ def slides(tmp_path_factory):
 
 def config(**changes) -> ModelConfig:
     base = ModelConfig(
-        class_names=("a", "b"), patch_size=(32, 32), n_patches=5, low_res_max_side=128,
-        tissue_mask=False, patch_mpp=0.5,
-    )  # fmt: skip
+        class_names=("a", "b"),
+        patch_size=(32, 32),
+        n_patches=5,
+        low_res_max_side=128,
+        tissue_mask=False,
+        patch_mpp=0.5,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -118,15 +127,21 @@ def test_slide_without_mpp_gets_an_error_row_unless_given(slides, tmp_path):
     )
     assert len(summary.failed) == 1
 
-    summary = predict(model, [slides / "nompp.tif"], tmp_path / "assumed", assume_mpp=0.25,
-                      progress=False)  # fmt: skip
+    summary = predict(
+        model, [slides / "nompp.tif"], tmp_path / "assumed", assume_mpp=0.25, progress=False
+    )
     assert summary.results[0].status == "ok" and summary.results[0].mpp == 0.5
     assert summary.results[0].boxes[0, 2] == 64
 
     table = tmp_path / "mpp.csv"
     table.write_text("slide,mpp\nnompp,0.125\n")
-    summary = predict(model, [slides / "nompp.tif"], tmp_path / "table",
-                      slide_mpp=read_slide_mpp(table), progress=False)  # fmt: skip
+    summary = predict(
+        model,
+        [slides / "nompp.tif"],
+        tmp_path / "table",
+        slide_mpp=read_slide_mpp(table),
+        progress=False,
+    )
     assert summary.results[0].status == "ok"
     assert summary.results[0].boxes[0, 2] == 128  # 0.5 mpp from 0.125: four times the patch
 
@@ -140,4 +155,3 @@ def test_bad_slide_mpp_csv_names_file_and_line(tmp_path):
     columns = r"mpp.csv: expected columns \['slide', 'mpp'\], found \['name', 'mpp'\]"
     with pytest.raises(UserError, match=columns):
         read_slide_mpp(table)
-

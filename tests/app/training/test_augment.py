@@ -25,8 +25,13 @@ def coded_slide(tmp_path_factory):
     y, x = np.mgrid[0:H, 0:W]
     rgb = np.stack([255 * y / H, 255 * x / W, np.zeros_like(y)], axis=-1)
     path = tmp_path_factory.mktemp("coded") / "coded.tif"
-    tifffile.imwrite(path, np.rint(rgb).astype(np.uint8), tile=(128, 128),
-                     photometric="rgb", compression="deflate")  # fmt: skip
+    tifffile.imwrite(
+        path,
+        np.rint(rgb).astype(np.uint8),
+        tile=(128, 128),
+        photometric="rgb",
+        compression="deflate",
+    )
     return path
 
 

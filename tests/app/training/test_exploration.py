@@ -50,16 +50,27 @@ def test_exploration_changes_training_but_zero_is_exactly_plain(
 ):
     config = dataclasses.replace(quick_train_config, epochs=1)
     runs = {
-        name: train(dataset, dataset / "labels.csv", tmp_path / name, small_model_config,
-                    dataclasses.replace(config, **options), device="cpu", progress=False,
-                    log=lambda _: None)  # fmt: skip
+        name: train(
+            dataset,
+            dataset / "labels.csv",
+            tmp_path / name,
+            small_model_config,
+            dataclasses.replace(config, **options),
+            device="cpu",
+            progress=False,
+            log=lambda _: None,
+        )
         for name, options in {
             "plain": {},
             "zero": {"exploration": 0.0, "prior": "hematoxylin", "prior_weight": 0.0},
-            "explore": {"exploration": 0.5, "prior": "hematoxylin", "prior_weight": 0.3,
-                        "remedy_epochs": 2.0},
+            "explore": {
+                "exploration": 0.5,
+                "prior": "hematoxylin",
+                "prior_weight": 0.3,
+                "remedy_epochs": 2.0,
+            },
         }.items()
-    }  # fmt: skip
+    }
     plain, zero, explore = (_weights(runs[n].model) for n in ("plain", "zero", "explore"))
     assert all(torch.equal(plain[k], zero[k]) for k in plain)
     assert any(not torch.equal(plain[k], explore[k]) for k in plain)
@@ -85,10 +96,17 @@ def test_early_patches_draw_more_patches_in_the_remedy_epochs_only(
         return train_step(model, optimizer, planned, *args)
 
     monkeypatch.setattr(streaming, "_train_step", counting)
-    config = dataclasses.replace(quick_train_config, epochs=2, remedy_epochs=1.0,
-                                 early_patches=15)  # fmt: skip
-    early = train(dataset, dataset / "labels.csv", tmp_path / "early", small_model_config,
-                  config, device="cpu", progress=False, log=lambda _: None)  # fmt: skip
+    config = dataclasses.replace(quick_train_config, epochs=2, remedy_epochs=1.0, early_patches=15)
+    early = train(
+        dataset,
+        dataset / "labels.csv",
+        tmp_path / "early",
+        small_model_config,
+        config,
+        device="cpu",
+        progress=False,
+        log=lambda _: None,
+    )
     per_epoch = len(counts) // 2
     assert per_epoch > 0
     assert counts == [15] * per_epoch + [small_model_config.n_patches] * per_epoch
@@ -96,10 +114,20 @@ def test_early_patches_draw_more_patches_in_the_remedy_epochs_only(
     same = dataclasses.replace(config, early_patches=small_model_config.n_patches)
     plain = dataclasses.replace(config, early_patches=0, remedy_epochs=0.0)
     a, b = (
-        _weights(train(dataset, dataset / "labels.csv", tmp_path / name, small_model_config, c,
-                       device="cpu", progress=False, log=lambda _: None).model)
+        _weights(
+            train(
+                dataset,
+                dataset / "labels.csv",
+                tmp_path / name,
+                small_model_config,
+                c,
+                device="cpu",
+                progress=False,
+                log=lambda _: None,
+            ).model
+        )
         for name, c in (("same", same), ("plain", plain))
-    )  # fmt: skip
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], v) for k, v in _weights(early.model).items())
 

@@ -26,8 +26,9 @@ from pipeline.app.training.streaming import (
 
 @pytest.fixture
 def labelled(dataset, small_model_config):
-    slides, _ = load_slides(read_labels(dataset / "labels.csv", dataset).rows,
-                            small_model_config, print, False)  # fmt: skip
+    slides, _ = load_slides(
+        read_labels(dataset / "labels.csv", dataset).rows, small_model_config, print, False
+    )
     return slides
 
 
@@ -39,8 +40,9 @@ def _stream(model, labelled, cache, order, **kwargs):
     items = [StreamItem(labelled[i].path, labelled[i].label) for i in order]
     optimizer = _optimizer(model)
     generator = torch.Generator().manual_seed(11)
-    results = stream_epoch(model, optimizer, items, cache, generator=generator,
-                           device=torch.device("cpu"), **kwargs)  # fmt: skip
+    results = stream_epoch(
+        model, optimizer, items, cache, generator=generator, device=torch.device("cpu"), **kwargs
+    )
     return results, optimizer
 
 
@@ -55,8 +57,9 @@ def _serial_reference(model, labelled, order, generator):
         slide = labelled[i]
         with readers.open_slide(slide.path) as opened:
             source, _ = patch_view(opened, model.config, level0_mpp(opened, model.config))
-            out = model.classify(low_res_tensor(slide.thumbnail), source,
-                                 sampling_mask(slide.tissue), generator)  # fmt: skip
+            out = model.classify(
+                low_res_tensor(slide.thumbnail), source, sampling_mask(slide.tissue), generator
+            )
             loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([slide.label]))
             optimizer.zero_grad()
             (loss + out.draw.regularizer).backward()
@@ -70,17 +73,18 @@ def test_one_batch_in_flight_of_single_slides_is_the_serial_loop(
     serial = new_model(small_model_config, 0, torch.device("cpu"))
     _serial_reference(serial, labelled, order, torch.Generator().manual_seed(11))
     streamed = new_model(small_model_config, 0, torch.device("cpu"))
-    results, _ = _stream(streamed, labelled, ViewCache(tmp_path, small_model_config), order,
-                         batch_size=1, depth=1)  # fmt: skip
+    results, _ = _stream(
+        streamed, labelled, ViewCache(tmp_path, small_model_config), order, batch_size=1, depth=1
+    )
     assert len(results) == len(labelled)
-    for (name, a), b in zip(serial.state_dict().items(), streamed.state_dict().values(),
-                            strict=True):  # fmt: skip
+    for (name, a), b in zip(
+        serial.state_dict().items(), streamed.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     # Reading ahead draws from weights one step old, weighed as a proposal: other
     # (finite) weights, the documented difference.
     ahead = new_model(small_model_config, 0, torch.device("cpu"))
-    _stream(ahead, labelled, ViewCache(tmp_path, small_model_config), order, batch_size=1,
-            depth=2)  # fmt: skip
+    _stream(ahead, labelled, ViewCache(tmp_path, small_model_config), order, batch_size=1, depth=2)
     weights = [(a, b) for a, b in zip(serial.parameters(), ahead.parameters(), strict=True)]
     assert all(torch.isfinite(b).all() for _, b in weights)
     assert any(not torch.equal(a, b) for a, b in weights)
@@ -96,8 +100,16 @@ def test_reading_ahead_trains_on_every_slide_in_mini_batches(
     submitted, steps = [], []
     real_submit = reader.submit
     reader.submit = lambda *a: submitted.append(len(steps)) or real_submit(*a)
-    results, _ = _stream(model, labelled, cache, range(len(labelled)), batch_size=3, depth=3,
-                         reader=reader, on_step=lambda: steps.append(1))  # fmt: skip
+    results, _ = _stream(
+        model,
+        labelled,
+        cache,
+        range(len(labelled)),
+        batch_size=3,
+        depth=3,
+        reader=reader,
+        on_step=lambda: steps.append(1),
+    )
     reader.close()
     assert len(results) == len(labelled) and len(steps) == 3  # 8 slides in batches of 3
     # Three batches planned and their reads submitted before the first step ran.
@@ -112,8 +124,14 @@ def test_reading_ahead_is_deterministic_for_a_seed(labelled, small_model_config,
     runs = []
     for _ in range(2):
         model = new_model(small_model_config, 0, torch.device("cpu"))
-        _stream(model, labelled, ViewCache(tmp_path, small_model_config),
-                range(len(labelled)), batch_size=2, depth=3)  # fmt: skip
+        _stream(
+            model,
+            labelled,
+            ViewCache(tmp_path, small_model_config),
+            range(len(labelled)),
+            batch_size=2,
+            depth=3,
+        )
         runs.append(model.state_dict())
     for name, a in runs[0].items():
         assert torch.equal(a, runs[1][name]), name
@@ -129,10 +147,17 @@ def test_an_unreadable_slide_is_skipped_and_training_goes_on(
     model = new_model(small_model_config, 0, torch.device("cpu"))
     items = [StreamItem(broken, 0), *(StreamItem(s.path, s.label) for s in labelled[1:])]
     messages = []
-    results = stream_epoch(model, _optimizer(model), items,
-                           ViewCache(tmp_path / "views", small_model_config), batch_size=2,
-                           generator=torch.Generator().manual_seed(0),
-                           device=torch.device("cpu"), depth=2, warn=messages.append)  # fmt: skip
+    results = stream_epoch(
+        model,
+        _optimizer(model),
+        items,
+        ViewCache(tmp_path / "views", small_model_config),
+        batch_size=2,
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        depth=2,
+        warn=messages.append,
+    )
     assert len(results) == len(labelled) - 1
     assert len(messages) == 1 and "broken.tiff" in messages[0]
 
@@ -183,8 +208,9 @@ def test_padded_source_keeps_the_mapping(labelled):
     padded = PaddedSource(level, (1.5, 1.0))
     assert padded.shape == (round(level.shape[0] * 1.5), level.shape[1], 3)
     offsets = np.array([[10, 20], [level.shape[0] - 4, 0]])
-    np.testing.assert_array_equal(padded.read_patches(offsets, (8, 8)),
-                                  level.read_patches(offsets, (8, 8)))  # fmt: skip
+    np.testing.assert_array_equal(
+        padded.read_patches(offsets, (8, 8)), level.read_patches(offsets, (8, 8))
+    )
     handles.close()
 
 
@@ -193,9 +219,15 @@ def test_augmented_batches_train(labelled, small_model_config, tmp_path):
 
     model = new_model(small_model_config, 0, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    results, _ = _stream(model, labelled, ViewCache(tmp_path, small_model_config),
-                         range(len(labelled)), batch_size=4, depth=2,
-                         augmentation=Augmentation(flips=True, color_jitter=0.2, hed_jitter=0.05))
+    results, _ = _stream(
+        model,
+        labelled,
+        ViewCache(tmp_path, small_model_config),
+        range(len(labelled)),
+        batch_size=4,
+        depth=2,
+        augmentation=Augmentation(flips=True, color_jitter=0.2, hed_jitter=0.05),
+    )
     assert len(results) == len(labelled) and all(np.isfinite(r.loss) for r in results)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 

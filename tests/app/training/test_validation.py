@@ -59,13 +59,15 @@ def test_too_many_folds_is_a_user_error():
         assign_folds([0, 1, 0, 1], ["a", "a", "b", "b"], 3, seed=0)
 
 
-def test_cross_validation_keeps_cases_together(dataset, tmp_path, small_model_config,
-                                               quick_train_config, n_slides):  # fmt: skip
+def test_cross_validation_keeps_cases_together(
+    dataset, tmp_path, small_model_config, quick_train_config, n_slides
+):
     rows = [{**r, "case": f"patient{i // 2}"} for i, r in enumerate(label_rows(n_slides))]
     files.write_csv(tmp_path / "labels.csv", ["slide", "label", "case"], rows)
     config = replace(quick_train_config, epochs=1)
-    cv = cross_validate(dataset, tmp_path / "labels.csv", tmp_path / "cv", 2, small_model_config,
-                        config, **quiet())  # fmt: skip
+    cv = cross_validate(
+        dataset, tmp_path / "labels.csv", tmp_path / "cv", 2, small_model_config, config, **quiet()
+    )
     val_sets = []
     for k in (1, 2):
         split = files.read_csv(tmp_path / "cv" / f"fold_{k}" / SPLIT_FILE)
@@ -83,8 +85,9 @@ def test_cross_validation_keeps_cases_together(dataset, tmp_path, small_model_co
     assert [f.best_epoch for f in cv.folds] == [1, 1]
 
 
-def test_resume_with_changed_labels_refuses(dataset, tmp_path, small_model_config,
-                                            quick_train_config, n_slides):  # fmt: skip
+def test_resume_with_changed_labels_refuses(
+    dataset, tmp_path, small_model_config, quick_train_config, n_slides
+):
     labels = tmp_path / "labels.csv"
     files.write_csv(labels, ["slide", "label"], label_rows(n_slides))
     one = replace(quick_train_config, epochs=1)
@@ -98,13 +101,20 @@ def test_resume_with_changed_labels_refuses(dataset, tmp_path, small_model_confi
     assert (tmp_path / "run" / SPLIT_FILE).read_text() == split_before  # nothing touched
     # Unchanged labels resume; --resplit starts over from epoch 1 with the new labels.
     files.write_csv(labels, ["slide", "label"], label_rows(n_slides))
-    resumed = train(dataset, labels, tmp_path / "run", small_model_config, quick_train_config,
-                    **quiet())  # fmt: skip
+    resumed = train(
+        dataset, labels, tmp_path / "run", small_model_config, quick_train_config, **quiet()
+    )
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     files.write_csv(labels, ["slide", "label"], rows)
     lines = []
-    again = train(dataset, labels, tmp_path / "run", small_model_config, one,
-                  **quiet(log=lines.append, resplit=True))  # fmt: skip
+    again = train(
+        dataset,
+        labels,
+        tmp_path / "run",
+        small_model_config,
+        one,
+        **quiet(log=lines.append, resplit=True),
+    )
     assert [h["epoch"] for h in again.history] == [1] and not any("resuming" in x for x in lines)
     split = files.read_csv(tmp_path / "run" / SPLIT_FILE)
     assert next(r["label"] for r in split if r["slide"] == "slide_003") == NEG
@@ -123,17 +133,30 @@ def scripted_auc(monkeypatch, values):
     monkeypatch.setattr(loop, "point_metrics", fake)
 
 
-def test_best_epoch_weights_are_kept(dataset, tmp_path, small_model_config,
-                                     quick_train_config, monkeypatch):  # fmt: skip
+def test_best_epoch_weights_are_kept(
+    dataset, tmp_path, small_model_config, quick_train_config, monkeypatch
+):
     labels = dataset / "labels.csv"
     scripted_auc(monkeypatch, [0.6, 0.9, 0.7])
-    three = train(dataset, labels, tmp_path / "a", small_model_config,
-                  replace(quick_train_config, epochs=3), **quiet())  # fmt: skip
+    three = train(
+        dataset,
+        labels,
+        tmp_path / "a",
+        small_model_config,
+        replace(quick_train_config, epochs=3),
+        **quiet(),
+    )
     assert three.best_epoch == 2
     assert json.loads((tmp_path / "a" / STATE_FILE).read_text())["best_epoch"] == 2
     scripted_auc(monkeypatch, [0.6, 0.9])
-    two = train(dataset, labels, tmp_path / "b", small_model_config,
-                replace(quick_train_config, epochs=2), **quiet())  # fmt: skip
+    two = train(
+        dataset,
+        labels,
+        tmp_path / "b",
+        small_model_config,
+        replace(quick_train_config, epochs=2),
+        **quiet(),
+    )
     best, last = load_file(tmp_path / "a" / MODEL_FILE), load_file(tmp_path / "a" / LAST_MODEL_FILE)
     epoch_2 = load_file(tmp_path / "b" / LAST_MODEL_FILE)
     assert best.keys() == epoch_2.keys()
@@ -146,52 +169,83 @@ def test_best_epoch_weights_are_kept(dataset, tmp_path, small_model_config,
     assert two.best_epoch == 2
 
 
-def test_patience_stops_early(dataset, tmp_path, small_model_config, quick_train_config,
-                              monkeypatch):  # fmt: skip
+def test_patience_stops_early(
+    dataset, tmp_path, small_model_config, quick_train_config, monkeypatch
+):
     scripted_auc(monkeypatch, [0.9, 0.5, 0.5, 0.5, 0.5])
     lines = []
     config = replace(quick_train_config, epochs=5, patience=2)
-    result = train(dataset, dataset / "labels.csv", tmp_path / "run", small_model_config, config,
-                   **quiet(log=lines.append))  # fmt: skip
+    result = train(
+        dataset,
+        dataset / "labels.csv",
+        tmp_path / "run",
+        small_model_config,
+        config,
+        **quiet(log=lines.append),
+    )
     assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.best_epoch == 1
     assert any("early stop after epoch 3" in line for line in lines)
 
 
-def test_external_validation_set(dataset, tmp_path, small_model_config, quick_train_config,
-                                 n_slides):  # fmt: skip
+def test_external_validation_set(
+    dataset, tmp_path, small_model_config, quick_train_config, n_slides
+):
     rows = label_rows(n_slides)
     files.write_csv(tmp_path / "train.csv", ["slide", "label"], rows[:6])
     files.write_csv(tmp_path / "val.csv", ["slide", "label"], rows[6:])
-    result = train(dataset, tmp_path / "train.csv", tmp_path / "run", small_model_config,
-                   replace(quick_train_config, epochs=1), **quiet(val_labels=tmp_path / "val.csv"))
+    result = train(
+        dataset,
+        tmp_path / "train.csv",
+        tmp_path / "run",
+        small_model_config,
+        replace(quick_train_config, epochs=1),
+        **quiet(val_labels=tmp_path / "val.csv"),
+    )
     state = json.loads((tmp_path / "run" / STATE_FILE).read_text())
     assert sorted(state["val_slides"]) == [str(dataset / r["slide"]) for r in rows[6:]]
     assert len(state["train_slides"]) == 6 and result.history[0]["val_loss"] is not None
     files.write_csv(tmp_path / "val.csv", ["slide", "label"], rows[5:])
     with pytest.raises(UserError, match="val.csv: 1 validation slides are also in .*slide_005"):
-        train(dataset, tmp_path / "train.csv", tmp_path / "run2", small_model_config,
-              quick_train_config, **quiet(val_labels=tmp_path / "val.csv"))
+        train(
+            dataset,
+            tmp_path / "train.csv",
+            tmp_path / "run2",
+            small_model_config,
+            quick_train_config,
+            **quiet(val_labels=tmp_path / "val.csv"),
+        )
 
 
-def test_hygiene_messages_before_training(dataset, tmp_path, small_model_config,
-                                          quick_train_config):  # fmt: skip
+def test_hygiene_messages_before_training(
+    dataset, tmp_path, small_model_config, quick_train_config
+):
     slides = tmp_path / "slides"
     slides.mkdir()
     for i in range(4):
         shutil.copy(dataset / f"slide_{i:03d}.tiff", slides)
     rows = [
-        {"slide": "slide_000.tiff", "label": NEG}, {"slide": "slide_001", "label": POS},
-        {"slide": "slide_002.tiff", "label": "  "}, {"slide": "slide_003.tiff", "label": POS},
-        {"slide": "slide_003.tiff", "label": POS}, {"slide": "slide_002.tiff", "label": NEG},
-        {"slide": "slide_002.tiff", "label": POS}, {"slide": "gone.tiff", "label": "other"},
-    ]  # fmt: skip
+        {"slide": "slide_000.tiff", "label": NEG},
+        {"slide": "slide_001", "label": POS},
+        {"slide": "slide_002.tiff", "label": "  "},
+        {"slide": "slide_003.tiff", "label": POS},
+        {"slide": "slide_003.tiff", "label": POS},
+        {"slide": "slide_002.tiff", "label": NEG},
+        {"slide": "slide_002.tiff", "label": POS},
+        {"slide": "gone.tiff", "label": "other"},
+    ]
     files.write_csv(slides / "labels.csv", ["slide", "label"], rows)
-    config = small_model_config.__class__(**{**small_model_config.__dict__,
-                                             "class_names": (NEG, "other", POS)})  # fmt: skip
+    config = small_model_config.__class__(
+        **{**small_model_config.__dict__, "class_names": (NEG, "other", POS)}
+    )
     lines = []
-    result = train(slides, slides / "labels.csv", tmp_path / "run", config,
-                   replace(quick_train_config, epochs=1, val_fraction=0.0),
-                   **quiet(log=lines.append))  # fmt: skip
+    result = train(
+        slides,
+        slides / "labels.csv",
+        tmp_path / "run",
+        config,
+        replace(quick_train_config, epochs=1, val_fraction=0.0),
+        **quiet(log=lines.append),
+    )
     log = "\n".join(lines)
     expected = [
         "line 4: slide_002.tiff: empty label; row left out",
@@ -212,8 +266,11 @@ def test_hygiene_messages_before_training(dataset, tmp_path, small_model_config,
 
 
 def test_fewer_than_two_readable_classes_refuses(dataset, tmp_path, small_model_config):
-    rows = [{"slide": "slide_000.tiff", "label": NEG}, {"slide": "slide_002.tiff", "label": NEG},
-            {"slide": "missing.tiff", "label": POS}]  # fmt: skip
+    rows = [
+        {"slide": "slide_000.tiff", "label": NEG},
+        {"slide": "slide_002.tiff", "label": NEG},
+        {"slide": "missing.tiff", "label": POS},
+    ]
     files.write_csv(tmp_path / "labels.csv", ["slide", "label"], rows)
     with pytest.raises(UserError, match="fewer than two classes .*'negative'"):
         train(dataset, tmp_path / "labels.csv", tmp_path / "run", small_model_config, **quiet())
@@ -223,8 +280,10 @@ def test_fewer_than_two_readable_classes_refuses(dataset, tmp_path, small_model_
 def fake_slides(labels):
     """LabelledSlides that are never read (only their labels matter here)."""
     empty = np.zeros((1, 1, 3), np.uint8)
-    return [LabelledSlide(None, y, empty, empty[..., 0] > 0, f"s{i}", f"s{i}")
-            for i, y in enumerate(labels)]  # fmt: skip
+    return [
+        LabelledSlide(None, y, empty, empty[..., 0] > 0, f"s{i}", f"s{i}")
+        for i, y in enumerate(labels)
+    ]
 
 
 def test_balance_weights_and_sampling(quick_train_config):
