@@ -1,14 +1,14 @@
 """Attention sampling core: torch only (no readers, no Dask).
 
-Public API (DESIGN section 3): ``sample``, ``expectation``, ``Expectation``,
+Public API (docs/core.md): ``sample``, ``expectation``, ``Expectation``,
 ``extract_patches``, ``SamplePatches``, ``attention_sampling``, ``SampleSoftmax``,
 ``MultinomialEntropy``; plus the ``PatchSource`` protocol that lazy slide levels
 satisfy, the cell-to-patch mapping ``patch_offsets``, ``sample_patches`` (the
 function behind ``SamplePatches``), ``mask_attention`` (restrict sampling to a mask),
 ``mask_on_grid`` / ``prior_on_grid`` (a mask or prior pooled to the attention grid),
 ``Draw`` (everything one ``AttentionSampling.draw`` produced) and ``Plan`` (its
-positions, for loops that read patches ahead); and the proposal distributions of DESIGN
-section 4b (``mix_uniform``, ``mix_prior``, ``explore``, ``linear_decay``) for
+positions, for loops that read patches ahead); and the proposal distributions of
+docs/estimator.md (``mix_uniform``, ``mix_prior``, ``explore``, ``linear_decay``) for
 ``sample(..., proposal=...)`` and the layers' ``exploration`` / ``prior_weight``, with
 ``prior_cross_entropy`` to fit an attention to a content prior.
 

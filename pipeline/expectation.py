@@ -1,8 +1,9 @@
 """Monte-Carlo estimate of ``sum_k a_k f_k`` from sampled features, with unbiased gradients.
 
-Notation (DESIGN section 4): draws ``i_0 .. i_{N-1}``, ``a_m`` the probability of draw
-``m`` and ``f_m`` its feature; without replacement ``pm_m = 1 - sum_{j<m} a_j`` is the
-mass still available at draw ``m``.
+Notation (docs/estimator.md, which also derives why each formula is unbiased): draws
+``i_0 .. i_{N-1}``, ``a_m`` the probability of draw ``m`` and ``f_m`` its feature;
+without replacement ``pm_m = 1 - sum_{j<m} a_j`` is the mass still available at draw
+``m``.
 
 - With replacement: ``F = mean_m f_m``; ``dF/df_m = 1/N``, ``dF/da_m = f_m / (N a_m)``.
 - Without replacement: ``E_m = sum_{j<m} a_j f_j + pm_m f_m`` is unbiased for every
@@ -14,8 +15,9 @@ mass still available at draw ``m``.
   ``dF/da_m = (E_m pm_m / a_m + sum_{j<m} f_j - m f_m) / N``, which is biased; it is
   kept for comparison.
 
-Draws from a proposal ``q`` (DESIGN section 4b; ``q_m`` its probability at draw ``m``,
-a constant, as is ``Q_m = 1 - sum_{j<m} q_j`` without replacement):
+Draws from a proposal ``q`` (docs/estimator.md, sampling from a proposal; ``q_m`` its
+probability at draw ``m``, a constant, as is ``Q_m = 1 - sum_{j<m} q_j`` without
+replacement):
 
 - With replacement: ``F = mean_m (a_m / q_m) f_m``; ``dF/df_m = a_m / (N q_m)``,
   ``dF/da_m = f_m / (N q_m)``.

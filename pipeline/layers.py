@@ -50,7 +50,8 @@ def sample_patches(
             ``patch_offsets`` for the mapping).
         mask (BoolTensor[B, *att] | None): True where sampling is allowed.
         proposal (Tensor[B, *att] | None): draw from this distribution instead of
-            the attention (``sample(..., proposal=)``, DESIGN section 4b).
+            the attention (``sample(..., proposal=)``; docs/estimator.md, sampling
+            from a proposal).
 
     Returns:
         patches (Tensor[B, N, C, *patch_size]) on ``x_low``'s device,
@@ -90,11 +91,11 @@ class SamplePatches(nn.Module):
     step=None)`` returns ``(patches [B, N, C, *patch_size], sampled_attention [B, N])``,
     plus the top-left ``offsets [B, N, 2]`` in ``x_high``'s grid when ``return_offsets``.
 
-    Exploration (DESIGN section 4b): with ``exploration`` (``e``) or ``prior_weight``
-    (``w``) not 0 (constants, or schedules of the training ``step`` such as
-    ``linear_decay``), positions are drawn in training mode from the proposal
-    ``explore(attention, e, mask, prior, w)`` and ``forward`` returns one more output,
-    ``sampled_proposal [B, N]``, to pass to ``expectation(..., sampled_proposal=)``
+    Exploration (docs/estimator.md, exploration and priors): with ``exploration``
+    (``e``) or ``prior_weight`` (``w``) not 0 (constants, or schedules of the training
+    ``step`` such as ``linear_decay``), positions are drawn in training mode from the
+    proposal ``explore(attention, e, mask, prior, w)`` and ``forward`` returns one more
+    output, ``sampled_proposal [B, N]``, to pass to ``expectation(..., sampled_proposal=)``
     (in eval mode the draws come from the attention and it equals
     ``sampled_attention``). ``prior`` (``[B, *att]`` or a finer grid, average-pooled)
     is a non-negative content prior such as tissue or stain density.
@@ -337,9 +338,10 @@ class AttentionSampling(nn.Module):
 
         ``stale``: the weights changed since ``plan`` was made (a training loop that
         planned the next slides before its last optimizer step). The positions were
-        then drawn from the old attention ``q``, a proposal in DESIGN section 4b's
-        sense: the estimator weighs them by ``a / q`` with ``a`` the current
-        attention, so value and gradients stay unbiased.
+        then drawn from the old attention ``q``, a proposal in the sense of
+        docs/estimator.md (sampling from a proposal): the estimator weighs them by
+        ``a / q`` with ``a`` the current attention, so value and gradients stay
+        unbiased.
         """
         attention, mask = self.attend(x_low, mask)
         if tuple(attention.shape[1:]) != plan.attention_size:
@@ -503,8 +505,8 @@ def attention_sampling(
             ``explore(attention, exploration, mask, prior, prior_weight)`` (uniform
             exploration over the allowed cells and a content prior passed to ``draw``);
             a constant in ``[0, 1)`` or a schedule of the step (``linear_decay``).
-            The estimate and its gradients stay unbiased (DESIGN section 4b); 0 (the
-            default) draws from the attention itself.
+            The estimate and its gradients stay unbiased (docs/estimator.md, sampling
+            from a proposal); 0 (the default) draws from the attention itself.
 
     Returns:
         ``AttentionSampling``: ``forward(x_low, x_high, mask=None)`` ->

@@ -1,4 +1,7 @@
-"""Proposal distributions to sample from instead of the attention (DESIGN section 4b).
+"""Proposal distributions to sample from instead of the attention.
+
+The maths, and why the estimate stays unbiased: docs/estimator.md, sampling from a
+proposal.
 
 ``sample(..., proposal=q)`` draws the positions from ``q`` and
 ``expectation(..., sampled_proposal=...)`` reweights them, so the estimate of

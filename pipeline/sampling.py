@@ -34,13 +34,13 @@ def sample(
             the softmax over all positions of the item.
         generator: a ``torch.Generator`` on ``attention``'s device, to repeat a run.
         proposal (Tensor[B, *S] | None): probabilities ``q`` to draw the positions from
-            instead of the attention (DESIGN section 4b), e.g. ``mix_uniform(attention,
-            0.1)``; a constant (detached), moved to ``attention``'s device. Every
-            position of positive attention must have ``q > 0``, otherwise the estimate
-            would be biased (``ValueError`` with the number of such positions). With
-            replacement the draws are i.i.d. from ``q``; without, each draw picks a
-            position not drawn yet with probability proportional to ``q`` (Gumbel top-k
-            on ``log q``), in draw order.
+            instead of the attention (docs/estimator.md, sampling from a proposal), e.g.
+            ``mix_uniform(attention, 0.1)``; a constant (detached), moved to
+            ``attention``'s device. Every position of positive attention must have
+            ``q > 0``, otherwise the estimate would be biased (``ValueError`` with the
+            number of such positions). With replacement the draws are i.i.d. from ``q``;
+            without, each draw picks a position not drawn yet with probability
+            proportional to ``q`` (Gumbel top-k on ``log q``), in draw order.
 
     Returns:
         samples (LongTensor[B, N, len(S)]): the drawn positions, one index per map axis.

@@ -1,7 +1,7 @@
 """Cluster benchmark: slide prediction on 1 and 2 Dask worker processes vs one process.
 
     python scripts/bench_cluster.py [--cache DIR] [--slides 16] [--size 2048]
-                                     [--repeats 5] [--patches N]
+                                     [--repeats 5] [--patches N] [--workers 1 2]
 
 Generates (once, cached in ``--cache``) ``--slides`` synthetic slides of ``--size``
 pixels square (``pipeline.app.synth``), builds the default ``SlideClassifier``
@@ -15,15 +15,16 @@ heatmap PNG, GeoJSON, CSV row per slide):
 - ``local, N threads``: the single-process ``predict`` driver as a user runs it
   (torch's default threads, next slide's view prefetched);
 - ``cluster, k workers``: ``predict_on_client`` on a ``LocalCluster`` of k worker
-  processes with one thread each. Cluster start-up is reported apart, and one
-  untimed run warms the workers (imports, model built from the payload, as a
-  long-lived cluster would be); the weights are still sent in each timed run.
+  processes with one thread each, for each k of ``--workers``. Cluster start-up is
+  reported apart, and one untimed run warms the workers (imports, model built from the
+  payload, as a long-lived cluster would be); the weights are still sent in each timed
+  run.
 
-Prints slides/s and CPU time per slide for each row, the 2-worker / 1-worker
-ratio (target >= 1.6) and the per-slide Dask overhead: (cluster with 1 worker -
-local on 1 thread) / slides, in wall time and in CPU time summed over this process
-(client and scheduler) and the workers. On a shared machine CPU time is the
-steadier of the two.
+Prints slides/s and CPU time per slide for each row, each cluster's speed-up over
+local on 1 thread, the k-worker / 1-worker ratios (target >= 1.6 for 2 workers) and
+the per-slide Dask overhead: (cluster with 1 worker - local on 1 thread) / slides, in
+wall time and in CPU time summed over this process (client and scheduler) and the
+workers. On a shared machine CPU time is the steadier of the two.
 
 "workers busy" is the slide tasks' compute time over the wall time (from Dask's
 task stream): 2.0 means both workers computed all the time, so any shortfall of
@@ -39,6 +40,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +92,8 @@ def task_seconds(task_stream: list[dict]) -> float:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark of ``argv`` and print its table (Markdown); the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ats-bench")
     parser.add_argument("--slides", type=int, default=16)
@@ -100,12 +103,19 @@ def main() -> None:
     parser.add_argument(
         "--patches", type=int, default=None, help="n_patches (default: ModelConfig's)"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="worker processes of each cluster run (default: 1 2)",
+    )
+    args = parser.parse_args(argv)
 
     import torch
     from distributed import get_task_stream
 
-    from pipeline.app.config import ModelConfig
+    from pipeline.app.config import ModelConfig, PredictConfig
     from pipeline.app.model.networks import SlideClassifier
     from pipeline.app.prediction.batch import PredictionStore, predict
     from pipeline.app.prediction.cluster import connect, predict_on_client
@@ -116,13 +126,14 @@ def main() -> None:
     paths = make_slides(args.cache, args.slides, args.size)
     torch.manual_seed(0)
     config = ModelConfig(class_names=CLASS_NAMES)
+    scores = [f"prob_{c}" for c in CLASS_NAMES]
     if args.patches is not None:
         config = dataclasses.replace(config, n_patches=args.patches)
     model = SlideClassifier(config).eval()
     n = len(paths)
 
     def local(out: Path) -> None:
-        with PredictionStore(out, CLASS_NAMES) as store:
+        with PredictionStore(out, scores) as store:
             for path in paths:
                 store.add(predict_slide(model, path, args.seed))
 
@@ -132,7 +143,7 @@ def main() -> None:
 
     def cluster(client):
         def run(out: Path) -> float:
-            with PredictionStore(out, CLASS_NAMES) as store, get_task_stream(client) as stream:
+            with PredictionStore(out, scores) as store, get_task_stream(client) as stream:
                 for result in predict_on_client(client, model, paths, args.seed):
                     store.add(result)
             return task_seconds(stream.data)
@@ -150,7 +161,7 @@ def main() -> None:
             torch.set_num_threads(default_threads)
 
     def local_predict(out: Path) -> None:
-        predict(model, paths, out, seed=args.seed, progress=False)
+        predict(model, paths, out, PredictConfig(seed=args.seed), progress=False)
 
     runs = {
         "local, 1 thread (predict_slide loop)": (local_one_thread, time.process_time),
@@ -158,7 +169,7 @@ def main() -> None:
     }
     startup = {}
     with contextlib.ExitStack() as stack:
-        for workers in (1, 2):
+        for workers in args.workers:
             start = time.perf_counter()
             client = stack.enter_context(connect(workers=workers))
             startup[workers] = time.perf_counter() - start
@@ -185,19 +196,28 @@ def main() -> None:
         busy = "" if m.busy is None else f"{m.busy / m.wall:.2f}"
         print(f"| {name} | {m.wall:.2f} | {n / m.wall:.2f} | {1000 * m.cpu / n:.0f} | {busy} |")
     local_one = best["local, 1 thread (predict_slide loop)"]
-    one, two = best["cluster, 1 worker(s)"], best["cluster, 2 worker(s)"]
     print()
-    print(f"2 workers / 1 worker: {one.wall / two.wall:.2f}x (target >= 1.6x)")
-    print(
-        "Dask overhead per slide, 1 worker vs local on 1 thread: "
-        f"{1000 * (one.wall - local_one.wall) / n:+.0f} ms wall, "
-        f"{1000 * (one.cpu - local_one.cpu) / n:+.0f} ms CPU (client + scheduler + worker)"
-    )
+    for workers in args.workers:
+        k = best[f"cluster, {workers} worker(s)"]
+        print(f"{workers} worker(s) / local on 1 thread: {local_one.wall / k.wall:.2f}x")
+    one = best.get("cluster, 1 worker(s)")
+    if one is not None:
+        for workers in args.workers:
+            if workers > 1:
+                k = best[f"cluster, {workers} worker(s)"]
+                target = " (target >= 1.6x)" if workers == 2 else ""
+                print(f"{workers} workers / 1 worker: {one.wall / k.wall:.2f}x{target}")
+        print(
+            "Dask overhead per slide, 1 worker vs local on 1 thread: "
+            f"{1000 * (one.wall - local_one.wall) / n:+.0f} ms wall, "
+            f"{1000 * (one.cpu - local_one.cpu) / n:+.0f} ms CPU (client + scheduler + worker)"
+        )
     print(
         "cluster start-up (not timed above): "
         + ", ".join(f"{k} worker(s) {v:.1f} s" for k, v in startup.items())
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,12 +12,15 @@ Two tables, N in {10, 100} patches:
   ``[B, N, h*w]`` matrix; plus the largest tensor autograd saves for the backward.
 Times are the best of ``--repeats`` runs in milliseconds (the least disturbed by other
 processes on a shared machine), on ``--threads`` CPU threads (default 1: "on a CPU
-core"); ratios are naive / core, measured in this run.
+core"); ratios are naive / core, measured in this run. The 1-minute load average before
+and after is printed: the machine may be shared.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -91,14 +94,16 @@ def _largest_saved(fn: Callable[[], object]) -> int:
     return max(sizes)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run both tables and print them (Markdown); ``argv`` as on the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=4096, help="image side (pixels)")
     parser.add_argument("--attention", type=int, default=512, help="attention map side")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per case")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
 
     torch.manual_seed(0)
     x = torch.rand(1, 3, args.size, args.size)
@@ -136,7 +141,9 @@ def main() -> None:
             f"| {n} | {fwd:.2f} | {fwd_dense:.2f} | {fwd_dense / fwd:.1f}x | {bwd:.2f} | "
             f"{bwd_dense:.2f} | {bwd_dense / bwd:.1f}x | {saved:,} | {saved_dense:,} |"
         )
+    print(f"\nload average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

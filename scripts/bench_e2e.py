@@ -12,7 +12,8 @@ Builds (once, cached in ``--cache``) two generated JPEG pyramids, ``small`` and
 - peak RSS of each (each runs in its own subprocess, which reports
   ``ru_maxrss``), and ATS's peak RSS on the small vs the big slide;
 - bytes read from the file (``rchar`` of ``/proc/self/io`` over the slide's
-  processing) against the file size.
+  processing) against the file size;
+- the 1-minute load average before and after (the machine may be shared).
 
 Slides are rendered cheaply: level-0 tiles are copies of a few precomputed
 synthetic tissue tiles (``pipeline.app.synth``), chosen per tile by a hash, placed
@@ -197,16 +198,19 @@ def _tissue_tile_grid(view) -> np.ndarray:
 
 
 def _run_child(kind: str, path: Path, count: int) -> dict:
+    """Run one measurement in a fresh process (its own peak RSS); its JSON result."""
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, str(path), str(count)],
-        check=True,
         capture_output=True,
         text=True,
     )
+    if out.returncode:  # the child's traceback, not only its exit status
+        raise RuntimeError(f"the {kind} child on {path} exited {out.returncode}:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Write the slides and run the benchmark of ``argv``; the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=Path("/tmp/ats-wsi-bench"))
     parser.add_argument("--big", type=int, default=100_000)
@@ -215,12 +219,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--make-only", action="store_true", help="only write the slides")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         kind, path, count = args.child
         run = child_ats if kind == "ats" else child_tiling
         print(json.dumps(run(path, int(count))))
-        return
+        return 0
 
     args.cache.mkdir(parents=True, exist_ok=True)
     small = args.cache / f"mosaic-{args.small}.tiff"
@@ -228,7 +232,8 @@ def main() -> None:
     make_slide(small, args.small)
     make_slide(big, args.big)
     if args.make_only:
-        return
+        return 0
+    load_before = os.getloadavg()[0]
     ats_small = _run_child("ats", small, args.repeats)
     ats_big = _run_child("ats", big, args.repeats)
     tiling = _run_child("tiling", big, args.tiles)
@@ -257,7 +262,9 @@ def main() -> None:
         f"peak RSS ATS {args.small}^2 vs {args.big}^2: {ats_small['peak_rss_mb']:.0f} MB vs "
         f"{ats_big['peak_rss_mb']:.0f} MB, ratio {ratio:.2f} (target <= 1.3)"
     )
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

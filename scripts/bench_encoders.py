@@ -2,28 +2,35 @@
 
     pip install -e '.[timm]'     # timm and torchvision (see the README's install lines)
     python scripts/bench_encoders.py [--cache DIR] [--side 100000] [--tiles 48] [--repeats 3]
+                                      [--encoders timm:resnet18,...] [--patch 224] [--patches 16]
 
 For each encoder (``timm:resnet18`` and ``timm:vit_small_patch16_224``, random
 weights: timing does not depend on them) on the generated slide of
 ``scripts/bench_e2e.py`` (0.25 µm/px, written once into ``--cache``):
 
 - **ATS prediction** per slide: open, thumbnail, tissue mask, attention, N = 16
-  patches of 224² at exactly 0.5 µm/px, encoder, head (``classify_view``);
-- **ATS training step** per slide: the same forward plus the backward and an
-  optimizer step, the encoder fine-tuned and frozen (``training.run_slide``);
+  (``--patches``) patches of 224² (``--patch``) at exactly 0.5 µm/px, encoder, head
+  (``classify_view``);
+- **ATS training step** per slide: what ``ats-wsi train`` does for a batch of one
+  slide (``streaming.stream_epoch``, serial): attention, sampling, the patches read,
+  the forward, the backward and an optimizer step, the encoder fine-tuned and frozen;
 - **full tiling** (CLAM's feature-extraction pass): the same encoder on every tissue
   tile of 224² at 0.5 µm/px, read through the same patch source in batches of 16;
   timed on ``--tiles`` random tissue tiles and extrapolated to all of them.
 
-Medians of ``--repeats`` passes after a warm-up; one torch thread, CPU.
+The encoder sees the patches at their size (``feature_input_size``), 224² for both
+default encoders. Medians of ``--repeats`` passes after a warm-up; one torch thread,
+CPU. The 1-minute load average before and after is printed: the machine may be shared.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,11 +38,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import make_slide  # noqa: E402  (the same generated slide)
 
+if TYPE_CHECKING:
+    from pipeline.app.training.streaming import CachedView
+
 ENCODERS = ("timm:resnet18", "timm:vit_small_patch16_224")
 PATCH, MPP, N_PATCHES, BATCH = 224, 0.5, 16, 16
 
 
-def build(encoder: str, freeze: bool):
+class InMemoryViews(dict):
+    """Attention views held in memory, keyed by path, loaded as ``stream_epoch`` loads
+    views: a training run reads each slide's view once, so the step does not."""
+
+    def load(self, path: Path) -> CachedView:
+        return self[path]
+
+
+def build(encoder: str, freeze: bool, patch: int = PATCH, n_patches: int = N_PATCHES):
+    """The benchmark's ``SlideClassifier`` (seed 0) with ``encoder``, random weights."""
     from pipeline.app.config import ModelConfig
     from pipeline.app.model.encoders import resolve
     from pipeline.app.model.networks import SlideClassifier
@@ -44,10 +63,11 @@ def build(encoder: str, freeze: bool):
         ModelConfig(
             class_names=("negative", "positive"),
             feature_net=encoder,
-            patch_size=(PATCH, PATCH),
-            n_patches=N_PATCHES,
+            patch_size=(patch, patch),
+            n_patches=n_patches,
             patch_mpp=MPP,
             low_res_max_side=512,
+            feature_input_size=(patch, patch),
             freeze_features=freeze,
         )
     )
@@ -79,25 +99,37 @@ def predict_seconds(model, path: Path, repeats: int) -> float:
 
 
 def train_step_seconds(model, path: Path, repeats: int) -> float:
+    """Median seconds of one training step on the slide, as ``ats-wsi train`` takes it:
+    ``stream_epoch`` over a batch of this one slide, serially (depth 1)."""
     from pipeline.app.config import TrainConfig
     from pipeline.app.slide.views import open_view
-    from pipeline.app.training.loop import LabelledSlide, make_optimizer, run_slide
+    from pipeline.app.training.loop import make_optimizer
+    from pipeline.app.training.streaming import (
+        CachedView,
+        Reader,
+        StreamItem,
+        StreamOptions,
+        stream_epoch,
+    )
 
     optimizer = make_optimizer(model, TrainConfig())
     device = torch.device("cpu")
-    model.train()
+    # The view is read once per run, so its cost is outside the step (timed in
+    # prediction); the reader keeps the slide open from step to step, as a run does.
+    with open_view(path, model.config) as view:
+        views = InMemoryViews({path: CachedView(view.thumbnail, view.tissue)})
+    items = [StreamItem(path, 0)]
+    serial = StreamOptions(batch_size=1, depth=1)
+    reader = Reader()
 
     def once(seed: int) -> None:
-        # What a training step does per slide: the view is read once per run, so its
-        # cost is outside the step (timed in prediction).
         generator = torch.Generator().manual_seed(seed + 1)
-        run_slide(model, slide, device, generator, scale=1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stream_epoch(model, optimizer, items, views, generator, device, serial, reader)
 
-    with open_view(path, model.config) as view:
-        slide = LabelledSlide(path, 0, view.thumbnail, view.tissue)
-    return median_time(once, repeats)
+    try:
+        return median_time(once, repeats)
+    finally:
+        reader.close()
 
 
 def tiling(model, path: Path, n_tiles: int) -> tuple[float, int]:
@@ -105,41 +137,46 @@ def tiling(model, path: Path, n_tiles: int) -> tuple[float, int]:
     from pipeline.app.slide.views import open_view
 
     model.eval()
+    patch = model.config.patch_size[0]
     with open_view(path, model.config) as view, torch.no_grad():
         source = view.patch_level  # the slide at exactly 0.5 µm/px
         H, W = source.shape[:2]
         h, w = view.tissue.shape
-        cy = ((np.arange(H // PATCH) + 0.5) * PATCH * h / H).astype(int)
-        cx = ((np.arange(W // PATCH) + 0.5) * PATCH * w / W).astype(int)
+        cy = ((np.arange(H // patch) + 0.5) * patch * h / H).astype(int)
+        cx = ((np.arange(W // patch) + 0.5) * patch * w / W).astype(int)
         ty, tx = np.nonzero(view.tissue[np.ix_(cy, cx)])
         pick = np.random.default_rng(0).choice(len(ty), size=min(n_tiles, len(ty)), replace=False)
-        offsets = np.stack([ty[pick], tx[pick]], axis=1) * PATCH
-        model.feature_net(torch.rand(2, 3, PATCH, PATCH))  # warm-up
+        offsets = np.stack([ty[pick], tx[pick]], axis=1) * patch
+        model.feature_net(torch.rand(2, 3, patch, patch))  # warm-up
         began = time.perf_counter()
         for start in range(0, len(offsets), BATCH):
-            pixels = source.read_patches(offsets[start : start + BATCH], (PATCH, PATCH))
+            pixels = source.read_patches(offsets[start : start + BATCH], (patch, patch))
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
             model.feature_net(x)
         seconds = time.perf_counter() - began
     return seconds / len(offsets), len(ty)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark of ``argv`` and print its table (Markdown); the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=Path("/tmp/ats-wsi-bench"))
     parser.add_argument("--side", type=int, default=100_000)
     parser.add_argument("--tiles", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--encoders", default=",".join(ENCODERS))
-    args = parser.parse_args()
+    parser.add_argument("--patch", type=int, default=PATCH, help="patch side in pixels")
+    parser.add_argument("--patches", type=int, default=N_PATCHES, help="patches per slide (N)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     args.cache.mkdir(parents=True, exist_ok=True)
     path = args.cache / f"mosaic-{args.side}.tiff"
     make_slide(path, args.side)
 
     print(
-        f"slide {args.side}² at 0.25 µm/px; N = {N_PATCHES} patches of {PATCH}² at {MPP} µm/px;"
-        f" torch {torch.__version__}, 1 thread"
+        f"slide {args.side}² at 0.25 µm/px; N = {args.patches} patches of {args.patch}² at "
+        f"{MPP} µm/px; torch {torch.__version__}, 1 thread"
     )
     print(
         "| encoder | ATS predict / slide | ATS train step, fine-tuned / frozen | "
@@ -147,11 +184,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     for encoder in args.encoders.split(","):
-        model = build(encoder, freeze=False)
+        model = build(encoder, False, args.patch, args.patches)
         predict = predict_seconds(model, path, args.repeats)
         per_tile, n_tiles = tiling(model, path, args.tiles)
         tuned = train_step_seconds(model, path, args.repeats)
-        frozen_model = build(encoder, freeze=True)
+        frozen_model = build(encoder, True, args.patch, args.patches)
         frozen_model.load_state_dict(model.state_dict())
         frozen = train_step_seconds(frozen_model, path, args.repeats)
         full = per_tile * n_tiles
@@ -161,7 +198,9 @@ def main() -> None:
             f"{n_tiles:,} | **{full / predict:,.0f}×** |",
             flush=True,
         )
+    print(f"\nload average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,8 +10,9 @@ random offsets for every method (fresh offsets per repeat, methods interleaved):
 - (c) slicing a dask array of the whole level (tifffile's zarr store, one chunk
   per tile) and computing the stack with the threaded scheduler.
 
-and prints median times and the ratios. The slide (default 32768 x 32768, JPEG
-256-pixel tiles) is generated on first use and cached.
+and prints median times and the ratios, and the 1-minute load average before and after
+(the machine may be shared). The slide (default 32768 x 32768, JPEG 256-pixel tiles) is
+generated on first use and cached.
 
     python scripts/bench_readers.py [--slide PATH] [--size 32768] [--repeats 7]
     python scripts/bench_readers.py --write-check 50000   # peak RSS of a 50k x 50k write
@@ -93,6 +94,7 @@ def bench(path: Path, ns: list[int], repeats: int, seed: int) -> None:
     import openslide
     import tifffile
 
+    load_before = os.getloadavg()[0]
     rng = np.random.default_rng(seed)
     tslide = open_slide(path, backend="tifffile")
     oslide = open_slide(path, backend="openslide")
@@ -185,6 +187,7 @@ def bench(path: Path, ns: list[int], repeats: int, seed: int) -> None:
     pool.shutdown()
     for handle in (tslide, oslide, osr):
         handle.close()
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
 
 
 def write_check(size: int, directory: Path) -> None:
@@ -205,7 +208,8 @@ def write_check(size: int, directory: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or the write check) of ``argv``; the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cache = Path(tempfile.gettempdir()) / "ats-wsi-bench"
     parser.add_argument("--slide", type=Path, help="benchmark slide (generated if missing)")
@@ -222,9 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.write_check:
         write_check(args.write_check, args.slide.parent if args.slide else cache)
-        return
+        return 0
     path = cached_slide(args.slide or cache / f"bench-{args.size}.tif", args.size)
     bench(path, args.n, args.repeats, args.seed)
+    return 0
 
 
 if __name__ == "__main__":

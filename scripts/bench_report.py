@@ -2,12 +2,16 @@
 
 Replicates the ``ok`` slides of an existing ``predict`` output directory into ``--n``
 slides (files hard-linked, rows copied under new names), builds the report, and
-opens it in headless Chromium (Debian ``chromium`` + ``chromium-driver``)::
+opens it in headless Chromium (Debian ``chromium`` + ``chromium-driver``, driven by
+selenium)::
 
     python scripts/bench_report.py --source results/ --n 2000 --out /tmp/big-report
 
 Prints the build time, the HTML size, and what the browser fetched to show the top
-of the page (image count and bytes on disk) against the directory's total.
+of the page (image count and bytes on disk) against the directory's total, waiting
+``--wait`` seconds for lazy images, and the 1-minute load average before and after
+(the machine may be shared). Without Chromium or selenium (or with
+``--no-browser``) the browser part is skipped, with a line saying why.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +28,7 @@ from pipeline.app import files
 from pipeline.app.results import outputs
 from pipeline.app.results.report import REPORT, write_report
 
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 FLAGS = (
     "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run "
     "--disable-background-networking --disable-component-update --disable-sync"
@@ -52,19 +58,32 @@ def replicate(source: Path, out: Path, n: int) -> None:
     files.write_csv(out / outputs.PREDICTIONS, list(rows[0]), copies)
 
 
-def browse(page: Path, n: int) -> dict:
+def browser_missing() -> str | None:
+    """Why the page cannot be opened in headless Chromium here, or None if it can."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed"
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    return f"{' and '.join(missing)} not found (apt: chromium-driver)" if missing else None
+
+
+def browse(page: Path, n: int, wait: float = 2.0) -> dict:
+    """What headless Chromium loads of ``page`` (``n`` slides): timings, and the images
+    decoded at the top of the page and after a jump to the middle panel, ``wait``
+    seconds after each."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
+    options.binary_location = str(CHROMIUM)
     profile = tempfile.mkdtemp()
     for flag in [*FLAGS, f"--user-data-dir={profile}", "--window-size=1300,1000"]:
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     try:
         driver.get(page.as_uri())
-        time.sleep(2)  # let lazy images near the viewport arrive
+        time.sleep(wait)  # let lazy images near the viewport arrive
         timing = driver.execute_script(
             "const t = performance.getEntriesByType('navigation')[0];"
             "const paint = performance.getEntriesByName('first-contentful-paint')[0];"
@@ -78,7 +97,7 @@ def browse(page: Path, n: int) -> dict:
         images = driver.execute_script("return document.images.length")
         # Jump to the middle panel, as a reviewer following a table link does.
         driver.execute_script(f"document.getElementById('slide-{n // 2}').scrollIntoView()")
-        time.sleep(2)
+        time.sleep(wait)
         after_jump = driver.execute_script(
             "return Array.from(document.images).filter((i) => i.complete && i.naturalWidth)"
             ".map((i) => i.src)"
@@ -102,12 +121,18 @@ def browse(page: Path, n: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Replicate, build and measure the report of ``argv``; the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", required=True, type=Path, help="a predict output directory")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--wait", type=float, default=2.0, help="seconds for lazy images after each scroll"
+    )
+    parser.add_argument("--no-browser", action="store_true", help="skip the browser part")
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     if args.out.exists():
         shutil.rmtree(args.out)
     replicate(args.source, args.out, args.n)
@@ -118,9 +143,18 @@ def main() -> None:
     size = page.stat().st_size / 1e6
     print(f"{args.n} slides: report built in {built:.1f} s, {size:.2f} MB HTML")
     print(f"files beside it: {total / 1e6:.0f} MB")
-    for key, value in browse(args.out / REPORT, args.n).items():
-        print(f"{key}: {value:.0f}" if isinstance(value, float) else f"{key}: {value}")
+    missing = "--no-browser" if args.no_browser else browser_missing()
+    if missing:
+        print(f"browser: skipped ({missing})")
+    else:
+        loaded = browse(args.out / REPORT, args.n, args.wait)
+        for key, value in loaded.items():
+            print(f"{key}: {value:.0f}" if isinstance(value, float) else f"{key}: {value}")
+        share = loaded["images_loaded_bytes"] / total if total else float("nan")
+        print(f"loaded at the top of the page / files beside it: {share:.2%}")
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,7 +31,8 @@ it reports slides per second of:
   in the same run (read: the patches of a planned batch alone; compute: a training step
   on patches already in memory);
 
-and the peak RSS after 10 %, 50 % and 100 % of the slides of a streaming epoch.
+and the peak RSS after 10 %, 50 % and 100 % of the slides of a streaming epoch. The
+1-minute load average before and after is printed: the machine may be shared.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from pipeline.app.training.loop import new_model  # noqa: E402
 from pipeline.app.training.streaming import (  # noqa: E402
     Reader,
     StreamItem,
+    StreamOptions,
     ViewCache,
     read_batch,
     stack_views,
@@ -185,10 +187,9 @@ def bench(name, stream: Stream | None, paths, args, views_dir) -> dict:
         torch.optim.AdamW(m.parameters()),
         items,
         views,
-        1,
         torch.Generator().manual_seed(0),
         device,
-        depth=1,
+        StreamOptions(batch_size=1, depth=1),
         reader=reopening,
     )
     if stream:
@@ -215,10 +216,9 @@ def bench(name, stream: Stream | None, paths, args, views_dir) -> dict:
         torch.optim.AdamW(m.parameters()),
         items,
         views,
-        args.batch,
         torch.Generator().manual_seed(0),
         device,
-        depth=args.depth,
+        StreamOptions(batch_size=args.batch, depth=args.depth),
         on_step=on_step,
     )
     if stream:
@@ -246,7 +246,7 @@ def bench(name, stream: Stream | None, paths, args, views_dir) -> dict:
         began = time.perf_counter()
         out = m.sampler.estimate(x_low, patches, offsets, plan, mask)
         loss = nn.functional.cross_entropy(
-            m.head(out.features), torch.tensor([i.label for i in batch])
+            m.head(out.features), torch.tensor([i.target for i in batch])
         )
         optimizer.zero_grad()
         (loss + out.regularizer).backward()
@@ -265,7 +265,8 @@ def _percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{fraction:.0%}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark of ``argv`` and print its table (Markdown); the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_train"))
     parser.add_argument("--slides", type=int, default=100)
@@ -284,8 +285,9 @@ def main() -> None:
         action="store_true",
         help="the host waits for every simulated kernel, not only for the features it reads",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     paths = make_slides(args.cache, args.slides, args.distinct, args.side)
+    load_before = os.getloadavg()[0]
     rows = [
         bench("simulated accelerator", Stream(args.blocking), paths, args, args.cache / "views"),
         bench("CPU (small CNN)", None, paths, args, args.cache / "views"),
@@ -311,7 +313,9 @@ def main() -> None:
             f"| {r['read s/slide']:.3f} | {r['compute s/slide']:.3f} "
             f"| {r['peak RSS MB by slides']} |"
         )
+    print(f"\nload average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

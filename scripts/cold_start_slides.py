@@ -4,10 +4,10 @@ Writes one synthetic dataset (``ats-wsi synth``'s, the demo's slide size), then 
 the default classifier once per arm and seed and reports the epoch at which the
 validation accuracy first reaches 95 % (mean and spread over seeds), the validation
 accuracy at the end, and the training seconds per epoch. The remedies are those of
-DESIGN section 4b (``TrainConfig.exploration``, ``prior``, ``prior_weight``), decaying
-to 0 over ``--remedy-epochs``, more patches per slide over those epochs
-(``early_patches``) and the attention net fitted to the prior before training
-(``prior_init_steps``); the estimator stays unbiased.
+docs/estimator.md, exploration and priors (``TrainConfig.exploration``, ``prior``,
+``prior_weight``), decaying to 0 over ``--remedy-epochs``, more patches per slide over
+those epochs (``early_patches``) and the attention net fitted to the prior before
+training (``prior_init_steps``); the estimator stays unbiased.
 
     python scripts/cold_start_slides.py --out runs/cold_start_slides
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 import time
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def _typed(row: dict) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Train the arms and seeds of ``argv`` and print the table (Markdown); the exit
+    status. Rows of arms and seeds already in ``--out`` and not rerun are kept."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/cold_start_slides"))
     parser.add_argument("--n", type=int, default=64, help="slides (a quarter for validation)")
@@ -90,12 +93,15 @@ def main(argv: list[str] | None = None) -> None:
         default="unbiased",
         help="the model's estimator (ModelConfig.estimator)",
     )
+    parser.add_argument(
+        "--synth-workers", type=int, default=2, help="processes writing the dataset"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     data = args.out / "slides"
     labels = data / "labels.csv"
     if not labels.is_file():
-        write_dataset(data, n=args.n, size=args.size, seed=0, workers=2)
+        write_dataset(data, n=args.n, size=args.size, seed=0, workers=args.synth_workers)
     rows = []
     for arm in args.arms:
         for seed in args.seeds:
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         final = np.mean([r["final_val_accuracy"] for r in mine])
         speed = np.mean([r["seconds_per_epoch"] for r in mine])
         print(f"| {arm} | {len(epochs)}/{len(mine)} | {spread} | {final:.3f} | {speed:.2f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

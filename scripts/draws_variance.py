@@ -12,6 +12,7 @@ seconds per slide (this process, one thread).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -23,13 +24,16 @@ from pipeline.app.prediction.inference import predict_slide
 from pipeline.app.slide.inputs import list_inputs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurement of ``argv`` and print its table (Markdown); the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--slides", type=Path, required=True)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--draws", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.seeds < 2:
+        parser.error("--seeds: at least 2 (a spread across seeds)")
     torch.set_num_threads(1)
     model, _ = load_model(args.model)
     paths = [i.path for i in list_inputs([args.slides]) if not i.error]
@@ -56,7 +60,8 @@ def main() -> None:
             f"| {draws} | {probs.std(axis=1, ddof=1).mean():.4f} | {flips:.0%} | {seconds:.3f} |",
             flush=True,
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,8 @@
 flat time per slide.
 
     python scripts/soak_predict.py --slides 2000 --cache /tmp/soak
+    python scripts/soak_predict.py --slides 12 --size 128 --checkpoints 3 6 --window 4 \
+        --warm-up 2 --cache /tmp/soak-quick        # a quick check of the script itself
 
 Generates (once, cached in ``--cache``) ``--slides`` synthetic slides of ``--size``
 pixels square, saves an untrained default-architecture model (speed and memory do not
@@ -11,13 +13,15 @@ cluster of ``--workers`` processes. For each run it checks that ``predictions.cs
 has every slide exactly once with status ``ok``, and prints:
 
 - peak RSS of this process (``peak_rss_mb``: driver, journal, and in the cluster run
-  the scheduler) after 100, 1,000 and ``--slides`` slides, and of the largest worker,
-  with this process's glibc heap statistics (``glibc_heap``) at the same points;
-- time per slide (wall time between completions) over slides 11-110 and over the
-  last 100.
+  the scheduler) after 100, 1,000 (``--checkpoints``) and ``--slides`` slides, and of
+  the largest worker, with this process's glibc heap statistics (``glibc_heap``) at the
+  same points;
+- time per slide (wall time between completions) over the first ``--window`` (100)
+  slides after ``--warm-up`` (10), i.e. slides 11-110, and over the last 100.
 
 Targets (issue 12): RSS growth under 10 % from 100 to 2,000 slides; time per slide
-flat within 10 %. Exit status 1 when a row is missing or duplicated.
+flat within 10 %. Exit status 1 when a row is missing or duplicated. The 1-minute load
+average before and after is printed: the machine may be shared.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import os
 import resource
 import sys
 import time
@@ -32,6 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CHECKPOINTS = (100, 1000)
+WINDOW = 100
+WARM_UP = 10
 
 
 def peak_rss_mb() -> float:
@@ -82,9 +89,16 @@ def glibc_heap() -> dict[str, int] | None:
     }
 
 
-def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:
-    """Run ``predict`` over ``slides`` into ``out``; RSS at the checkpoints and the
-    completion times of every slide."""
+def soak(
+    run_dir: Path,
+    slides: Path,
+    out: Path,
+    n: int,
+    client=None,
+    checkpoints: tuple[int, ...] = CHECKPOINTS,
+) -> dict:
+    """Run ``predict`` over ``slides`` into ``out``; RSS at the ``checkpoints`` (and
+    after all ``n`` slides) and the completion times of every slide."""
     from pipeline.app.prediction.batch import predict
     from pipeline.app.prediction.cluster import on_cluster
     from pipeline.app.prediction.inference import run_here
@@ -92,7 +106,7 @@ def soak(run_dir: Path, slides: Path, out: Path, n: int, client=None) -> dict:
     inner = run_here if client is None else on_cluster(client)
     rss: dict[int, tuple[float, float]] = {}
     times: list[float] = []
-    marks = {*CHECKPOINTS, n}
+    marks = {*checkpoints, n}
 
     def worker_peak() -> float:
         if client is None:
@@ -127,21 +141,42 @@ def check_rows(out: Path, expected: set[str]) -> list[str]:
     return problems
 
 
-def per_slide(times: list[float], first: bool) -> float:
-    """Mean seconds between completions over slides 11-110 (``first``) or the last 100."""
-    window = times[10:111] if first else times[-101:]
-    return (window[-1] - window[0]) / (len(window) - 1)
+def per_slide(
+    times: list[float], first: bool, window: int = WINDOW, warm_up: int = WARM_UP
+) -> float:
+    """Mean seconds between completions over the ``window`` slides after the first
+    ``warm_up`` (``first``; slides 11-110 by default) or over the last ``window``."""
+    span = times[warm_up : warm_up + window + 1] if first else times[-window - 1 :]
+    return (span[-1] - span[0]) / (len(span) - 1)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run the soak of ``argv`` and print its table; 1 when a row is missing or duplicated."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slides", type=int, default=2000)
     parser.add_argument("--size", type=int, default=512, help="slide side in pixels")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/ats-soak"))
-    args = parser.parse_args()
-    if args.slides < 211:
-        parser.error("--slides: at least 211 (two windows of 100 slides after 10 warm-up ones)")
+    parser.add_argument(
+        "--checkpoints",
+        type=int,
+        nargs="+",
+        default=list(CHECKPOINTS),
+        help="slides after which peak RSS is taken (and after all of them); growth is "
+        "measured from the first",
+    )
+    parser.add_argument("--window", type=int, default=WINDOW, help="slides per time window")
+    parser.add_argument("--warm-up", type=int, default=WARM_UP, help="slides before the first")
+    args = parser.parse_args(argv)
+    checkpoints = tuple(sorted(args.checkpoints))
+    least = args.warm_up + 2 * args.window + 1
+    if args.slides < least:
+        parser.error(
+            f"--slides: at least {least} (two windows of {args.window} slides after "
+            f"{args.warm_up} warm-up ones)"
+        )
+    if checkpoints[0] < 1 or checkpoints[-1] > args.slides:
+        parser.error(f"--checkpoints: expected slide counts in 1..{args.slides}")
 
     import torch
 
@@ -163,26 +198,33 @@ def main() -> int:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     failed = False
+    load_before = os.getloadavg()[0]
     print(f"{args.slides} slides of {args.size}^2 px; torch threads {torch.get_num_threads()}")
-    header = "| run | RSS @100 | RSS @1000 | RSS @N | growth 100->N | s/slide, 11-110 | s/slide, last 100 | change | rows |"  # noqa: E501
-    lines = [header, "|" + " --- |" * 9]
+    first = checkpoints[0]
+    window = f"{args.warm_up + 1}-{args.warm_up + args.window}"
+    header = (
+        f"| run | {' | '.join(f'RSS @{c}' for c in checkpoints)} | RSS @N | growth {first}->N "
+        f"| s/slide, {window} | s/slide, last {args.window} | change | rows |"
+    )
+    lines = [header, "|" + " --- |" * (len(checkpoints) + 7)]
     for label, workers in (("one process", None), (f"--workers {args.workers}", args.workers)):
         out = args.cache / f"out-{stamp}-{workers or 0}"
         with connect(workers=workers) as client:
-            got = soak(run_dir, slides, out, args.slides, client)
+            got = soak(run_dir, slides, out, args.slides, client, checkpoints)
         problems = check_rows(out, expected)
         failed |= bool(problems)
         for p in problems[:10]:
             print(f"{label}: {p}", file=sys.stderr)
         rss, times = got["rss"], got["times"]
-        start, end = per_slide(times, True), per_slide(times, False)
+        start = per_slide(times, True, args.window, args.warm_up)
+        end = per_slide(times, False, args.window, args.warm_up)
         cells = []
-        for mark in (*CHECKPOINTS, args.slides):
+        for mark in (*checkpoints, args.slides):
             driver, worker = rss.get(mark, (float("nan"), 0.0))
             cells.append(f"{driver:.0f} MB" + (f" (worker {worker:.0f})" if worker else ""))
-        growth = rss[args.slides][0] / rss[100][0] - 1
+        growth = rss[args.slides][0] / rss[first][0] - 1
         if workers:
-            growth = max(growth, rss[args.slides][1] / rss[100][1] - 1)
+            growth = max(growth, rss[args.slides][1] / rss[first][1] - 1)
         rows = "ok" if not problems else f"{len(problems)} problems"
         lines.append(
             f"| {label} | {' | '.join(cells)} | {growth:+.1%} | {start:.3f} | {end:.3f} "
@@ -190,6 +232,7 @@ def main() -> int:
         )
         print(lines[-1], flush=True)
     print("\n".join(lines))
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     return 1 if failed else 0
 
 

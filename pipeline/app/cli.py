@@ -29,8 +29,10 @@ from pipeline.app.config import (
     BALANCE_MODES,
     ESTIMATORS,
     SELECT_METRICS,
+    TASK_NAMES,
     DemoConfig,
     EvaluateConfig,
+    InputConfig,
     ModelConfig,
     PredictConfig,
     ReportConfig,
@@ -100,13 +102,21 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.app.synth import write_dataset
 
     labels = write_dataset(
-        args.out_dir, n=args.n, size=args.size, seed=args.seed, progress=True, workers=args.workers
+        args.out_dir,
+        n=args.n,
+        size=args.size,
+        seed=args.seed,
+        progress=True,
+        workers=args.workers,
+        task=args.task,
     )
     print(f"wrote {args.n} slides and {labels}")
     return 0
 
 
 MODEL_OPTIONS = (
+    "task",
+    "loss",
     "n_patches",
     "patch_size",
     "low_res_max_side",
@@ -146,9 +156,12 @@ TRAIN_OPTIONS = (
 TRAIN_FLAGS = ("amp", "augment_flips")
 
 
-def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
-    """ModelConfig from the options given; the others keep the dataclass defaults."""
+def _model_config(args: argparse.Namespace):
+    """ModelConfig from the options given; the others keep the dataclass defaults (a
+    classification model's classes come from the labels when training starts)."""
     options = _given(args, MODEL_OPTIONS)
+    if args.targets is not None:
+        options["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     if "patch_size" in options:
         options["patch_size"] = (options["patch_size"],) * 2
     if "feature_input_size" in options:
@@ -157,7 +170,7 @@ def _model_config(args: argparse.Namespace, class_names: tuple[str, ...]):
         options["tissue_mask"] = False
     if args.freeze_features:
         options["freeze_features"] = True
-    return ModelConfig(class_names=class_names, slide_mpp=_slide_mpp(args), **options)
+    return ModelConfig(slide_mpp=_slide_mpp(args), **options)
 
 
 def _slide_mpp(args: argparse.Namespace) -> tuple[tuple[str, float], ...]:
@@ -175,16 +188,11 @@ def _channels(text: str) -> tuple[float, float, float]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.app.slide.labels import read_labels
-    from pipeline.app.training.loop import CV_SUMMARY_FILE, cross_validate, train
+    from pipeline.app.training.crossval import CV_SUMMARY_FILE, cross_validate
+    from pipeline.app.training.loop import train
 
-    classes = set(read_labels(args.labels, args.slides).classes)
-    if args.val_labels is not None:
-        classes |= set(read_labels(args.val_labels, args.val_slides or args.slides).classes)
-    if len(classes) < 2:
-        raise UserError(f"{args.labels}: need at least two classes, found {sorted(classes)}")
     options = dict(
-        model_config=_model_config(args, tuple(sorted(classes))),
+        model_config=_model_config(args),
         train_config=TrainConfig(
             **_given(args, TRAIN_OPTIONS), **{f: True for f in TRAIN_FLAGS if getattr(args, f)}
         ),
@@ -215,9 +223,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.app.prediction.batch import prediction_task
     from pipeline.app.results.evaluation import evaluate
 
-    result = evaluate(args.predictions, args.labels, args.out, **_given(args, EVALUATE_OPTIONS))
+    task = prediction_task(args.predictions)
+    options = _given(args, EVALUATE_OPTIONS)
+    result = evaluate(args.predictions, args.labels, args.out, task=task, **options)
     m = result.metrics
 
     def show(name: str) -> str:
@@ -234,7 +245,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         + (f" (not evaluated: {missed})" if missed else "")
         + f"; {counts['predictions_without_label']} predictions without a label"
     )
-    print(", ".join(show(n) for n in ("accuracy", "balanced_accuracy", "roc_auc")))
+    print(", ".join(show(n) for n in m["summary"]))
     print(f"written: {', '.join(str(f) for f in result.files)}")
     return 0
 
@@ -254,13 +265,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             args.model,
             args.slides,
             args.out,
+            PredictConfig(**_given(args, ["seed", "draws", "roi_dir"])),
+            report,
+            InputConfig(
+                recursive=args.recursive,
+                slides_csv=args.slides_csv,
+                assume_mpp=args.assume_mpp,
+                slide_mpp=_slide_mpp(args),
+            ),
             overwrite=args.overwrite,
             device=args.device,
-            recursive=args.recursive,
-            slides_csv=args.slides_csv,
-            report=report,
-            slide_mpp=_slide_mpp(args),
-            **_given(args, ["seed", "draws", "roi_dir", "feature_weights", "assume_mpp"]),
+            feature_weights=args.feature_weights,
         ) as batch,
         connect(args.scheduler, args.workers) as client,
     ):
@@ -295,9 +310,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
 DEMO_OPTIONS = ("out_dir", "n_train", "n_test", "size", "epochs", "seed")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+# The parser: one ``_add_<command>`` per subcommand; the options several commands
+# share are added by the ``_add_*`` helpers below, as a group where they form one.
+
+QUIET_HELP = "no progress and no summary; errors only"
+
+
+def _add_quiet(p: argparse.ArgumentParser, default: object = False) -> None:
+    """``-q/--quiet``: global, and again on every command with ``default=SUPPRESS``,
+    so that leaving it out after the command keeps the value given before it."""
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help=QUIET_HELP)
+
+
+def _add_command(sub, name: str, run, help: str) -> argparse.ArgumentParser:
+    """The subparser of command ``name``, handled by ``run``, with ``--quiet``."""
+    p = sub.add_parser(name, help=help)
+    _add_quiet(p, default=argparse.SUPPRESS)
+    p.set_defaults(run=run)
+    return p
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+
+
+def _add_mpp_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("slides without mpp metadata (needed by --patch-mpp/--low-res-mpp)")
+    g.add_argument("--slide-mpp", metavar="CSV", help="columns slide,mpp (overrides the files)")
+    g.add_argument(
+        "--assume-mpp",
+        type=float,
+        metavar="X",
+        help="microns per level-0 pixel of slides that state none",
+    )
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     M = ModelConfig
     g = p.add_argument_group("model (new runs only; a resumed run keeps its own)")
+    g.add_argument(
+        "--task",
+        choices=TASK_NAMES,
+        help="kind of target (docs/tasks.md): a class, several binary targets, a number, "
+        f"a time to event {_default(M, 'task')}",
+    )
+    g.add_argument(
+        "--targets",
+        metavar="A,B,...",
+        help="labels CSV columns of the target (default: label for classification, value "
+        "for regression, time,event for survival; multilabel: required)",
+    )
+    g.add_argument("--loss", choices=("mse", "huber"), help="regression loss (default mse)")
     g.add_argument(
         "--n-patches", type=int, help=f"patches sampled per slide {_default(M, 'n_patches')}"
     )
@@ -373,77 +446,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     _add_mpp_options(p)
 
 
-def _add_mpp_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("slides without mpp metadata (needed by --patch-mpp/--low-res-mpp)")
-    g.add_argument("--slide-mpp", metavar="CSV", help="columns slide,mpp (overrides the files)")
-    g.add_argument(
-        "--assume-mpp",
-        type=float,
-        metavar="X",
-        help="microns per level-0 pixel of slides that state none",
-    )
-
-
-def _add_training_extras(p: argparse.ArgumentParser) -> None:
-    T = TrainConfig
-    g = p.add_argument_group("fine-tuning and augmentation")
-    g.add_argument(
-        "--feature-lr", type=float, help="learning rate of a fine-tuned encoder (default: --lr)"
-    )
-    g.add_argument(
-        "--amp",
-        action="store_true",
-        help="mixed precision on CUDA (a no-op with a message on the CPU)",
-    )
-    g.add_argument(
-        "--augment-flips",
-        action="store_true",
-        help="random flips and 90-degree rotations of each training slide",
-    )
-    g.add_argument(
-        "--color-jitter",
-        type=float,
-        metavar="S",
-        help=f"brightness/contrast/saturation of patches {_default(T, 'color_jitter')}",
-    )
-    g.add_argument(
-        "--hed-jitter",
-        type=float,
-        metavar="S",
-        help=f"stain (HED) jitter of patches {_default(T, 'hed_jitter')}",
-    )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Attention sampling for gigapixel whole-slide images."
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    parser.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress and no summary; errors only"
-    )
-    # Also accepted after the command; SUPPRESS keeps it from resetting the global one.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="no progress and no summary; errors only",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("info", parents=[common], help="levels, sizes, mpp and backend of slides")
+def _add_info(sub) -> None:
+    p = _add_command(sub, "info", cmd_info, help="levels, sizes, mpp and backend of slides")
     p.add_argument("slides", nargs="+", metavar="SLIDE_OR_DIR")
     p.add_argument(
         "--json",
@@ -451,20 +455,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="print JSON: one object per slide, {path, error} for a failure",
     )
     p.add_argument("--recursive", action="store_true", help="list sub-directories too")
-    p.set_defaults(run=cmd_info)
 
-    p = sub.add_parser("synth", help="write a labelled synthetic slide dataset")
+
+def _add_synth(sub) -> None:
+    p = _add_command(sub, "synth", cmd_synth, help="write a labelled synthetic slide dataset")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--n", type=int, default=40, help="number of slides")
     p.add_argument("--size", type=int, default=2048, help="slide side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes writing slides")
-    p.set_defaults(run=cmd_synth)
+    p.add_argument(
+        "--task",
+        choices=TASK_NAMES,
+        default="classification",
+        help="whose targets labels.csv holds (docs/tasks.md; default classification)",
+    )
 
-    p = sub.add_parser("train", help="train a classifier (resumes an existing run directory)")
+
+def _add_train(sub) -> None:
+    p = _add_command(
+        sub, "train", cmd_train, help="train a classifier (resumes an existing run directory)"
+    )
     p.add_argument("--slides", required=True, metavar="DIR")
     p.add_argument("--labels", required=True, metavar="CSV", help="columns slide,label[,case]")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
+    _add_schedule_options(p)
+    _add_cold_start_options(p)
+    _add_validation_options(p)
+    _add_view_cache_options(p)
+    _add_device(p)
+    _add_model_options(p)
+    _add_training_extras(p)
+
+
+def _add_schedule_options(p: argparse.ArgumentParser) -> None:
+    """train: epochs, optimizer, split, seed and read-ahead."""
     T = TrainConfig
     p.add_argument("--epochs", type=int, help=_default(T, "epochs"))
     p.add_argument("--lr", type=float, help=f"learning rate {_default(T, 'lr')}")
@@ -479,7 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="batches in flight: 1 reads then computes, "
         f"more read ahead while the model computes {_default(T, 'queue_depth')}",
     )
-    g = p.add_argument_group("cold start (DESIGN 4b: unbiased; training only)")
+
+
+def _add_cold_start_options(p: argparse.ArgumentParser) -> None:
+    T = TrainConfig
+    g = p.add_argument_group("cold start (unbiased, see docs/estimator.md; training only)")
     g.add_argument(
         "--exploration",
         type=float,
@@ -513,11 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="first fit the attention net to --prior for S steps "
         f"{_default(T, 'prior_init_steps')}",
     )
+
+
+def _add_validation_options(p: argparse.ArgumentParser) -> None:
+    """train: the best epoch, early stopping, class balance and the validation set."""
+    T = TrainConfig
     p.add_argument(
         "--select",
         dest="select_metric",
         choices=SELECT_METRICS,
-        help=f"validation metric that picks the best epoch {_default(T, 'select_metric')}",
+        help="validation metric that picks the best epoch (default: the task's first: "
+        "roc_auc, mean_auc, r2, c_index)",
     )
     p.add_argument(
         "--patience",
@@ -549,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the labels changed under this run: split again, train from epoch 1",
     )
+
+
+def _add_view_cache_options(p: argparse.ArgumentParser) -> None:
     cache = p.add_mutually_exclusive_group()
     cache.add_argument(
         "--cache-dir",
@@ -560,13 +598,41 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--no-view-cache", action="store_true", help="read every slide's view anew, cache nothing"
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    _add_model_options(p)
-    _add_training_extras(p)
-    p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser(
-        "evaluate", parents=[common], help="metrics of predictions against true labels, with CIs"
+
+def _add_training_extras(p: argparse.ArgumentParser) -> None:
+    T = TrainConfig
+    g = p.add_argument_group("fine-tuning and augmentation")
+    g.add_argument(
+        "--feature-lr", type=float, help="learning rate of a fine-tuned encoder (default: --lr)"
+    )
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision on CUDA (a no-op with a message on the CPU)",
+    )
+    g.add_argument(
+        "--augment-flips",
+        action="store_true",
+        help="random flips and 90-degree rotations of each training slide",
+    )
+    g.add_argument(
+        "--color-jitter",
+        type=float,
+        metavar="S",
+        help=f"brightness/contrast/saturation of patches {_default(T, 'color_jitter')}",
+    )
+    g.add_argument(
+        "--hed-jitter",
+        type=float,
+        metavar="S",
+        help=f"stain (HED) jitter of patches {_default(T, 'hed_jitter')}",
+    )
+
+
+def _add_evaluate(sub) -> None:
+    p = _add_command(
+        sub, "evaluate", cmd_evaluate, help="metrics of predictions against true labels, with CIs"
     )
     p.add_argument(
         "--predictions",
@@ -587,10 +653,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bootstrap resamples for the 95%% CIs {_default(E, 'n_bootstrap')}",
     )
     p.add_argument("--seed", type=int, help=f"of the bootstrap {_default(E, 'seed')}")
-    p.set_defaults(run=cmd_evaluate)
 
-    p = sub.add_parser(
-        "predict", parents=[common], help="classify slides into CSV, heatmaps and GeoJSON"
+
+def _add_predict(sub) -> None:
+    p = _add_command(
+        sub, "predict", cmd_predict, help="classify slides into CSV, heatmaps and GeoJSON"
     )
     p.add_argument("--model", required=True, metavar="RUN_DIR")
     p.add_argument("--slides", nargs="+", default=[], metavar="DIR_OR_FILE")
@@ -606,6 +673,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="redo slides already done; replace outputs made by another model or seed",
     )
+    _add_draw_options(p)
+    _add_device(p)
+    p.add_argument(
+        "--feature-weights",
+        metavar="PATH",
+        help="where the run's frozen encoder weights file is now (checked by SHA-256)",
+    )
+    _add_mpp_options(p)
+    _add_cluster_options(p)
+    _add_report_options(p)
+
+
+def _add_draw_options(p: argparse.ArgumentParser) -> None:
+    """predict: how the patches of a slide are drawn."""
     p.add_argument("--seed", type=int, help=_default(PredictConfig, "seed"))
     p.add_argument(
         "--draws",
@@ -620,18 +701,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="<slide>.geojson regions of interest "
         "(QuPath polygons, level-0 pixels) restricting where patches are sampled",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    p.add_argument(
-        "--feature-weights",
-        metavar="PATH",
-        help="where the run's frozen encoder weights file is now (checked by SHA-256)",
-    )
-    _add_mpp_options(p)
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     cluster = p.add_mutually_exclusive_group()
     cluster.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler")
     cluster.add_argument(
         "--workers", type=_positive_int, metavar="N", help="local Dask worker processes"
     )
+
+
+def _add_report_options(p: argparse.ArgumentParser) -> None:
     R = ReportConfig
     p.add_argument(
         "--heatmap-size",
@@ -646,13 +726,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"attention colour scale {_default(R, 'heatmap_scale')}",
     )
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
-    p.set_defaults(run=cmd_predict)
 
-    p = sub.add_parser("report", help="rebuild report.html from a predict output directory")
+
+def _add_report(sub) -> None:
+    p = _add_command(
+        sub, "report", cmd_report, help="rebuild report.html from a predict output directory"
+    )
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.set_defaults(run=cmd_report)
 
-    p = sub.add_parser("demo", help="synthetic data, train, predict and a baseline, in minutes")
+
+def _add_demo(sub) -> None:
+    p = _add_command(
+        sub, "demo", cmd_demo, help="synthetic data, train, predict and a baseline, in minutes"
+    )
     d = DemoConfig
     p.add_argument("--out", dest="out_dir", metavar="DIR", help=_default(d, "out_dir"))
     p.add_argument("--n-train", type=int, help=f"training slides {_default(d, 'n_train')}")
@@ -660,7 +746,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help=f"slide side in pixels {_default(d, 'size')}")
     p.add_argument("--epochs", type=int, help=f"training epochs {_default(d, 'epochs')}")
     p.add_argument("--seed", type=int, help=f"dataset and training seed {_default(d, 'seed')}")
-    p.set_defaults(run=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Attention sampling for gigapixel whole-slide images."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    _add_quiet(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_info(sub)
+    _add_synth(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_report(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -16,9 +16,12 @@ from typing import Any
 from pipeline.app.errors import ConfigError
 
 FORMAT = "ats-wsi-run"
-FORMAT_VERSION = 2
-"""Version 2: the networks sit under ``sampler`` (the core's ``AttentionSampling``)
-and the tissue mask is the core's sampling mask, not a fourth input channel."""
+FORMAT_VERSION = 3
+"""Version 3: the model's task (``ModelConfig.task``, ``targets``, ``loss``); version
+2 files load as classification. Version 2: the networks sit under ``sampler`` (the
+core's ``AttentionSampling``) and the tissue mask is the core's sampling mask, not a
+fourth input channel."""
+READ_VERSIONS = (2, 3)
 
 
 def package_version() -> str:
@@ -41,7 +44,14 @@ class ModelConfig:
     """What the model is and which view of a slide it reads.
 
     Attributes:
-        class_names: label of each output class, in output order.
+        task: the kind of target (``tasks.TASKS``): ``"classification"``, ...
+        class_names: classification: the label of each output class, in output order.
+        targets: columns of the labels CSV that hold the target (the task's default
+            when empty: ``label`` for classification).
+        loss: the task's loss when it offers a choice (``None``: its default;
+            regression: ``"mse"`` or ``"huber"``).
+        target_stats: regression: the training labels' ``(mean, sd)``, which
+            standardise the head's target (set when a run starts).
         attention_net: a name in ``models.ATTENTION_NETS``.
         feature_net: a name in ``models.FEATURE_NETS``, ``"timm:<model name>"`` or
             ``"<module.path>:<callable>"`` (``encoders``).
@@ -50,9 +60,9 @@ class ModelConfig:
         n_patches: patches sampled per slide.
         replace: sample with replacement.
         estimator: how the draws are averaged (the core's ``expectation``):
-            ``"unbiased"`` (the mean of the per-draw estimates, DESIGN section 4) or
-            ``"linear"`` (later draws weighted more; also unbiased, less variance when
-            the attention is peaked; without replacement only).
+            ``"unbiased"`` (the mean of the per-draw estimates) or ``"linear"`` (later
+            draws weighted more; also unbiased, less variance when the attention is
+            peaked; without replacement only); see docs/estimator.md.
         receptive_field: of the attention network, for mapping attention cells to
             the patch level (0 for "same" padding).
         entropy_strength: weight of the attention entropy regularizer (0 disables it).
@@ -86,7 +96,11 @@ class ModelConfig:
             metadata, not part of the trained model: ``predict`` sets its own.
     """
 
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...] = ()
+    task: str = "classification"
+    targets: tuple[str, ...] = ()
+    loss: str | None = None
+    target_stats: tuple[float, ...] = ()
     attention_net: str = "small"
     feature_net: str = "small"
     width: int = 8
@@ -121,10 +135,6 @@ class ModelConfig:
             "low_res_level",
             "patch_level",
         )
-        if len(self.class_names) < 2:
-            raise ConfigError(f"class_names: need at least 2 classes, got {list(self.class_names)}")
-        if len(set(self.class_names)) != len(self.class_names):
-            raise ConfigError(f"class_names: duplicates in {list(self.class_names)}")
         _check_positive(
             width=self.width, n_patches=self.n_patches, low_res_max_side=self.low_res_max_side
         )
@@ -143,7 +153,9 @@ class ModelConfig:
         if self.entropy_strength < 0:
             raise ConfigError(f"entropy_strength: expected >= 0, got {self.entropy_strength}")
         # JSON gives lists; the dataclass is hashable and compares equal either way.
-        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        object.__setattr__(self, "targets", tuple(str(c) for c in self.targets))
+        object.__setattr__(self, "target_stats", tuple(float(s) for s in self.target_stats))
         patch_size = tuple(_index(s, "patch_size") for s in self.patch_size)
         object.__setattr__(self, "patch_size", patch_size)
         self._check_encoder_and_mpp()
@@ -185,15 +197,17 @@ class TrainConfig:
         queue_depth: batches in flight in the streaming loop: 1 reads a batch's tiles
             and then computes (serial); ``d`` reads ``d - 1`` batches ahead while the
             model computes, their positions drawn with weights up to ``d - 1`` steps
-            old and weighed as a proposal (unbiased, DESIGN section 4b).
+            old and weighed as a proposal (unbiased; docs/estimator.md, sampling from
+            a proposal).
         val_fraction: share of the labelled slides held out for validation
             (stratified by class, grouped by case, chosen by ``seed``); it is taken
             as one fold of ``round(1 / val_fraction)``, e.g. 0.3 holds out a third.
             Unused with an external validation set or cross-validation folds.
         seed: fixes the split, the slide order and the patch sampling of each epoch.
-        exploration: cold-start remedy (DESIGN section 4b): training draws patches
-            from the attention mixed with this weight of uniform over tissue; the
-            estimate stays unbiased. 0 (default) samples from the attention.
+        exploration: cold-start remedy (docs/estimator.md, exploration and priors):
+            training draws patches from the attention mixed with this weight of
+            uniform over tissue; the estimate stays unbiased. 0 (default) samples
+            from the attention.
         prior / prior_weight: a content prior (``"tissue"``, ``"hematoxylin"``, see
             ``priors``) mixed into the proposal with this weight (< 1).
         remedy_epochs: both weights decay linearly to 0 over this many epochs (0:
@@ -207,9 +221,10 @@ class TrainConfig:
             ``prior`` (cross-entropy of its map to the normalised prior on tissue):
             training starts by drawing where the prior is. It changes the initial
             weights, not the estimator; it reads no patches and no labels. 0: off.
-        select_metric: validation metric that picks the best epoch, one of
-            ``SELECT_METRICS`` (ties, and validation sets where it is undefined,
-            fall back to the lower validation loss).
+        select_metric: validation metric that picks the best epoch, one of the task's
+            ``select_metrics`` (``None``: the task's default, e.g. ``roc_auc`` for
+            classification; ties, and validation sets where it is undefined, fall
+            back to the lower validation loss).
         patience: stop after this many epochs without a better validation metric
             (0: never stop early).
         balance: imbalanced classes: ``"none"``, ``"weights"`` (loss weighted by
@@ -238,7 +253,7 @@ class TrainConfig:
     remedy_epochs: float = 0.0
     early_patches: int = 0
     prior_init_steps: int = 0
-    select_metric: str = "roc_auc"
+    select_metric: str | None = None
     patience: int = 0
     balance: str = "none"
     queue_depth: int = 3
@@ -289,11 +304,24 @@ class TrainConfig:
             )
         if self.patience < 0:
             raise ConfigError(f"patience: expected >= 0, got {self.patience}")
-        _check_choice("select_metric", self.select_metric, SELECT_METRICS)
+        if self.select_metric is not None:
+            _check_choice("select_metric", self.select_metric, SELECT_METRICS)
         _check_choice("balance", self.balance, BALANCE_MODES)
 
 
-SELECT_METRICS = ("roc_auc", "balanced_accuracy")
+SELECT_METRICS = (
+    "roc_auc",
+    "balanced_accuracy",
+    "mean_auc",
+    "r2",
+    "pearson_r",
+    "c_index",
+    "c_index_uno",
+    "td_auc",
+)
+"""Every task's ``select_metrics`` (the command line's choices; each task checks its own)."""
+TASK_NAMES = ("classification", "multilabel", "regression", "survival")
+"""The built-in tasks (``tasks.TASKS``; the command line's choices)."""
 BALANCE_MODES = ("none", "weights", "sampling")
 
 
@@ -333,6 +361,30 @@ class PredictConfig:
     def __post_init__(self) -> None:
         _as_ints(self, "seed", "draws")
         _check_positive(draws=self.draws)
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Which inputs ``predict`` reads, and what their files do not say.
+
+    Attributes:
+        recursive: list the sub-directories of directories too.
+        slides_csv: a CSV with a ``path`` and an optional ``slide`` (output name)
+            column, read besides the slides named directly.
+        assume_mpp / slide_mpp: microns per level-0 pixel of slides whose files
+            state none (as ``ModelConfig``'s); they replace the model config's own,
+            so slides of unknown mpp get error rows unless given here.
+    """
+
+    recursive: bool = False
+    slides_csv: str | None = None
+    assume_mpp: float | None = None
+    slide_mpp: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.slides_csv is not None:
+            object.__setattr__(self, "slides_csv", str(self.slides_csv))
+        object.__setattr__(self, "slide_mpp", tuple((str(n), float(m)) for n, m in self.slide_mpp))
 
 
 HEATMAP_SCALES = ("absolute", "relative")
@@ -406,10 +458,10 @@ class RunConfig:
             raise ConfigError(f"{source}: not valid JSON ({e})") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise ConfigError(f"{source}: not an ats-wsi run config (expected format {FORMAT!r})")
-        if body.get("version") != FORMAT_VERSION:
+        if body.get("version") not in READ_VERSIONS:
             raise ConfigError(
                 f"{source}: config version {body.get('version')!r}, "
-                f"this ats-wsi reads version {FORMAT_VERSION}"
+                f"this ats-wsi reads versions {list(READ_VERSIONS)}"
             )
         try:
             return cls(
@@ -418,6 +470,17 @@ class RunConfig:
             )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{source}: malformed config ({e})") from None
+
+
+def model_config_from_dict(values: Any, source: str) -> ModelConfig:
+    """A ``ModelConfig`` from its ``dataclasses.asdict`` form (e.g. a prediction
+    manifest's); ``source`` names the file in error messages."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: malformed model config (expected an object)")
+    try:
+        return ModelConfig(**_known_fields(ModelConfig, values))
+    except TypeError as e:
+        raise ConfigError(f"{source}: malformed model config ({e})") from None
 
 
 def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:

@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 
 from pipeline.app import synth
-from pipeline.app.config import DemoConfig, ModelConfig, TrainConfig
+from pipeline.app.config import DemoConfig, ModelConfig, PredictConfig, TrainConfig
 from pipeline.app.files import read_csv
 from pipeline.app.prediction.batch import predict
 from pipeline.app.results import outputs
 from pipeline.app.runtime import default_device
 from pipeline.app.slide.labels import read_labels
-from pipeline.app.training.baseline import low_res_accuracy, train_low_res
-from pipeline.app.training.loop import load_slides, train
+from pipeline.app.tasks import task_of
+from pipeline.app.training.baseline import low_res_metrics, train_low_res
+from pipeline.app.training.data import load_slides
+from pipeline.app.training.loop import train
 
 
 @dataclass
@@ -81,20 +83,23 @@ def run_demo(
         log=log,
     )
     log("predicting the test slides")
-    summary = predict(trained.model, [test_dir], out / "predictions", seed=seed, progress=progress)
+    summary = predict(
+        trained.model, [test_dir], out / "predictions", PredictConfig(seed=seed), progress=progress
+    )
     truth = {r.name: r.label for r in read_labels(test_labels, test_dir).rows}
     rows = read_csv(summary.out_dir / outputs.PREDICTIONS)
     ats_accuracy = sum(r["label"] == truth[r["slide"]] for r in rows) / len(truth)
 
     log("training the low-resolution-only baseline (same feature CNN on thumbnails)")
+    task = task_of(model_config)
     train_slides, _ = load_slides(
-        read_labels(train_labels, train_dir).rows, model_config, log, progress=False
+        read_labels(train_labels, train_dir).rows, model_config, task, log, progress=False
     )
     test_slides, _ = load_slides(
-        read_labels(test_labels, test_dir).rows, model_config, log, progress=False
+        read_labels(test_labels, test_dir).rows, model_config, task, log, progress=False
     )
     baseline = train_low_res(train_slides, model_config, train_config, device)
-    baseline_accuracy = low_res_accuracy(baseline, test_slides)
+    baseline_accuracy = low_res_metrics(baseline, test_slides)["accuracy"]
 
     result = DemoResult(
         out,

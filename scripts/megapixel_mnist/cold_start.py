@@ -1,4 +1,6 @@
-"""Cold start of attention sampling: plain ATS versus ATS with the remedies of DESIGN 4b.
+"""Cold start of attention sampling: plain ATS versus ATS with the cold-start remedies.
+
+The remedies (exploration, priors) are described in docs/estimator.md.
 
 Trains `ats-unbiased` on a preset for several seeds, once per arm, and reports the
 steps and training seconds until the test error first falls below 50 % and 10 %, and

@@ -101,9 +101,9 @@ def _l2_normalize(features: torch.Tensor, dim: int = 1) -> torch.Tensor:
 class ATSModel(nn.Module):
     """Attention sampling (the library) with the paper's networks and a linear head.
 
-    estimator: "unbiased" (DESIGN section 4) or "reference" (the original library's
+    estimator: "unbiased" (docs/estimator.md) or "reference" (the original library's
     attention gradient for sampling without replacement).
-    exploration / prior_weight: cold-start remedies of DESIGN section 4b, constants or
+    exploration / prior_weight: cold-start remedies (docs/estimator.md), constants or
     schedules of the training step (`pipeline.linear_decay`): in training, patches are
     drawn from `(1 - w)((1 - e) a + e u) + w p`, `u` uniform and `p` the content prior,
     here the low-resolution view's brightness (strokes and noise are bright, the

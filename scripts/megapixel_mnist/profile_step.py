@@ -12,13 +12,15 @@ together are exactly ``draw``) so that each phase is timed on its own:
 - ``backward`` and ``optimizer step``.
 
 Prints the mean seconds per phase over ``--steps`` steps (after one warm-up step) and
-the share of each, then torch.profiler's most expensive operators of one step.
+the share of each, then torch.profiler's most expensive operators of one step. Batches
+come from the preset's training set, from its start again when it runs out.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -66,6 +68,13 @@ def step_phases(model, optimizer, x_low, x_high, y, clip_norm: float) -> dict[st
     return times
 
 
+def cycle(loader: Iterable) -> Iterator:
+    """The batches of ``loader``, from the start again when it runs out (re-iterated,
+    not cached: a preset's batches may not all fit in memory at once)."""
+    while True:
+        yield from loader
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="easy")
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
     train_set, _ = make_datasets(preset)
     loader = torch.utils.data.DataLoader(train_set, preset.batch_size, shuffle=False)
-    batches = iter(loader)
+    batches = cycle(loader)
     x_low, x_high, y = next(batches)
     step_phases(model, optimizer, x_low, x_high, y, preset.clip_norm)  # warm-up
     totals = dict.fromkeys(PHASES, 0.0)

@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
         "--exploration",
         type=float,
         default=None,
-        help="ATS: weight of uniform exploration (DESIGN 4b)",
+        help="ATS: weight of uniform exploration (unbiased; see docs/estimator.md)",
     )
     parser.add_argument(
         "--prior-weight",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import socket
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.app import files
-from pipeline.app.cli import main
+from pipeline.app.cli import build_parser, main
 from pipeline.app.results import outputs
 
 SMALL = ["--n-patches", "4", "--patch-size", "32", "--low-res-max-side", "128"]
@@ -28,6 +29,35 @@ def test_help_lists_subcommands():
     assert out.returncode == 0
     for command in ("info", "synth", "train", "predict", "demo"):
         assert command in out.stdout
+
+
+# The shortest command line of each command that parses (parsed here, never run).
+MINIMAL_ARGV = {
+    "info": ["slide.svs"],
+    "synth": ["data"],
+    "train": ["--slides", "data", "--labels", "labels.csv", "--out", "run"],
+    "evaluate": ["--predictions", "predictions.csv", "--labels", "labels.csv", "--out", "m"],
+    "predict": ["--model", "run", "--slides", "data", "--out", "out"],
+    "report": ["out"],
+    "demo": [],
+}
+
+
+def test_minimal_argv_covers_every_command():
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(MINIMAL_ARGV) == set(commands.choices)
+
+
+@pytest.mark.parametrize("flag", ["--quiet", "-q"])
+@pytest.mark.parametrize("command", sorted(MINIMAL_ARGV))
+def test_quiet_before_or_after_the_command(command, flag):
+    parse = build_parser().parse_args
+    argv = [command, *MINIMAL_ARGV[command]]
+    assert parse(argv).quiet is False
+    assert parse([*argv, flag]).quiet is True
+    assert parse([flag, *argv]).quiet is True  # not reset by the command's own default
+    assert parse([flag, *argv, flag]).quiet is True
 
 
 def test_info_text_and_json(dataset):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,13 +14,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from pipeline.app import files
-from pipeline.app.config import RunConfig
+from pipeline.app.config import InputConfig, PredictConfig, RunConfig
 from pipeline.app.model.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from pipeline.app.prediction import inference
 from pipeline.app.prediction.batch import predict
 from pipeline.app.prediction.inference import predict_slide
 from pipeline.app.results import outputs
-from pipeline.app.training.loop import METRIC_COLUMNS, METRICS_FILE, STATE_FILE, train
+from pipeline.app.training.loop import METRICS_FILE, STATE_FILE, metric_columns, train
 from tests.app.geojson_rfc7946 import check_feature_collection, check_qupath
 
 
@@ -42,7 +43,7 @@ def run(dataset, tmp_path_factory, small_model_config, quick_train_config):
 @pytest.fixture(scope="module")
 def predicted(run, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("pred")
-    return predict(run.run_dir, [dataset], out, seed=0, progress=False)
+    return predict(run.run_dir, [dataset], out, config=PredictConfig(seed=0), progress=False)
 
 
 def test_run_directory_contents(run, n_slides, slide_side):
@@ -50,7 +51,7 @@ def test_run_directory_contents(run, n_slides, slide_side):
     assert RunConfig.from_json((d / CONFIG_FILE).read_text()) == run.config
     metrics = files.read_csv(d / METRICS_FILE)
     assert [int(r["epoch"]) for r in metrics] == [1, 2]
-    assert list(metrics[0]) == list(METRIC_COLUMNS)
+    assert list(metrics[0]) == list(metric_columns(run.model.task))
     state = json.loads((d / STATE_FILE).read_text())
     assert state["epochs_done"] == 2 and state["skipped"] == []
     assert len(state["val_slides"]) == 2 and len(state["train_slides"]) == n_slides - 2
@@ -142,7 +143,7 @@ def run_config_epochs(epochs):
 
 def test_predictions_csv(predicted, dataset, n_slides, slide_side):
     rows = files.read_csv(predicted.out_dir / outputs.PREDICTIONS)
-    assert list(rows[0]) == outputs.prediction_columns(["negative", "positive"])
+    assert list(rows[0]) == outputs.prediction_columns(["prob_negative", "prob_positive"])
     assert [r["slide"] for r in rows] == [f"slide_{i:03d}" for i in range(n_slides)]
     for r in rows:
         assert r["status"] == "ok" and r["error"] == ""
@@ -214,12 +215,14 @@ def test_patches_are_in_tissue(predicted, dataset, n_slides, slide_side):
 
 def test_same_seed_same_predictions_any_order(run, dataset, predicted, tmp_path):
     shuffled = [dataset / f"slide_{i:03d}.tiff" for i in (5, 2, 7, 0, 1, 3, 6, 4)]
-    again = predict(run.model, shuffled, tmp_path / "again", seed=0, progress=False)
+    again = predict(
+        run.model, shuffled, tmp_path / "again", config=PredictConfig(seed=0), progress=False
+    )
     first = (predicted.out_dir / outputs.PREDICTIONS).read_text()
     assert (again.out_dir / outputs.PREDICTIONS).read_text() == first
     one = predict_slide(run.model, dataset / "slide_005.tiff", seed=0)
     row = {r["slide"]: r for r in files.read_csv(predicted.out_dir / outputs.PREDICTIONS)}
-    assert one.row(("negative", "positive")) == row["slide_005"]
+    assert one.row(("prob_negative", "prob_positive")) == row["slide_005"]
     other = predict_slide(run.model, dataset / "slide_005.tiff", seed=1)
     assert not np.array_equal(other.boxes, one.boxes)
 
@@ -334,3 +337,40 @@ def test_model_files_that_do_not_match(run, tmp_path):
         load_model(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="is .*empty a run directory"):
         load_model(tmp_path / "empty")
+
+
+def test_predict_leaves_the_callers_model_config_alone(run, dataset, tmp_path):
+    before = run.model.config
+    slide = [dataset / "slide_001.tiff"]
+    summary = predict(
+        run.model, slide, tmp_path, inputs=InputConfig(assume_mpp=0.25), progress=False
+    )
+    assert run.model.config is before and before.assume_mpp is None
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["model"]["config"]["assume_mpp"] == 0.25 and len(summary.results) == 1
+
+
+def test_classification_is_unchanged_by_the_task_seam(run, predicted):
+    """The module's run and predictions (the same as ``ats-wsi synth --n 8 --size 1024
+    --seed 3``, ``train --epochs 2 --batch-size 2 --n-patches 6 --patch-size 32
+    --low-res-max-side 128``, ``predict --seed 0``) against the files the release
+    before the task seam wrote. Equal to the byte on the machine they were made on;
+    the tolerance covers another CPU's float summation order."""
+    before = json.loads(
+        (Path(__file__).parent / "data" / "classification_before_tasks.json").read_text()
+    )
+    rows = files.read_csv(predicted.out_dir / outputs.PREDICTIONS)
+    assert len(rows) == len(before["predictions"])
+    for row, old in zip(rows, before["predictions"], strict=True):
+        row.pop("path")
+        assert list(row) == list(old)
+        for column, value in old.items():
+            if column.startswith("prob_"):
+                assert abs(float(row[column]) - float(value)) <= 2e-6, (row["slide"], column)
+            else:
+                assert row[column] == value, (row["slide"], column)
+    metrics = files.read_csv(run.run_dir / "metrics.csv")
+    for row, old in zip(metrics, before["metrics"], strict=True):
+        assert [c for c in row if c != "seconds"] == list(old)
+        for column, value in old.items():
+            assert float(row[column]) == pytest.approx(float(value), abs=2e-6), column

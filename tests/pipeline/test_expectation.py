@@ -231,7 +231,7 @@ def test_sample_then_expectation_is_unbiased_by_monte_carlo(replace, use_logits,
         assert (error <= 5 * draws.std(0) / rows**0.5 + 1e-12).all()
 
 
-# --- draws from a proposal (DESIGN section 4b) ---
+# --- draws from a proposal (docs/estimator.md, sampling from a proposal) ---
 
 
 ATTENTION_WITH_ZEROS = torch.tensor([0.45, 0.0, 0.3, 0.05, 0.2, 0.0], dtype=torch.float64)

@@ -1,5 +1,6 @@
-"""Exploration and priors in the layers (DESIGN section 4b): draws from a proposal,
-estimates still unbiased, off in eval mode, exactly today's results at weight 0."""
+"""Exploration and priors in the layers (docs/estimator.md, exploration and priors):
+draws from a proposal, estimates still unbiased, off in eval mode, exactly today's
+results at weight 0."""
 
 import pytest
 import torch

@@ -36,7 +36,7 @@ def _coordinate_image(batch, height, width):
 
 
 def _centre_minus_half(i, h_att, h_low, h_high, p, rf):
-    """DESIGN section 3's ``centre - p/2`` in exact rational arithmetic."""
+    """``centre - p/2`` of docs/estimator.md (cell-to-patch mapping), exactly."""
     centre = (Fraction(rf, 2) + (i + Fraction(1, 2)) * Fraction(h_low - rf, h_att)) * Fraction(
         h_high, h_low
     )

@@ -223,7 +223,7 @@ def test_mask_errors():
         mask_attention(attention, torch.ones(2, 3, 3))
 
 
-# --- sampling from a proposal (DESIGN section 4b) ---
+# --- sampling from a proposal (docs/estimator.md, sampling from a proposal) ---
 
 # Attention with zeros, and a proposal that differs from it: positive wherever the
 # attention is, also on some (not all) of its zeros.

@@ -1,5 +1,6 @@
 """Megapixel MNIST script: generator invariants, IDX parsing, models, a tiny run."""
 
+import csv
 import gzip
 import struct
 import sys
@@ -426,3 +427,34 @@ def test_draws_reloads_a_run_and_evaluates_it_over_seeded_draws(tmp_path, capsys
     draws.main([str(tmp_path), "--repeats", "2"])
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.startswith(f"| {tmp_path} | linear | ") and row.count("±") == 2
+
+
+def test_profile_step_times_every_phase_of_a_training_step(capsys):
+    from scripts.megapixel_mnist import profile_step
+
+    # TINY has two training batches: four steps after the warm-up go round them again.
+    profile_step.main(["--preset", "tiny", "--steps", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    table = {name.strip(): (float(s), float(share.strip(" %"))) for name, s, share in rows[1:]}
+    assert list(table) == [*profile_step.PHASES, "total"]
+    assert all(seconds > 0 for seconds, _ in table.values())
+    assert sum(share for _, share in list(table.values())[:-1]) == pytest.approx(100, abs=3)
+    assert "Self CPU time total" in out  # torch.profiler's table of one step
+
+
+def test_command_line_runs_models_apart_and_combines_them(tmp_path):
+    # `python -m scripts.megapixel_mnist`: two models in separate runs, then merged.
+    common = ["--preset", "tiny", "--device", "cpu", "--epochs", "1", "--seed", "2"]
+    train.main([*common, "--models", "ats-reference", "--out", str(tmp_path / "ats")])
+    train.main([*common, "--models", "low-res-cnn", "--out", str(tmp_path / "low")])
+    runs = [str(tmp_path / "ats"), str(tmp_path / "low")]
+    train.main(["--preset", "tiny", "--out", str(tmp_path / "both"), "--combine", *runs])
+    with (tmp_path / "both" / "results.csv").open() as f:
+        models = [row["model"] for row in csv.DictReader(f)]
+    assert models == ["ats-reference", "ats-reference (exact sum)", "low-res-cnn"]
+    metrics = (tmp_path / "both" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 1 + 2  # one epoch of each model
+    assert (tmp_path / "both" / "test_error.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        train.main([*common, "--models", "no-such-model", "--out", str(tmp_path / "x")])

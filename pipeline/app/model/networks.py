@@ -17,6 +17,7 @@ from torch import nn
 import pipeline
 from pipeline.app.config import ModelConfig
 from pipeline.app.model import encoders
+from pipeline.app.tasks import task_of
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -112,7 +113,8 @@ class Classified(NamedTuple):
     """One forward of a ``SlideClassifier``.
 
     Attributes:
-        logits: [B, n_classes].
+        logits: [B, n_outputs], the head's outputs (``model.task`` turns them into
+            a loss and scores).
         draw: the core's ``pipeline.Draw`` the logits came from: attention
             ``[B, h', w']`` (0 outside the mask), ``offsets [B, N, 2]`` (``(y, x)``
             top-left in the patch level's pixels), ``sampled_attention [B, N]``,
@@ -124,8 +126,9 @@ class Classified(NamedTuple):
 
 
 class SlideClassifier(nn.Module):
-    """Attention-sampling classifier of ``config``: the core's ``AttentionSampling``
-    with the configured networks, and a linear head on the estimated features.
+    """Attention-sampling model of ``config``: the core's ``AttentionSampling`` with
+    the configured networks, and a linear head on the estimated features whose size
+    the model's task (``task``, ``tasks.task_of(config)``) sets.
 
     ``classify(x_low, x_high, mask=None, generator=None, prior=None, step=None)`` ->
     ``Classified``; ``forward`` returns only the logits. ``x_high`` is a tensor, a
@@ -159,7 +162,8 @@ class SlideClassifier(nn.Module):
             receptive_field=config.receptive_field,
             estimator=config.estimator,
         )
-        self.head = nn.Linear(features.out_features, len(config.class_names))
+        self.task = task_of(config)
+        self.head = nn.Linear(features.out_features, self.task.n_outputs)
         if config.freeze_features:
             features.requires_grad_(False)
 
@@ -199,8 +203,9 @@ class LowResClassifier(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.task = task_of(config)
         self.feature_net = build_feature_net(config)
-        self.head = nn.Linear(self.feature_net.out_features, len(config.class_names))
+        self.head = nn.Linear(self.feature_net.out_features, self.task.n_outputs)
 
     def forward(self, x_low: torch.Tensor) -> torch.Tensor:
         return self.head(self.feature_net(x_low))

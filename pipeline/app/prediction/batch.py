@@ -22,6 +22,7 @@ status ``ok`` always has its files.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -35,14 +36,21 @@ from typing import Any
 
 import torch
 
-from pipeline.app.config import PredictConfig, ReportConfig, package_version
-from pipeline.app.errors import UserError
+from pipeline.app.config import (
+    InputConfig,
+    PredictConfig,
+    ReportConfig,
+    model_config_from_dict,
+    package_version,
+)
+from pipeline.app.errors import ConfigError, UserError
 from pipeline.app.files import write_csv
 from pipeline.app.model.networks import SlideClassifier
 from pipeline.app.prediction.dirlock import DirectoryLock
 from pipeline.app.prediction.inference import Runner, SlideResult, run_here
 from pipeline.app.prediction.journal import (
     JOURNAL_FILE,
+    MANIFEST_FILE,
     Journal,
     differences,
     manifest_id,
@@ -54,6 +62,7 @@ from pipeline.app.results import outputs
 from pipeline.app.results.report import write_report
 from pipeline.app.runtime import resolve_device
 from pipeline.app.slide.inputs import SlideInput, list_inputs
+from pipeline.app.tasks import Task, task_of
 
 DONE = ("ok", "no_tissue")
 """Statuses of finished slides (a rerun skips them; ``error`` slides are retried)."""
@@ -89,6 +98,21 @@ def prediction_manifest(model: SlideClassifier, config: PredictConfig) -> dict[s
     }
 
 
+def prediction_task(predictions: str | os.PathLike) -> Task | None:
+    """The task of the model that made a prediction directory (or the
+    ``predictions.csv`` in it), read from its manifest; ``None`` without one."""
+    path = Path(predictions)
+    manifest = read_manifest(path if path.is_dir() else path.parent)
+    if manifest is None:
+        return None
+    source = str((path if path.is_dir() else path.parent) / MANIFEST_FILE)
+    try:
+        config = manifest["model"]["config"]
+    except (KeyError, TypeError):
+        raise ConfigError(f"{source}: no model config") from None
+    return task_of(model_config_from_dict(config, source))
+
+
 class PredictionStore:
     """The outputs of a prediction directory: per-slide files, the journal of finished
     slides and ``predictions.csv`` rebuilt from it.
@@ -99,26 +123,27 @@ class PredictionStore:
     records are removed first); leaving rebuilds ``predictions.csv`` and unlocks.
 
     Args:
-        class_names: the model's classes (the ``prob_<class>`` columns).
+        score_columns: the model's scores in ``predictions.csv``
+            (``Task.score_columns``: ``prob_<class>`` for classification).
         manifest: what the outputs are bound to (``prediction_manifest``); default
-            one naming only ``class_names``.
+            one naming only ``score_columns``.
         heatmap_scale: colour scale of the heatmaps (``ReportConfig``).
     """
 
     def __init__(
         self,
         out_dir: str | os.PathLike,
-        class_names: Sequence[str],
+        score_columns: Sequence[str],
         manifest: dict[str, Any] | None = None,
         overwrite: bool = False,
         heatmap_scale: str = ReportConfig.heatmap_scale,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.heatmap_scale = heatmap_scale
-        self.class_names = tuple(class_names)
-        self.columns = outputs.prediction_columns(self.class_names)
+        self.score_columns = tuple(score_columns)
+        self.columns = outputs.prediction_columns(self.score_columns)
         # Through JSON, so that tuples compare equal to the lists read back from disk.
-        self.manifest = json.loads(json.dumps(manifest or {"class_names": self.class_names}))
+        self.manifest = json.loads(json.dumps(manifest or {"columns": self.score_columns}))
         self.manifest_id = manifest_id(self.manifest)
         self.overwrite = overwrite
         self.records: dict[str, dict[str, Any]] = {}
@@ -193,13 +218,13 @@ class PredictionStore:
         written = []
         if result.status == "ok":
             files = outputs.write_slide_files(
-                self.out_dir, result, self.class_names, self.heatmap_scale
+                self.out_dir, result, self.score_columns, self.heatmap_scale
             )
             written = [str(p.relative_to(self.out_dir)) for p in files]
         record = {
             "manifest": self.manifest_id,
             "slide": result.slide,
-            "row": result.row(self.class_names),
+            "row": result.row(self.score_columns),
             "files": written,
         }
         self.journal.append(record)
@@ -292,17 +317,12 @@ def prepare_batch(
     model: SlideClassifier | str | os.PathLike,
     slides: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,
-    seed: int = PredictConfig.seed,
-    draws: int = PredictConfig.draws,
-    roi_dir: str | os.PathLike | None = None,
+    config: PredictConfig = PredictConfig(),  # noqa: B008 (frozen, never mutated)
+    report: ReportConfig = ReportConfig(),  # noqa: B008
+    inputs: InputConfig = InputConfig(),  # noqa: B008
     overwrite: bool = False,
     device: torch.device | str | None = None,
-    recursive: bool = False,
-    slides_csv: str | os.PathLike | None = None,
-    report: ReportConfig = ReportConfig(),  # noqa: B008 (frozen, never mutated)
     feature_weights: str | os.PathLike | None = None,
-    assume_mpp: float | None = None,
-    slide_mpp: Sequence[tuple[str, float]] = (),
 ) -> Iterator[Batch]:
     """Check everything the user gave and lock ``out_dir``, for the ``with`` block.
 
@@ -312,66 +332,73 @@ def prepare_batch(
     is read.
 
     Args:
-        model: a ``SlideClassifier`` or a run directory to load it from.
+        model: a ``SlideClassifier`` or a run directory to load it from. A model
+            given is not modified (its config stays as it is).
         slides: slide files and directories (see ``inputs.list_inputs``).
-        seed: run seed; each slide's sampling uses ``slide_seed(seed, path)``.
-        draws / roi_dir: as in ``config.PredictConfig``.
+        config: seed (each slide's sampling uses ``slide_seed(seed, path)``), draws
+            and region-of-interest directory (``PredictConfig``).
+        report: heatmap size and colour scale, and whether ``report.html`` is
+            rebuilt at the end (also when every slide was already done).
+        inputs: sub-directories, a slides CSV, and the mpp of slides whose files
+            state none (``InputConfig``).
         overwrite: redo slides already done, and replace the outputs of a directory
             made by another model or with other options (otherwise a ``UserError``).
         device: for a run directory; default CUDA when available.
-        recursive: list sub-directories of directories too.
-        slides_csv: a CSV with a ``path`` and an optional ``slide`` (output name) column.
-        report: heatmap size and colour scale, and whether ``report.html`` is
-            rebuilt at the end (also when every slide was already done).
         feature_weights: where the run's encoder weights file is now, for a run
             directory whose frozen encoder is read from it (``checkpoint.load_model``).
-        assume_mpp / slide_mpp: microns per pixel of slides whose files state none
-            (``ModelConfig``); they replace the model config's own, so slides of
-            unknown mpp get error rows unless given here.
     """
     from pipeline.app.model.checkpoint import load_model
 
     if not isinstance(model, SlideClassifier):
         model, _ = load_model(model, resolve_device(device), feature_weights=feature_weights)
+    else:
+        # The caller's model keeps its config: a shallow copy (same weights) takes
+        # this batch's slide metadata.
+        model = copy.copy(model)
     model.config = dataclasses.replace(
-        model.config, assume_mpp=assume_mpp, slide_mpp=tuple(slide_mpp)
+        model.config, assume_mpp=inputs.assume_mpp, slide_mpp=inputs.slide_mpp
     )
     model.eval()
-    roi_dir = None if roi_dir is None else str(Path(roi_dir).absolute())
-    config = PredictConfig(seed=seed, draws=draws, roi_dir=roi_dir)
+    if config.roi_dir is not None:
+        config = dataclasses.replace(config, roi_dir=str(Path(config.roi_dir).absolute()))
     slides = list(slides)
-    if not slides and slides_csv is None:
+    if not slides and inputs.slides_csv is None:
         raise UserError("no slides given (name files or directories, or a slides CSV)")
-    inputs = list_inputs(slides, recursive=recursive, slides_csv=slides_csv)
+    listed = list_inputs(slides, recursive=inputs.recursive, slides_csv=inputs.slides_csv)
     manifest = prediction_manifest(model, config)
     with PredictionStore(
-        out_dir, model.config.class_names, manifest, overwrite, report.heatmap_scale
+        out_dir, model.task.score_columns, manifest, overwrite, report.heatmap_scale
     ) as store:
-        yield Batch(model, config, inputs, store, report)
+        yield Batch(model, config, listed, store, report)
 
 
 def predict(
     model: SlideClassifier | str | os.PathLike,
     slides: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,
+    config: PredictConfig = PredictConfig(),  # noqa: B008 (frozen, never mutated)
+    report: ReportConfig = ReportConfig(),  # noqa: B008
+    inputs: InputConfig = InputConfig(),  # noqa: B008
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
+    feature_weights: str | os.PathLike | None = None,
     progress: bool = True,
     runner: Runner | None = None,
-    **options: Any,
 ) -> PredictSummary:
-    """Classify every slide of ``slides`` (files and/or directories) into ``out_dir``.
+    """Predict every slide of ``slides`` (files and/or directories) into ``out_dir``.
 
     Args:
+        model, slides, config, report, inputs, overwrite, device, feature_weights:
+            as for ``prepare_batch``.
         progress: a bar on a terminal, plain lines every few seconds elsewhere.
         runner: where the slides run: ``inference.run_here`` (default, this
             process) or ``cluster.on_cluster(client)`` (one task per slide on a Dask
             cluster); results are written here as they come.
-        options: ``seed``, ``draws``, ``roi_dir``, ``overwrite``, ``device``,
-            ``recursive``, ``slides_csv``, ``report``, ``feature_weights``,
-            ``assume_mpp``, ``slide_mpp``, as for
-            ``prepare_batch`` (which documents ``model`` and ``slides`` too).
 
     Returns a ``PredictSummary``; slides that failed (unreadable inputs included) are
     in ``summary.failed`` and have ``error`` rows in ``predictions.csv``.
     """
-    with prepare_batch(model, slides, out_dir, **options) as batch:
+    with prepare_batch(
+        model, slides, out_dir, config, report, inputs, overwrite, device, feature_weights
+    ) as batch:
         return batch.run(runner, progress)

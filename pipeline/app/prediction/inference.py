@@ -39,10 +39,12 @@ class SlideResult:
         status: ``"ok"``, ``"no_tissue"`` (no tissue detected in the attention view,
             or none inside the region of interest: not classified, not an error) or
             ``"error"``.
-        label: predicted class (``""`` unless ok).
-        probs: float [n_classes] class probabilities, the mean over the draws (empty
+        label: the predicted label (``Task.label``: the most probable class for
+            classification; ``""`` unless ok).
+        probs: float [n_scores] the task's scores (``Task.scores``: the class
+            probabilities for classification), the mean over the draws (empty
             unless ok).
-        probs_sd: float [n_classes] their standard deviation over the draws (0 for
+        probs_sd: float [n_scores] their standard deviation over the draws (0 for
             a single draw).
         tissue_fraction: share of the attention view that is tissue (inside the
             region of interest when one is given), the cells patches may come from.
@@ -82,13 +84,14 @@ class SlideResult:
     slide_shape: tuple[int, int] = (0, 0)
     mpp: float | None = None
 
-    def row(self, class_names: Sequence[str]) -> dict[str, str]:
-        """This result as a ``predictions.csv`` row."""
+    def row(self, score_columns: Sequence[str]) -> dict[str, str]:
+        """This result as a ``predictions.csv`` row; ``score_columns`` name the scores
+        (``Task.score_columns``), each followed by its spread ``<name>_sd``."""
         row = {"slide": self.slide, "path": self.path, "status": self.status, "label": self.label}
         if self.status == "ok":
             spread = self.probs_sd if len(self.probs_sd) else np.zeros_like(self.probs)
-            for c, p, sd in zip(class_names, self.probs, spread, strict=True):
-                row[f"prob_{c}"], row[f"prob_{c}_sd"] = f"{p:.6f}", f"{sd:.6f}"
+            for c, p, sd in zip(score_columns, self.probs, spread, strict=True):
+                row[c], row[f"{c}_sd"] = f"{p:.6f}", f"{sd:.6f}"
         fraction = self.tissue_fraction
         row["tissue_fraction"] = "" if fraction is None else f"{fraction:.4f}"
         row["mpp"] = "" if self.mpp is None else f"{self.mpp:.6g}"
@@ -116,11 +119,12 @@ def classify_view(
     draws: int = PredictConfig.draws,
     roi_dir: str | os.PathLike | None = None,
 ) -> SlideResult:
-    """Classify an open slide view with the sampling fixed by ``seed`` (the run seed).
+    """Predict an open slide view with the sampling fixed by ``seed`` (the run seed).
 
     ``draws`` independent draws of patches are made from the same attention and their
-    class probabilities averaged; all their patches are read in one pass (a tile under
-    patches of several draws is decoded once). Boxes, gallery and attention reported
+    scores (the task's: class probabilities for classification) averaged; all their
+    patches are read in one pass (a tile under patches of several draws is decoded
+    once). Boxes, gallery and attention reported
     are the first draw's. ``roi_dir`` restricts sampling to the slide's region of
     interest (``roi``). The ``display`` thumbnail has a longer side of at most
     ``display_side``.
@@ -155,7 +159,7 @@ def classify_view(
     with torch.no_grad():
         out = model.classify(x_low, view.patch_level, mask, generator)
     draw = out.draw
-    each = torch.softmax(out.logits, dim=1)  # [K, n_classes]
+    each = model.task.scores(out.logits)  # [K, n_scores]
     # Copies, not views of the tensors: a view would keep its tensor alive, and a
     # batch keeps every slide's probabilities for the whole run. In one process those
     # small, aligned blocks pinned between the next slides' large buffers fragmented
@@ -174,7 +178,7 @@ def classify_view(
         slide=name,
         path=str(view.path),
         status="ok",
-        label=model.config.class_names[int(probs.argmax())],
+        label=model.task.label(probs),
         probs=probs,
         probs_sd=spread,
         tissue_fraction=fraction,

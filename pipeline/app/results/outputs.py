@@ -37,19 +37,35 @@ SCALE_KEY = "Description"
 """PNG text chunk of a heatmap that states its colour scale (read by ``report``)."""
 
 
-def prediction_columns(class_names: Sequence[str]) -> list[str]:
-    """``slide, path, status, label, prob_<class>..., prob_<class>_sd...,
-    tissue_fraction, mpp, flags, error`` (``inference.SlideResult`` documents them;
-    ``mpp``: microns per pixel of the patches, empty when the slide's is unknown)."""
+def prediction_columns(score_columns: Sequence[str]) -> list[str]:
+    """``slide, path, status, label``, the task's scores (``Task.score_columns``, e.g.
+    ``prob_<class>...``), their spreads (``<score>_sd...``), ``tissue_fraction, mpp,
+    flags, error`` (``inference.SlideResult`` documents them; ``mpp``: microns per
+    pixel of the patches, empty when the slide's is unknown)."""
     return [
         *BASE_COLUMNS,
-        *(f"prob_{c}" for c in class_names),
-        *(f"prob_{c}_sd" for c in class_names),
+        *score_columns,
+        *(f"{c}_sd" for c in score_columns),
         "tissue_fraction",
         "mpp",
         "flags",
         "error",
     ]
+
+
+def score_columns_of(header: Sequence[str]) -> tuple[str, ...]:
+    """The score columns of a ``predictions.csv`` header: those with a spread column
+    ``<score>_sd`` beside them, in order (``prediction_columns``); for files without
+    spreads, the ``prob_<class>`` columns."""
+    scores = tuple(c for c in header if f"{c}_sd" in header)
+    if scores:
+        return scores
+    return tuple(c for c in header if c.startswith("prob_") and not c.endswith("_sd"))
+
+
+def score_heading(column: str) -> str:
+    """How a score column is shown: ``p(<class>)`` for ``prob_<class>``, else as named."""
+    return f"p({column[len('prob_') :]})" if column.startswith("prob_") else column
 
 
 def heatmap_path(out_dir: str | os.PathLike, slide: str) -> Path:
@@ -78,7 +94,7 @@ def attention_order(patch_attention: Sequence[float]) -> np.ndarray:
 def write_slide_files(
     out_dir: str | os.PathLike,
     result: Any,
-    class_names: Sequence[str],
+    score_columns: Sequence[str],
     heatmap_scale: str = "absolute",
 ) -> list[Path]:
     """Write the per-slide files of an ``ok`` result (``inference.SlideResult``, read
@@ -102,7 +118,7 @@ def write_slide_files(
         result.slide_shape,
         heatmap_scale,
     )
-    probs = dict(zip(class_names, np.asarray(result.probs).tolist(), strict=True))
+    probs = dict(zip(score_columns, np.asarray(result.probs).tolist(), strict=True))
     collection = patches_feature_collection(
         result.boxes, result.patch_attention, result.slide_shape, slide, result.label, probs
     )
@@ -274,8 +290,9 @@ def patches_feature_collection(
     imports it (File > Import objects).
 
     The first feature is the prediction: an ``annotation`` covering the slide,
-    classified as ``label``, with the class probabilities as ``measurements``
-    (``prob_<class>``) and ``slide`` / ``label`` as ``metadata``. Then one
+    classified as ``label``, with the scores as ``measurements`` (named as in
+    ``predictions.csv``: ``prob_<class>`` for classification) and ``slide`` /
+    ``label`` as ``metadata``. Then one
     ``detection`` per patch (draw order; ``gallery_path`` index), without a
     classification (a patch is not itself labelled), its attention probability as
     the measurement ``attention`` (QuPath keeps ``measurements`` and drops unknown
@@ -285,8 +302,8 @@ def patches_feature_collection(
         boxes: int [N, 4] level-0 boxes (``boxes``); clipped to the slide.
         attention: float [N], attention probability of each patch.
         slide_shape: level-0 ``(H, W, ...)``.
-        slide / label: the slide's name and predicted class.
-        probs: class name -> probability.
+        slide / label: the slide's name and predicted label.
+        probs: score column -> score.
     """
     height, width = int(slide_shape[0]), int(slide_shape[1])
     features = [
@@ -300,7 +317,7 @@ def patches_feature_collection(
                 "objectType": "annotation",
                 "name": f"{slide}: {label}",
                 "classification": {"name": label},
-                "measurements": {f"prob_{c}": float(p) for c, p in probs.items()},
+                "measurements": {c: float(p) for c, p in probs.items()},
                 "metadata": {"slide": slide, "label": label},
             },
         }

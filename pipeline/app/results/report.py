@@ -6,15 +6,16 @@ can be rebuilt at any time (``ats-wsi report OUT_DIR``, and by ``predict`` at th
 of every run). It is one static HTML file with the images as files beside it: no
 network, no framework, a few lines of plain JavaScript to sort the summary table.
 
-Layout: a summary table (one row per slide: slide, status, label, the probability
-of each class with its spread when ``predictions.csv`` has ``prob_<class>_sd``
-columns, any QC columns, the error), then one panel per slide in the table's order:
-the display thumbnail with the patch boxes, the heatmap with its colour bar and the
-statement of its scale, and the patches at full resolution by decreasing attention,
-each captioned with its rank, attention and level-0 box. Failed slides show their
-error. For thousands of slides every image is lazy-loaded (fetched when scrolled
-near) and each panel is skipped by the browser's layout until it is near the screen
-(``content-visibility``); docs/report.md gives the measured page weight.
+Layout: a summary table (one row per slide: slide, status, label, the model's
+scores, e.g. the probability of each class, with their spread when
+``predictions.csv`` has ``<score>_sd`` columns, any QC columns, the error), then one
+panel per slide in the table's order: the display thumbnail with the patch boxes,
+the heatmap with its colour bar and the statement of its scale, and the patches at
+full resolution by decreasing attention, each captioned with its rank, attention and
+level-0 box. Failed slides show their error. For thousands of slides every image is
+lazy-loaded (fetched when scrolled near) and each panel is skipped by the browser's
+layout until it is near the screen (``content-visibility``); docs/report.md gives
+the measured page weight.
 """
 
 from __future__ import annotations
@@ -64,21 +65,21 @@ class SlideEntry:
 
 @dataclass(frozen=True)
 class Columns:
-    """The columns of ``predictions.csv``, by role: ``classes`` (``prob_<class>``),
-    ``spread`` (classes with a ``prob_<class>_sd`` column) and ``qc`` (any column the
-    report does not otherwise know, e.g. tissue fraction or mpp)."""
+    """The columns of ``predictions.csv``, by role: ``scores`` (the task's, e.g.
+    ``prob_<class>``; ``outputs.score_columns_of``), ``spread`` (scores with a
+    ``<score>_sd`` column) and ``qc`` (any column the report does not otherwise know,
+    e.g. tissue fraction or mpp)."""
 
-    classes: tuple[str, ...]
+    scores: tuple[str, ...]
     spread: frozenset[str]
     qc: tuple[str, ...]
 
     @classmethod
     def of(cls, header: list[str]) -> Columns:
-        sd = {c for c in header if c.startswith("prob_") and c.endswith("_sd")}
-        classes = tuple(c[len("prob_") :] for c in header if c.startswith("prob_") and c not in sd)
-        spread = frozenset(c for c in classes if f"prob_{c}_sd" in sd)
-        known = {*outputs.BASE_COLUMNS, "error", *sd, *(f"prob_{c}" for c in classes)}
-        return cls(classes, spread, tuple(c for c in header if c not in known))
+        scores = outputs.score_columns_of(header)
+        spread = frozenset(c for c in scores if f"{c}_sd" in header)
+        known = {*outputs.BASE_COLUMNS, "error", *scores, *(f"{c}_sd" for c in spread)}
+        return cls(scores, spread, tuple(c for c in header if c not in known))
 
 
 def read_patches(geojson: Path) -> list[Patch]:
@@ -167,19 +168,19 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _probability(row: dict[str, str], name: str, columns: Columns) -> str:
+def _score(row: dict[str, str], column: str, columns: Columns) -> str:
     """``0.930 ± 0.020`` (spread when the CSV has it), or ``""``."""
-    value = row.get(f"prob_{name}", "")
+    value = row.get(column, "")
     if not value:
         return ""
-    sd = row.get(f"prob_{name}_sd", "") if name in columns.spread else ""
+    sd = row.get(f"{column}_sd", "") if column in columns.spread else ""
     return _number(value) + (f" ± {_number(sd)}" if sd else "")
 
 
 def _table(entries: list[SlideEntry], columns: Columns) -> str:
     numeric = {c for c in columns.qc if all(_is_number(e.row.get(c) or "0") for e in entries)}
     heads = [("slide", "text"), ("status", "text"), ("label", "text")]
-    heads += [(f"p({c})", "number") for c in columns.classes]
+    heads += [(outputs.score_heading(c), "number") for c in columns.scores]
     heads += [(c, "number" if c in numeric else "text") for c in columns.qc]
     heads += [("error", "text")]
     head = "".join(
@@ -196,11 +197,10 @@ def _table(entries: list[SlideEntry], columns: Columns) -> str:
             f"{html.escape(r.get('status', ''))}</td>",
             f"<td>{html.escape(r.get('label', ''))}</td>",
         ]
-        for c in columns.classes:
-            value = r.get(f"prob_{c}", "")
+        for c in columns.scores:
+            value = r.get(c, "")
             cells.append(
-                f'<td data-value="{html.escape(value)}">'
-                f"{html.escape(_probability(r, c, columns))}</td>"
+                f'<td data-value="{html.escape(value)}">{html.escape(_score(r, c, columns))}</td>'
             )
         for c in columns.qc:
             value = r.get(c, "")
@@ -247,7 +247,8 @@ def _panel(out_dir: Path, i: int, entry: SlideEntry, columns: Columns) -> str:
     if status != "ok":
         return head + f'<pre class="error">{html.escape(r.get("error", ""))}</pre>\n</section>'
     probs = " · ".join(
-        f"p({html.escape(c)}) {html.escape(_probability(r, c, columns))}" for c in columns.classes
+        f"{html.escape(outputs.score_heading(c))} {html.escape(_score(r, c, columns))}"
+        for c in columns.scores
     )
     qc = "".join(f" · {html.escape(c)} {html.escape(r.get(c, ''))}" for c in columns.qc)
     thumbnail = _image(

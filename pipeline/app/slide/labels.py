@@ -1,14 +1,15 @@
-"""The labels CSV: which slide has which class, and which patient (case) it comes from.
+"""The labels CSV: which slide has which target, and which patient (case) it comes from.
 
 Columns: ``slide`` (a file name inside the slides directory, or a path; the file
-extension may be left out), ``label`` (class name) and, optionally, ``case`` (patient
+extension may be left out), the target columns (``label``, the class name, unless the
+task names others: ``tasks.Task.target_columns``) and, optionally, ``case`` (patient
 or specimen: every slide of a case goes to the same side of a split). Extra columns
-are ignored.
+are ignored. The cells are read as text here; the task parses them.
 
 Reading checks what a spreadsheet lets slip through and says so, row by row, instead
-of training on it: empty or whitespace-only labels, a slide listed twice (once kept
-when the rows agree, left out when they conflict), a slide named without its
-extension (resolved when exactly one file matches). Slides are identified by
+of training on it: rows whose target cells are all empty or whitespace, a slide
+listed twice (once kept when the rows agree, left out when they conflict), a slide
+named without its extension (resolved when exactly one file matches). Slides are identified by
 ``inputs.slide_name`` (file name without its suffix), the name ``predict`` writes
 in ``predictions.csv``, so ``slide_003``, ``slide_003.tiff`` and ``dir/slide_003.tiff``
 are the same slide.
@@ -18,13 +19,15 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.app.errors import UserError
 from pipeline.app.files import read_table
 from pipeline.app.slide.inputs import slide_name
 
-REQUIRED_COLUMNS = ("slide", "label")
+DEFAULT_TARGETS = ("label",)
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,9 @@ class LabelRow:
     Attributes:
         path: the slide file (inside the slides directory when given relative).
         name: ``slide_name(path)``, the key shared with ``predictions.csv``.
-        label: class name, stripped of surrounding whitespace.
+        label: the target cells, stripped of surrounding whitespace, joined by
+            ``;`` (the class name for classification).
+        values: the target cells one by one, in the order of the target columns.
         case: patient / case id; the slide's own name when the CSV has no ``case``
             column or the cell is empty (each slide is then its own case).
         line: line number in the CSV (the header is line 1).
@@ -45,6 +50,7 @@ class LabelRow:
     label: str
     case: str
     line: int
+    values: tuple[str, ...] = ()
 
 
 @dataclass
@@ -71,40 +77,53 @@ class LabelTable:
 
 
 def read_labels(
-    labels_csv: str | os.PathLike, slides_dir: str | os.PathLike | None = None
+    labels_csv: str | os.PathLike,
+    slides_dir: str | os.PathLike | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    empty_is_error: bool = False,
 ) -> LabelTable:
     """Read and check a labels CSV.
 
     Args:
-        labels_csv: the CSV (columns ``slide``, ``label``, optional ``case``).
+        labels_csv: the CSV (columns ``slide``, the ``targets``, optional ``case``).
         slides_dir: directory relative slide names are taken in; names without an
             extension are resolved there. ``None`` (e.g. for ``evaluate``, which
             matches slides by name only) leaves the names as they are.
+        targets: the columns holding the target (``Task.target_columns``).
+        empty_is_error: an empty target cell is a ``UserError`` naming the row
+            (numeric targets) instead of the row being left out with a message.
 
     Raises:
-        FileNotFoundError: no such CSV. UserError: the columns are missing.
+        FileNotFoundError: no such CSV. UserError: the columns are missing; an empty
+            target cell with ``empty_is_error``.
     """
     source = Path(labels_csv)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: labels CSV not found")
-    records = read_table(source, required=REQUIRED_COLUMNS)
+    targets = tuple(targets)
+    records = read_table(source, required=("slide", *targets))
     table = LabelTable(source, [])
     by_name: dict[str, list[LabelRow]] = {}
     for line, record in enumerate(records, start=2):
         entry = (record["slide"] or "").strip()
-        label = (record["label"] or "").strip()
+        values = tuple((record[c] or "").strip() for c in targets)
+        label = ";".join(values)
         if not entry:
             table.left_out.append(f"{source} line {line}: no slide name; row left out")
             continue
-        if not label:
-            table.left_out.append(f"{source} line {line}: {entry}: empty label; row left out")
+        if empty_is_error and not all(values):
+            column = targets[values.index("")]
+            raise UserError(f"{source} line {line}: {entry or 'row'}: no {column} given")
+        if not any(values):
+            empty = "empty label" if targets == DEFAULT_TARGETS else f"empty {', '.join(targets)}"
+            table.left_out.append(f"{source} line {line}: {entry}: {empty}; row left out")
             continue
         path = _resolve(entry, slides_dir, table, f"{source} line {line}")
         if path is None:
             continue
         name = slide_name(path)
         case = (record.get("case") or "").strip() or name
-        by_name.setdefault(name, []).append(LabelRow(path, name, label, case, line))
+        by_name.setdefault(name, []).append(LabelRow(path, name, label, case, line, values))
 
     for name, rows in by_name.items():
         lines = ", ".join(str(r.line) for r in rows)

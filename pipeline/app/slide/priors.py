@@ -1,4 +1,6 @@
-"""Content priors for exploring slides early in training (DESIGN section 4b).
+"""Content priors for exploring slides early in training.
+
+See docs/estimator.md (exploration and priors) for how they enter the proposal.
 
 A prior is a non-negative map over a slide's attention view, ``float32 [h, w]``, zero
 off tissue. Training may draw patches from a mixture of the attention with it (and

@@ -1,15 +1,15 @@
 """Exact physical resolution: a pyramid level presented at a requested microns per pixel.
 
-An mpp request means that mpp exactly (DESIGN 4c). ``patch_source`` picks the
-coarsest level at least as fine as the request and, unless the two agree within
-``TOLERANCE``, wraps it in a ``ResampledLevel``: a virtual image at the requested
-mpp whose ``read_patches`` reads, for each patch, the level region of the same field
-of view and resamples **that patch only** (never the level). Example: a 40x slide at
-0.25 mpp whose next level is at 1.0 mpp, asked for 0.5 mpp patches of 224 x 224,
-reads 448 x 448 level-0 regions and shrinks each to 224 x 224 (area averaging). The
-virtual image satisfies the core's ``PatchSource`` protocol, so sampling, patch
-mapping and the feature net need no change; its ``downsample`` (level-0 pixels per
-virtual pixel) gives the patches' true level-0 footprint.
+An mpp request means that mpp exactly (docs/estimator.md, physical resolution).
+``patch_source`` picks the coarsest level at least as fine as the request and, unless
+the two agree within ``TOLERANCE``, wraps it in a ``ResampledLevel``: a virtual image
+at the requested mpp whose ``read_patches`` reads, for each patch, the level region of
+the same field of view and resamples **that patch only** (never the level). Example: a
+40x slide at 0.25 mpp whose next level is at 1.0 mpp, asked for 0.5 mpp patches of
+224 x 224, reads 448 x 448 level-0 regions and shrinks each to 224 x 224 (area
+averaging). The virtual image satisfies the core's ``PatchSource`` protocol, so
+sampling, patch mapping and the feature net need no change; its ``downsample``
+(level-0 pixels per virtual pixel) gives the patches' true level-0 footprint.
 
 Microns per pixel are isotropic here: a slide's ``(y, x)`` mpp is averaged, as
 ``readers.Slide.level_for_mpp`` does.

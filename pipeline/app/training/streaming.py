@@ -16,9 +16,9 @@ accelerator it drives) waits only when planning and reading are slower than a st
 A batch is planned with the attention weights of the moment it was submitted,
 snapshotted then, so the run is deterministic for a seed whatever the threads'
 timing; those weights are up to ``d - 1`` steps old when the batch is estimated. The
-draws were made from the old attention ``q``, which is a proposal in DESIGN section
-4b's sense, and ``AttentionSampling.estimate(..., stale=True)`` weighs each draw by
-``a / q`` with ``a`` the current attention. The estimate and its gradients therefore
+draws were made from the old attention ``q``, which is a proposal (docs/estimator.md,
+sampling from a proposal), and ``AttentionSampling.estimate(..., stale=True)`` weighs
+each draw by ``a / q`` with ``a`` the current attention. The estimate and its gradients therefore
 stay unbiased; only their variance changes, and little, since one step moves the
 attention little. (Draw and features are independent given the positions: the step
 that made the weights stale does not bias anything.)
@@ -45,13 +45,12 @@ import os
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import pipeline
 from pipeline.app.config import ModelConfig
@@ -179,21 +178,46 @@ class PaddedSource:
 
 @dataclass
 class StreamItem:
-    """One training slide: its file, class index and view cache key."""
+    """One training slide: its file (also the view cache key), its target (as the
+    model's task parses it) and the weight of its loss (``None``: unweighted)."""
 
     path: Path
-    label: int
+    target: Any
+    weight: float | None = None
 
 
 @dataclass
 class StepResult:
-    """One slide's forward: cross-entropy, entropy regularizer, class probabilities
-    (float [n_classes]) and whether the argmax was right."""
+    """One slide's forward: its term of the task's loss, the entropy regularizer, its
+    scores (float [n_scores], ``Task.scores``) and its target."""
 
     loss: float
     entropy_loss: float
-    correct: bool
-    probs: np.ndarray
+    scores: np.ndarray
+    target: Any
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How ``stream_epoch`` trains: ``batch_size`` slides per optimizer step,
+    ``depth`` batches in flight (1: serial), the ``augmentation`` of each slide (its
+    view when planned, its patch source when read: attention and patches stay
+    aligned), the content ``prior`` of exploration (``priors``), mixed precision on
+    CUDA (``amp``), and ``n_patches(slides trained on before a batch)``, the batch's
+    patches per slide (``None``: the model's)."""
+
+    batch_size: int = 1
+    depth: int = 3
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    prior: str = "none"
+    amp: bool = False
+    n_patches: Callable[[int], int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"depth: expected >= 1 batches in flight, got {self.depth}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1 slides, got {self.batch_size}")
 
 
 @dataclass
@@ -376,40 +400,27 @@ def stream_epoch(
     optimizer: torch.optim.Optimizer,
     items: Sequence[StreamItem],
     views: ViewCache,
-    batch_size: int,
     generator: torch.Generator,
     device: torch.device,
-    depth: int = 3,
+    options: StreamOptions = StreamOptions(),  # noqa: B008 (frozen)
     reader: Reader | None = None,
-    warn: Callable[[str], None] = print,
-    augmentation: Augmentation = Augmentation(),  # noqa: B008 (frozen)
-    prior: str = "none",
     first_slide: int = 0,
-    class_weights: np.ndarray | None = None,
-    amp: bool = False,
+    warn: Callable[[str], None] = print,
     progress: bool = False,
     on_step: Callable[[], None] | None = None,
-    n_patches: Callable[[int], int] | None = None,
 ) -> list[StepResult]:
-    """One pass over ``items`` in mini-batches of ``batch_size`` slides, ``depth``
-    batches in flight (1: serial). See the module docstring.
+    """One pass over ``items`` in mini-batches of ``options.batch_size`` slides,
+    ``options.depth`` batches in flight. See the module docstring.
 
     ``views`` has ``load(path) -> CachedView`` (a ``ViewCache``, or views held in
-    memory). ``augmentation`` transforms each slide (its view when planned, its patch
-    source when read: attention and patches stay aligned). ``prior`` names the
-    content prior of exploration (``priors``); ``first_slide`` counts the slides
-    trained on before this epoch (the exploration schedules' step). ``class_weights``
-    (float [n_classes]) weighs each slide's loss. ``amp``: mixed precision on CUDA.
-    ``n_patches(slides trained on before a batch)`` is the batch's patches per slide
-    (default: the model's).
-    A slide that cannot be read (view or tiles) is skipped with a ``warn`` message;
-    training goes on. ``on_step`` is called after
+    memory). ``first_slide`` counts the slides trained on before this epoch (the
+    exploration schedules' step). A slide that cannot be read (view or tiles) is
+    skipped with a ``warn`` message; training goes on. ``on_step`` is called after
     every optimizer step (benchmarks). Returns one ``StepResult`` per slide trained on.
     """
     from tqdm import tqdm
 
-    if depth < 1:
-        raise ValueError(f"depth: expected >= 1 batches in flight, got {depth}")
+    depth, batch_size, amp = options.depth, options.batch_size, options.amp
     model.train()
     own_reader = reader is None
     reader = reader or Reader()
@@ -418,9 +429,9 @@ def stream_epoch(
         views=views,
         generator=generator,
         device=device,
-        augmentation=augmentation,
-        prior=prior,
-        n_patches=n_patches,
+        augmentation=options.augmentation,
+        prior=options.prior,
+        n_patches=options.n_patches,
     )
     batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     queue: deque[tuple[int, Future]] = deque()  # (slides in the batch, its _Prepared)
@@ -461,7 +472,6 @@ def stream_epoch(
                 prepared.planned,
                 steps != prepared.planned.step,
                 device,
-                class_weights,
                 scaler,
             )
             steps += 1
@@ -484,31 +494,31 @@ def _transformed(view: CachedView, augmentation: Augmentation, transform) -> Cac
     return CachedView(thumbnail.permute(1, 2, 0).numpy(), tissue.numpy())
 
 
-def _train_step(model, optimizer, planned: _Planned, stale: bool, device, class_weights, scaler):
+def _train_step(model, optimizer, planned: _Planned, stale: bool, device, scaler):
+    task, items = model.task, planned.items
     patches = planned.patches
     if device.type == "cuda":
         # Pinned host memory lets the copy overlap the kernels still running.
         patches = patches.pin_memory().to(device, non_blocking=True)
-    target = torch.tensor([i.label for i in planned.items], device=device)
+    target = task.collate([i.target for i in items], device)
     with torch.autocast(device.type, enabled=scaler.is_enabled()):
         out = model.sampler.estimate(
             planned.x_low, patches, planned.offsets, planned.plan, planned.mask, stale=stale
         )
-        logits = model.head(out.features)
-    losses = F.cross_entropy(logits.float(), target, reduction="none")  # [B]
-    weighted = losses if class_weights is None else losses * _on(class_weights, device)[target]
+        outputs = model.head(out.features)
+    losses = task.loss(outputs.float(), target)  # [B]
+    weighted = losses
+    if any(i.weight is not None for i in items):
+        weights = [1.0 if i.weight is None else i.weight for i in items]
+        weighted = losses * torch.tensor(weights, dtype=torch.float32, device=device)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(weighted.mean() + out.regularizer).backward()
     scaler.step(optimizer)
     scaler.update()
     # A copy, not a view keeping the tensor alive for the epoch (see classify_view).
-    probs = logits.detach().float().softmax(1).cpu().numpy().copy()
+    scores = task.scores(outputs.detach().float()).cpu().numpy().copy()
     entropy = float(out.regularizer.detach())
     return [
-        StepResult(float(loss), entropy, int(p.argmax()) == item.label, p)
-        for loss, p, item in zip(losses.tolist(), probs, planned.items, strict=True)
+        StepResult(float(loss), entropy, s, item.target)
+        for loss, s, item in zip(losses.tolist(), scores, items, strict=True)
     ]
-
-
-def _on(weights: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(weights, dtype=torch.float32, device=device)

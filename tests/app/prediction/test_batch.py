@@ -24,7 +24,7 @@ import torch
 
 from pipeline.app import files
 from pipeline.app.cli import main
-from pipeline.app.config import ModelConfig, PredictConfig
+from pipeline.app.config import InputConfig, ModelConfig, PredictConfig
 from pipeline.app.errors import UserError
 from pipeline.app.model.checkpoint import MODEL_FILE
 from pipeline.app.model.networks import SlideClassifier
@@ -103,7 +103,7 @@ def test_output_dir_of_another_model_is_refused_not_mixed(run_dir, dataset, tmp_
     assert not summary.failed
     rows = rows_of(out)
     assert [r["slide"] for r in rows] == ["slide_000"]  # the first model's rows are gone
-    assert list(rows[0]) == outputs.prediction_columns(("a", "b", "c"))
+    assert list(rows[0]) == outputs.prediction_columns(("prob_a", "prob_b", "prob_c"))
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["slide_000.png"]
 
 
@@ -263,7 +263,13 @@ def test_symlink_loops_and_missing_files_get_error_rows(run_dir, dataset, tmp_pa
     (slides / "sub" / "up").symlink_to("..")  # a directory cycle, met with --recursive
     shutil.copy(dataset / "slide_001.tiff", slides / "sub" / "deep.tiff")
     missing = tmp_path / "gone.svs"
-    summary = predict(run_dir, [slides, missing], tmp_path / "out", recursive=True, progress=False)
+    summary = predict(
+        run_dir,
+        [slides, missing],
+        tmp_path / "out",
+        inputs=InputConfig(recursive=True),
+        progress=False,
+    )
     rows = {r["slide"]: r for r in rows_of(tmp_path / "out")}
     assert sorted(rows) == ["deep", "gone", "good", "loop", "up"]
     assert rows["good"]["status"] == rows["deep"]["status"] == "ok"
@@ -299,7 +305,9 @@ def test_slides_csv_ids_and_unsafe_ids(run_dir, dataset, tmp_path):
     ]
     (tmp_path / "slides.csv").write_text("\n".join(lines) + "\n")  # ';' as a spreadsheet saves
     before = set(tmp_path.parent.iterdir())
-    summary = predict(run_dir, [], out, slides_csv=tmp_path / "slides.csv", progress=False)
+    summary = predict(
+        run_dir, [], out, inputs=InputConfig(slides_csv=tmp_path / "slides.csv"), progress=False
+    )
     rows = {r["slide"]: r for r in rows_of(out)}
     assert rows["first"]["status"] == rows["slide_001"]["status"] == "ok"
     for bad in ("../escape", "NUL", "a\tb", "sub/dir"):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.app import files
-from pipeline.app.config import ModelConfig
+from pipeline.app.config import ModelConfig, PredictConfig
 from pipeline.app.model.networks import SlideClassifier
 from pipeline.app.prediction.batch import PredictionStore, predict
 from pipeline.app.prediction.cluster import (
@@ -84,7 +84,7 @@ def assert_same_result(got, expected):
 def run_into_store(client, model, paths, out_dir, on_result=None):
     """Drive ``predict_on_client`` into a ``PredictionStore``, as ``predict`` will."""
     results = []
-    with PredictionStore(out_dir, CLASS_NAMES) as store:
+    with PredictionStore(out_dir, [f"prob_{c}" for c in CLASS_NAMES]) as store:
         for result in predict_on_client(client, model, paths, seed=SEED):
             if on_result is not None:
                 on_result(result)
@@ -116,7 +116,7 @@ def test_cluster_run_equals_local_run(client, model, paths, local_results, tmp_p
     for result in results:
         assert_same_result(result, local_results[result.path])
 
-    predict(model, paths, tmp_path / "local", seed=SEED, progress=False)
+    predict(model, paths, tmp_path / "local", config=PredictConfig(seed=SEED), progress=False)
     assert_rows_match(csv_rows(tmp_path / "cluster"), csv_rows(tmp_path / "local"))
     for p in paths:
         cluster = json.loads(outputs.geojson_path(tmp_path / "cluster", p.stem).read_text())
@@ -320,13 +320,18 @@ def test_connect_without_arguments_is_no_cluster():
 
 
 def test_predict_on_cluster_equals_local(client, model, paths, tmp_path):
-    runner = on_cluster(client)
-    summary = predict(model, paths, tmp_path / "cluster", seed=SEED, progress=False, runner=runner)
+    config = PredictConfig(seed=SEED)
+
+    def on_the_cluster():
+        runner = on_cluster(client)
+        return predict(model, paths, tmp_path / "cluster", config, progress=False, runner=runner)
+
+    summary = on_the_cluster()
     assert not summary.failed and len(summary.results) == len(paths)
-    predict(model, paths, tmp_path / "local", seed=SEED, progress=False)
+    predict(model, paths, tmp_path / "local", config, progress=False)
     assert_rows_match(csv_rows(tmp_path / "cluster"), csv_rows(tmp_path / "local"))
     # A rerun skips everything already done.
-    again = predict(model, paths, tmp_path / "cluster", seed=SEED, progress=False, runner=runner)
+    again = on_the_cluster()
     assert again.results == [] and len(again.skipped) == len(paths)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.app import files
 from pipeline.app.cli import main
+from pipeline.app.config import PredictConfig
 from pipeline.app.model.networks import SlideClassifier
 from pipeline.app.prediction.batch import predict
 from pipeline.app.prediction.inference import predict_slide
@@ -61,7 +62,9 @@ def test_a_blank_slide_is_no_tissue_not_an_error(untrained, dataset, tmp_path, c
     slides.mkdir()
     write_tiff_pyramid(slides / "blank.tiff", (1024, 1024), _glass)
     (slides / "real.tiff").symlink_to(dataset / "slide_002.tiff")
-    summary = predict(untrained, [slides], tmp_path / "out", progress=False, draws=2)
+    summary = predict(
+        untrained, [slides], tmp_path / "out", config=PredictConfig(draws=2), progress=False
+    )
     rows = {r["slide"]: r for r in files.read_csv(tmp_path / "out" / outputs.PREDICTIONS)}
     blank = rows["blank"]
     assert blank["status"] == "no_tissue" and blank["label"] == ""

@@ -13,7 +13,7 @@ from sklearn import metrics as skm
 from pipeline.app import files
 from pipeline.app.cli import main
 from pipeline.app.errors import UserError
-from pipeline.app.results.evaluation import evaluate, point_metrics, prediction_classes
+from pipeline.app.results.evaluation import evaluate, prediction_classes
 
 CLASSES = ["benign", "tumour"]
 # (slide, true label, predicted label, P(tumour)): scored rows, in file order.
@@ -182,15 +182,10 @@ def test_three_classes_one_vs_rest_macro_auc(tmp_path):
     )
 
 
-def test_point_metrics_auc_undefined_with_one_class():
-    probs = np.array([[0.8, 0.2], [0.3, 0.7]])
-    m = point_metrics(np.array([0, 0]), probs)
-    assert m["roc_auc"] is None and m["accuracy"] == 0.5
-
-
 def test_prediction_classes_leave_out_spread_columns():
-    columns = ["slide", "prob_a", "prob_b_sd", "prob_b", "prob_a_sd", "prob_x_sd"]
+    columns = ["slide", "prob_a", "prob_b_sd", "prob_b", "prob_a_sd", "prob_x_sd", "prob_x_sd_sd"]
     assert prediction_classes(columns) == ["a", "b", "x_sd"]
+    assert prediction_classes(["slide", "prob_a", "prob_b"]) == ["a", "b"]  # no spreads
 
 
 def test_bad_inputs_name_the_file(tmp_path):

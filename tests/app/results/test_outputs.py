@@ -23,7 +23,7 @@ def test_atomic_target_keeps_old_file_on_error(tmp_path):
 
 
 def test_csv_round_trip(tmp_path):
-    columns = outputs.prediction_columns(["neg", "pos"])
+    columns = outputs.prediction_columns(["prob_neg", "prob_pos"])
     assert columns == [
         "slide",
         "path",
@@ -92,7 +92,7 @@ def test_geojson_is_xy_ordered_and_clipped_to_the_slide(tmp_path):
         (100, 1000, 3),
         "s1",
         "positive",
-        {"negative": 0.25, "positive": 0.75},
+        {"prob_negative": 0.25, "prob_positive": 0.75},
     )
     outputs.write_geojson(tmp_path / "p.geojson", collection)
     data = json.loads((tmp_path / "p.geojson").read_text())

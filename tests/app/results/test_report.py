@@ -26,8 +26,9 @@ from pipeline.app.results import outputs
 from pipeline.app.results.report import REPORT, write_report
 
 CLASSES = ("benign", "tumour")
+SCORES = tuple(f"prob_{c}" for c in CLASSES)
 COLUMNS = [
-    *outputs.prediction_columns(CLASSES),
+    *outputs.prediction_columns(SCORES),
     "prob_benign_sd",
     "prob_tumour_sd",
     "tissue_fraction",
@@ -75,8 +76,8 @@ def out_dir(tmp_path_factory):
     rows = []
     for i in range(4):
         result = fake_result(i, rng)
-        outputs.write_slide_files(out, result, CLASSES, "absolute" if i else "relative")
-        row = result.row(CLASSES)
+        outputs.write_slide_files(out, result, SCORES, "absolute" if i else "relative")
+        row = result.row(SCORES)
         row.update(
             prob_benign_sd="0.01",
             prob_tumour_sd="0.01",

@@ -12,7 +12,7 @@ import tifffile
 import torch
 
 from pipeline.app import files
-from pipeline.app.config import ModelConfig
+from pipeline.app.config import InputConfig, ModelConfig
 from pipeline.app.errors import UserError
 from pipeline.app.model.networks import SlideClassifier
 from pipeline.app.prediction.batch import predict
@@ -128,7 +128,11 @@ def test_slide_without_mpp_gets_an_error_row_unless_given(slides, tmp_path):
     assert len(summary.failed) == 1
 
     summary = predict(
-        model, [slides / "nompp.tif"], tmp_path / "assumed", assume_mpp=0.25, progress=False
+        model,
+        [slides / "nompp.tif"],
+        tmp_path / "assumed",
+        inputs=InputConfig(assume_mpp=0.25),
+        progress=False,
     )
     assert summary.results[0].status == "ok" and summary.results[0].mpp == 0.5
     assert summary.results[0].boxes[0, 2] == 64
@@ -139,7 +143,7 @@ def test_slide_without_mpp_gets_an_error_row_unless_given(slides, tmp_path):
         model,
         [slides / "nompp.tif"],
         tmp_path / "table",
-        slide_mpp=read_slide_mpp(table),
+        inputs=InputConfig(slide_mpp=read_slide_mpp(table)),
         progress=False,
     )
     assert summary.results[0].status == "ok"

@@ -143,11 +143,15 @@ def test_fitting_the_attention_to_the_prior_moves_it_towards_the_prior(
     dataset, small_model_config, quick_train_config
 ):
     from pipeline.app.slide.labels import read_labels
-    from pipeline.app.training.loop import fit_attention_to_prior, load_slides, new_model
+    from pipeline.app.tasks import task_of
+    from pipeline.app.training.cold_start import fit_attention_to_prior
+    from pipeline.app.training.data import load_slides
+    from pipeline.app.training.loop import new_model
     from pipeline.app.training.streaming import stack_priors, stack_views
 
     rows = read_labels(dataset / "labels.csv", dataset).rows
-    slides, _ = load_slides(rows, small_model_config, warn=print, progress=False)
+    task = task_of(small_model_config)
+    slides, _ = load_slides(rows, small_model_config, task, warn=print, progress=False)
     config = dataclasses.replace(quick_train_config, prior="hematoxylin", prior_init_steps=60)
     model = new_model(small_model_config, 0, torch.device("cpu"))
     views = [s.view for s in slides[:4]]

@@ -13,12 +13,15 @@ import torch
 
 from pipeline.app.slide.labels import read_labels
 from pipeline.app.slide.views import level0_mpp, low_res_tensor, patch_view, sampling_mask
-from pipeline.app.training.loop import load_slides, new_model
+from pipeline.app.tasks import task_of
+from pipeline.app.training.data import load_slides
+from pipeline.app.training.loop import new_model
 from pipeline.app.training.streaming import (
     PaddedSource,
     Reader,
     SlideHandles,
     StreamItem,
+    StreamOptions,
     ViewCache,
     stream_epoch,
 )
@@ -26,9 +29,8 @@ from pipeline.app.training.streaming import (
 
 @pytest.fixture
 def labelled(dataset, small_model_config):
-    slides, _ = load_slides(
-        read_labels(dataset / "labels.csv", dataset).rows, small_model_config, print, False
-    )
+    rows = read_labels(dataset / "labels.csv", dataset).rows
+    slides, _ = load_slides(rows, small_model_config, task_of(small_model_config), print, False)
     return slides
 
 
@@ -36,12 +38,13 @@ def _optimizer(model):
     return torch.optim.AdamW(model.parameters(), lr=3e-3)
 
 
-def _stream(model, labelled, cache, order, **kwargs):
-    items = [StreamItem(labelled[i].path, labelled[i].label) for i in order]
+def _stream(model, labelled, cache, order, reader=None, on_step=None, **options):
+    items = [StreamItem(labelled[i].path, labelled[i].target) for i in order]
     optimizer = _optimizer(model)
     generator = torch.Generator().manual_seed(11)
+    device, stream = torch.device("cpu"), StreamOptions(**options)
     results = stream_epoch(
-        model, optimizer, items, cache, generator=generator, device=torch.device("cpu"), **kwargs
+        model, optimizer, items, cache, generator, device, stream, reader=reader, on_step=on_step
     )
     return results, optimizer
 
@@ -60,7 +63,7 @@ def _serial_reference(model, labelled, order, generator):
             out = model.classify(
                 low_res_tensor(slide.thumbnail), source, sampling_mask(slide.tissue), generator
             )
-            loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([slide.label]))
+            loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([slide.target]))
             optimizer.zero_grad()
             (loss + out.draw.regularizer).backward()
             optimizer.step()
@@ -145,17 +148,16 @@ def test_an_unreadable_slide_is_skipped_and_training_goes_on(
     with open(broken, "r+b") as f:
         f.truncate(os.path.getsize(broken) // 3)  # tiles cut off: the view fails
     model = new_model(small_model_config, 0, torch.device("cpu"))
-    items = [StreamItem(broken, 0), *(StreamItem(s.path, s.label) for s in labelled[1:])]
+    items = [StreamItem(broken, 0), *(StreamItem(s.path, s.target) for s in labelled[1:])]
     messages = []
     results = stream_epoch(
         model,
         _optimizer(model),
         items,
         ViewCache(tmp_path / "views", small_model_config),
-        batch_size=2,
         generator=torch.Generator().manual_seed(0),
         device=torch.device("cpu"),
-        depth=2,
+        options=StreamOptions(batch_size=2, depth=2),
         warn=messages.append,
     )
     assert len(results) == len(labelled) - 1
@@ -234,8 +236,9 @@ def test_augmented_batches_train(labelled, small_model_config, tmp_path):
 
 def test_training_reads_views_through_the_disk_cache(dataset, small_model_config, tmp_path):
     rows = read_labels(dataset / "labels.csv", dataset).rows
-    first, _ = load_slides(rows, small_model_config, print, False, cache_dir=tmp_path)
+    task = task_of(small_model_config)
+    first, _ = load_slides(rows, small_model_config, task, print, False, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.npz"))) == len(rows)
-    again, _ = load_slides(rows, small_model_config, print, False, cache_dir=tmp_path)
+    again, _ = load_slides(rows, small_model_config, task, print, False, cache_dir=tmp_path)
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a.thumbnail, b.thumbnail)

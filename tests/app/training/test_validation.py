@@ -16,19 +16,13 @@ from safetensors.torch import load_file
 from pipeline.app import files
 from pipeline.app.errors import UserError
 from pipeline.app.model.checkpoint import LAST_MODEL_FILE, MODEL_FILE
+from pipeline.app.tasks import Classification
+from pipeline.app.tasks.classification import class_weights, point_metrics
 from pipeline.app.training import loop
-from pipeline.app.training.loop import (
-    CV_SUMMARY_FILE,
-    METRICS_FILE,
-    SPLIT_FILE,
-    STATE_FILE,
-    LabelledSlide,
-    assign_folds,
-    class_weights,
-    cross_validate,
-    epoch_order,
-    train,
-)
+from pipeline.app.training.crossval import CV_SUMMARY_FILE, cross_validate
+from pipeline.app.training.data import LabelledSlide
+from pipeline.app.training.loop import METRICS_FILE, STATE_FILE, epoch_order, train
+from pipeline.app.training.splits import SPLIT_FILE, assign_folds
 
 NEG, POS = "negative", "positive"
 
@@ -123,14 +117,13 @@ def test_resume_with_changed_labels_refuses(
 def scripted_auc(monkeypatch, values):
     """Injected: the validation AUC of epoch k is ``values[k-1]`` (the real metrics
     otherwise), so that which epoch is best is known in advance."""
-    from pipeline.app.results.evaluation import point_metrics as real
-
     calls = iter(values)
 
-    def fake(y_true, probs):
-        return {**real(y_true, probs), "roc_auc": next(calls)}
+    def fake(task, targets, scores):
+        real = point_metrics(np.asarray(targets), np.asarray(scores))
+        return {**real, "roc_auc": next(calls)}
 
-    monkeypatch.setattr(loop, "point_metrics", fake)
+    monkeypatch.setattr(Classification, "metrics", fake)
 
 
 def test_best_epoch_weights_are_kept(
@@ -261,7 +254,7 @@ def test_hygiene_messages_before_training(
     assert log.index("class 'other'") < log.index("epoch 1:")  # said before training
     assert len(result.skipped) == 3  # empty label, conflicting slide, missing file
     (row,) = files.read_csv(tmp_path / "run" / METRICS_FILE)
-    assert [row[c] for c in loop.VAL_METRICS] == ["", "", "", ""]  # not "nan"
+    assert [row[c] for c in loop.val_metric_columns(result.model.task)] == [""] * 4  # not "nan"
     assert "nan" not in log
 
 
@@ -288,10 +281,11 @@ def fake_slides(labels):
 
 def test_balance_weights_and_sampling(quick_train_config):
     slides = fake_slides([0] * 6 + [1] * 2)
-    np.testing.assert_allclose(class_weights(slides, 2), [8 / 12, 8 / 4])
+    np.testing.assert_allclose(class_weights([s.target for s in slides], 2), [8 / 12, 8 / 4])
+    task = Classification(("a", "b"))
     config = replace(quick_train_config, balance="sampling")
-    drawn = np.concatenate([epoch_order(slides, config, e) for e in range(1, 201)])
-    share = np.mean([slides[i].label for i in drawn])
+    drawn = np.concatenate([epoch_order(slides, config, e, task) for e in range(1, 201)])
+    share = np.mean([slides[i].target for i in drawn])
     assert abs(share - 0.5) < 0.03  # 1600 draws: sd 0.0125
-    plain = epoch_order(slides, quick_train_config, 1)
+    plain = epoch_order(slides, quick_train_config, 1, task)
     assert sorted(plain) == list(range(8))
