@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from readers._openslide import OpenSlideSlide
 from readers._tifffile import TifffileSlide
@@ -40,6 +41,24 @@ def auto_order(path: str) -> list[str]:
     return ["openslide", *tiff]
 
 
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it is neither a regular file nor a directory (``"a
+    FIFO"``, ``"a socket"``, ``"a character device"``, ``"a block device"``), else
+    ``None``. Follows symbolic links."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
 def open_slide(path: str | os.PathLike, backend: str = "auto", threads: int | None = None) -> Slide:
     """Open a slide lazily.
 
@@ -63,6 +82,10 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", threads: int | No
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no slide at {path!r}")
+    kind = special_file_kind(path)
+    if kind is not None:
+        # Opening a FIFO for reading blocks until a writer comes; never try.
+        raise SlideError(path, f"not a regular file ({kind})")
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(

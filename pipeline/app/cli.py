@@ -20,7 +20,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from pipeline.app.config import (
     package_version,
 )
 from pipeline.app.errors import UserError
+from pipeline.app.files import printable
 
 PROG = "ats-wsi"
 
@@ -276,13 +279,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             device=args.device,
             feature_weights=args.feature_weights,
+            trust_feature_net=args.trust_feature_net,
         ) as batch,
         connect(args.scheduler, args.workers) as client,
     ):
         runner = None if client is None else on_cluster(client, args.device)
         summary = batch.run(runner, progress=not args.quiet)
     for result in summary.failed:
-        print(f"{PROG}: failed: {result.error}", file=sys.stderr)
+        print(f"{PROG}: failed: {printable(result.error)}", file=sys.stderr)
     blank = sum(r.status == "no_tissue" for r in summary.results)
     ok = len(summary.results) - len(summary.failed) - blank
     if not args.quiet:
@@ -680,6 +684,12 @@ def _add_predict(sub) -> None:
         metavar="PATH",
         help="where the run's frozen encoder weights file is now (checked by SHA-256)",
     )
+    p.add_argument(
+        "--trust-feature-net",
+        metavar="MODULE:CALLABLE",
+        help="build the run's encoder with this factory, which the model directory names: "
+        "without it, a directory naming module:callable code is refused (docs/security.md)",
+    )
     _add_mpp_options(p)
     _add_cluster_options(p)
     _add_report_options(p)
@@ -765,18 +775,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and Kubernetes send), unwound like Ctrl-C so that
+    every ``with`` block closes: ``predictions.csv`` is brought up to date."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 1 some slides failed, 2 a user error
+    (one line on stderr), 130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.run(args)
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if isinstance(e, _user_errors()):
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {printable(e)}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

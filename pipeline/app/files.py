@@ -58,24 +58,67 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make a spreadsheet read a cell as a formula."""
+
+
+def neutralise(cell: object) -> str:
+    """``cell`` as text a spreadsheet shows as text: a value starting with a formula
+    character (``=1+1``, ``@SUM(...)``) gets a leading ``'``; numbers (``-0.25``) and
+    everything else are unchanged. ``restore`` undoes it."""
+    text = "" if cell is None else str(cell)
+    if text.startswith(FORMULA_STARTS) and not _is_number(text):
+        return "'" + text
+    return text
+
+
+def restore(cell: str) -> str:
+    """The value ``neutralise`` was given."""
+    if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) and not _is_number(cell[1:]):
+        return cell[1:]
+    return cell
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict]) -> None:
-    """Atomically write ``rows`` (dicts keyed by ``columns``; missing keys empty)."""
+    r"""Atomically write ``rows`` (dicts keyed by ``columns``; missing keys empty),
+    every cell ``neutralise``\ d (a file name ``=1+1.tiff`` is not a formula)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({c: row.get(c, "") for c in columns})
+        writer.writerow({c: neutralise(row.get(c, "")) for c in columns})
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of a CSV file with a header; ``[]`` if the file does not exist."""
+    r"""Rows of a CSV file with a header, cells ``restore``\ d (``write_csv``'s files
+    read back as written); ``[]`` if the file does not exist."""
     try:
         # utf-8-sig: spreadsheets often save CSV with a byte-order mark.
         with open(path, newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
+            return [
+                {k: v if v is None else restore(v) for k, v in row.items()}
+                for row in csv.DictReader(f)
+            ]
     except FileNotFoundError:
         return []
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters escaped (``\\x1b``, ``\\n``), for a terminal:
+    a file name cannot move the cursor or forge a line."""
+    return "".join(
+        c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii")
+        for c in str(text)
+    )
 
 
 DELIMITERS = ",;\t|"

@@ -57,6 +57,15 @@ def test_empty_file(tmp_path, backend):
     check_names_path(excinfo, path)
 
 
+@pytest.mark.parametrize("backend", [*ALL_BACKENDS, "auto"])
+def test_a_fifo_is_refused_without_being_opened(tmp_path, backend):
+    path = tmp_path / "slide.tif"
+    os.mkfifo(path)  # opening it for reading would block until a writer comes
+    with pytest.raises(SlideError, match=r"not a regular file \(a FIFO\)") as excinfo:
+        open_slide(path, backend=backend)
+    check_names_path(excinfo, path)
+
+
 def test_empty_file_reason(tmp_path):
     path = tmp_path / "empty.svs"
     path.write_bytes(b"")

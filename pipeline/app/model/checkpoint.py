@@ -120,15 +120,22 @@ def load_model(
     *,
     weights_file: str = MODEL_FILE,
     feature_weights: str | os.PathLike | None = None,
+    trust_feature_net: str | None = None,
 ) -> tuple[SlideClassifier, RunConfig]:
     """Rebuild the classifier of ``run_dir`` from its JSON config and safetensors
     weights (``weights_file``), on ``device`` (default CPU), in eval mode.
 
     ``feature_weights`` names where the encoder's weights file is now, instead of
     the path in ``config.json`` (it moved); it must hash as ``config.json`` records.
+    A ``module:callable`` encoder in ``config.json`` is built only when
+    ``trust_feature_net`` names the same factory (``encoders.check_trusted``):
+    nothing a model directory names is imported or called otherwise.
     """
     path = Path(run_dir) / weights_file
     config = read_config(run_dir)
+    encoders.check_trusted(
+        config.model.feature_net, trust_feature_net, str(Path(run_dir) / CONFIG_FILE)
+    )
     if feature_weights is not None:
         if config.model.feature_weights_sha256 is None:
             raise ConfigError(f"{run_dir}: the run's encoder was not made from a weights file")

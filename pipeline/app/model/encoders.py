@@ -93,6 +93,24 @@ def is_external(name: str) -> bool:
     return ":" in name
 
 
+def is_factory(name: str) -> bool:
+    """True for a ``module:callable`` factory: code that building the encoder imports
+    and calls."""
+    return is_external(name) and not name.startswith(TIMM_PREFIX)
+
+
+def check_trusted(name: str, trusted: str | None, source: str) -> None:
+    """Refuse a factory that a saved file (``source``) names unless the user named
+    the same one (``trusted``, ``--trust-feature-net``): a model directory from
+    elsewhere must not make this process import and call code of its choosing."""
+    if is_factory(name) and name != trusted:
+        raise ConfigError(
+            f"{source}: feature_net {name!r} would import and call code that the model "
+            f"directory names; if you trust it, name it yourself: --trust-feature-net "
+            f"{name} (Python: trust_feature_net={name!r})"
+        )
+
+
 def _timm():
     try:
         import timm

@@ -323,6 +323,7 @@ def prepare_batch(
     overwrite: bool = False,
     device: torch.device | str | None = None,
     feature_weights: str | os.PathLike | None = None,
+    trust_feature_net: str | None = None,
 ) -> Iterator[Batch]:
     """Check everything the user gave and lock ``out_dir``, for the ``with`` block.
 
@@ -346,11 +347,18 @@ def prepare_batch(
         device: for a run directory; default CUDA when available.
         feature_weights: where the run's encoder weights file is now, for a run
             directory whose frozen encoder is read from it (``checkpoint.load_model``).
+        trust_feature_net: the ``module:callable`` encoder factory the user trusts a
+            run directory to name (``checkpoint.load_model``); any other is refused.
     """
     from pipeline.app.model.checkpoint import load_model
 
     if not isinstance(model, SlideClassifier):
-        model, _ = load_model(model, resolve_device(device), feature_weights=feature_weights)
+        model, _ = load_model(
+            model,
+            resolve_device(device),
+            feature_weights=feature_weights,
+            trust_feature_net=trust_feature_net,
+        )
     else:
         # The caller's model keeps its config: a shallow copy (same weights) takes
         # this batch's slide metadata.
@@ -382,14 +390,15 @@ def predict(
     overwrite: bool = False,
     device: torch.device | str | None = None,
     feature_weights: str | os.PathLike | None = None,
+    trust_feature_net: str | None = None,
     progress: bool = True,
     runner: Runner | None = None,
 ) -> PredictSummary:
     """Predict every slide of ``slides`` (files and/or directories) into ``out_dir``.
 
     Args:
-        model, slides, config, report, inputs, overwrite, device, feature_weights:
-            as for ``prepare_batch``.
+        model, slides, config, report, inputs, overwrite, device, feature_weights,
+        trust_feature_net: as for ``prepare_batch``.
         progress: a bar on a terminal, plain lines every few seconds elsewhere.
         runner: where the slides run: ``inference.run_here`` (default, this
             process) or ``cluster.on_cluster(client)`` (one task per slide on a Dask
@@ -399,6 +408,15 @@ def predict(
     in ``summary.failed`` and have ``error`` rows in ``predictions.csv``.
     """
     with prepare_batch(
-        model, slides, out_dir, config, report, inputs, overwrite, device, feature_weights
+        model,
+        slides,
+        out_dir,
+        config,
+        report,
+        inputs,
+        overwrite,
+        device,
+        feature_weights,
+        trust_feature_net,
     ) as batch:
         return batch.run(runner, progress)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,8 @@ def _walk(
                 yield path, os_error(path, e)
             continue
         if entry.is_dir() and path.suffix.lower() != ".zarr":
+            if is_slide:  # named like a slide: a row saying why, not silence
+                yield path, f"IsADirectoryError: {path}: a directory, not a slide file"
             if recursive:
                 yield from _walk(path, recursive, seen)
         elif is_slide:
@@ -189,15 +192,31 @@ def os_error(path: Path, error: OSError) -> str:
 
 def readable_error(path: Path) -> str:
     """``""`` when ``path`` can be opened for reading (a Zarr directory: listed),
-    else the OS's reason (``os_error``)."""
+    else the OS's reason (``os_error``). FIFOs, sockets and devices are refused
+    without being opened (opening a FIFO blocks until a writer comes)."""
     try:
-        if path.is_dir():
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
             os.listdir(path)
+        elif not stat.S_ISREG(mode):
+            return f"OSError: {path}: not a regular file ({_kind(mode)})"
         else:
-            os.close(os.open(path, os.O_RDONLY))
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
     except OSError as e:
         return os_error(path, e)
     return ""
+
+
+def _kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def _named(found: list[tuple[Path, str | None, str]]) -> list[SlideInput]:

@@ -129,6 +129,8 @@ def resolve_run(
     labels complete (``complete_run``)."""
     if not resplit and (out / STATE_FILE).is_file() and (out / checkpoint.MODEL_FILE).is_file():
         saved = checkpoint.read_config(out)
+        given = None if model_config is None else model_config.feature_net
+        encoders.check_trusted(saved.model.feature_net, given, str(out / checkpoint.CONFIG_FILE))
         epochs = (train_config or saved.train).epochs
         return RunConfig(saved.model, replace(saved.train, epochs=epochs)), True
     return RunConfig(model_config or ModelConfig(), train_config or TrainConfig()), False
@@ -417,7 +419,9 @@ def fit(
     if resuming:
         last = checkpoint.LAST_MODEL_FILE  # runs of earlier versions have only the one file
         weights = last if (out / last).is_file() else checkpoint.MODEL_FILE
-        model, _ = checkpoint.load_model(out, device, weights_file=weights)
+        model, _ = checkpoint.load_model(
+            out, device, weights_file=weights, trust_feature_net=run_config.model.feature_net
+        )
     else:
         model = new_model(run_config.model, cfg.seed, device)
         if cfg.prior_init_steps:
@@ -474,7 +478,9 @@ def fit(
     finally:
         reader.close()
     if best_epoch != len(history):
-        model, _ = checkpoint.load_model(out, device)
+        model, _ = checkpoint.load_model(
+            out, device, trust_feature_net=run_config.model.feature_net
+        )
         log(f"best epoch {best_epoch} by validation {select}: {out / checkpoint.MODEL_FILE}")
     model.eval()
     return TrainResult(out, model, run_config, history, best_epoch, data.skipped, data.notes)

@@ -172,20 +172,33 @@ def test_frozen_encoder_is_unchanged_while_attention_trains(
     assert saved.feature_net == FACTORY and saved.feature_weights == str(weights.absolute())
     assert saved.feature_weights_sha256 == encoders.sha256(weights)
     assert saved.feature_mean == (0.6, 0.4, 0.7) and saved.feature_input_size == (24, 24)
-    loaded, _ = load_model(run)
+    with pytest.raises(ConfigError, match="would import and call code .* --trust-feature-net"):
+        load_model(run)  # a model directory's factory is not built unless trusted
+    loaded, _ = load_model(run, trust_feature_net=FACTORY)
     assert_state_equal(loaded.feature_net.net, pretrained_state())
 
     moved = tmp_path / "moved.safetensors"
     shutil.copy(weights, moved)
     summary = predict(
-        run, [dataset / "slide_000.tiff"], tmp_path / "out", feature_weights=moved, progress=False
+        run,
+        [dataset / "slide_000.tiff"],
+        tmp_path / "out",
+        feature_weights=moved,
+        trust_feature_net=FACTORY,
+        progress=False,
     )
     assert summary.results[0].status == "ok"
     save_file(pretrained_state(seed=6), str(weights))  # other weights under the same name
     with pytest.raises(ConfigError, match=r"encoder weights differ from the run's \(SHA-256"):
-        load_model(run)
+        load_model(run, trust_feature_net=FACTORY)
     with pytest.raises(ConfigError, match="encoder weights differ"):
-        predict(run, [dataset / "slide_000.tiff"], tmp_path / "out2", progress=False)
+        predict(
+            run,
+            [dataset / "slide_000.tiff"],
+            tmp_path / "out2",
+            trust_feature_net=FACTORY,
+            progress=False,
+        )
 
 
 def test_fine_tuning_uses_its_own_learning_rate(small_model_config):
