@@ -67,19 +67,20 @@ def neutralise(cell: object) -> str:
     character (``=1+1``, ``@SUM(...)``) gets a leading ``'``; numbers (``-0.25``) and
     everything else are unchanged. ``restore`` undoes it."""
     text = "" if cell is None else str(cell)
-    if text.startswith(FORMULA_STARTS) and not _is_number(text):
+    if text.startswith(FORMULA_STARTS) and not is_number(text):
         return "'" + text
     return text
 
 
 def restore(cell: str) -> str:
     """The value ``neutralise`` was given."""
-    if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) and not _is_number(cell[1:]):
+    if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) and not is_number(cell[1:]):
         return cell[1:]
     return cell
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """True when ``float(text)`` parses (``-0.25``, ``1e-5``, ``nan``)."""
     try:
         float(text)
     except ValueError:

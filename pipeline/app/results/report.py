@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from pipeline.app.errors import UserError
-from pipeline.app.files import atomic_write_bytes, read_csv
+from pipeline.app.files import atomic_write_bytes, is_number, read_csv
 from pipeline.app.results import outputs
 
 REPORT = "report.html"
@@ -160,14 +160,6 @@ def _number(text: str, digits: int = 3) -> str:
         return text
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _score(row: dict[str, str], column: str, columns: Columns) -> str:
     """``0.930 ± 0.020`` (spread when the CSV has it), or ``""``."""
     value = row.get(column, "")
@@ -178,7 +170,7 @@ def _score(row: dict[str, str], column: str, columns: Columns) -> str:
 
 
 def _table(entries: list[SlideEntry], columns: Columns) -> str:
-    numeric = {c for c in columns.qc if all(_is_number(e.row.get(c) or "0") for e in entries)}
+    numeric = {c for c in columns.qc if all(is_number(e.row.get(c) or "0") for e in entries)}
     heads = [("slide", "text"), ("status", "text"), ("label", "text")]
     heads += [(outputs.score_heading(c), "number") for c in columns.scores]
     heads += [(c, "number" if c in numeric else "text") for c in columns.qc]

@@ -15,13 +15,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.app.errors import UserError
 from pipeline.app.files import read_table
+from readers.registry import special_file_kind
 
 SLIDE_SUFFIXES = (
     ".svs",
@@ -195,28 +195,16 @@ def readable_error(path: Path) -> str:
     else the OS's reason (``os_error``). FIFOs, sockets and devices are refused
     without being opened (opening a FIFO blocks until a writer comes)."""
     try:
-        mode = os.stat(path).st_mode
-        if stat.S_ISDIR(mode):
+        kind = special_file_kind(path)
+        if kind is not None:
+            return f"OSError: {path}: not a regular file ({kind})"
+        if path.is_dir():
             os.listdir(path)
-        elif not stat.S_ISREG(mode):
-            return f"OSError: {path}: not a regular file ({_kind(mode)})"
         else:
             os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
     except OSError as e:
         return os_error(path, e)
     return ""
-
-
-def _kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return kind
-    return "not a file"
 
 
 def _named(found: list[tuple[Path, str | None, str]]) -> list[SlideInput]:
