@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -775,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""Write errors that are the disk's (or a file-size limit's), not a bug."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what schedulers and Kubernetes send), unwound like Ctrl-C so that
     every ``with`` block closes: ``predictions.csv`` is brought up to date."""
@@ -799,6 +804,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            # Every file is written atomically: what was written before is whole.
+            where = f" writing {printable(e.filename)}" if e.filename else ""
+            print(f"{PROG}: error: {e.strerror}{where}", file=sys.stderr)
+            return 2
         if isinstance(e, _user_errors()):
             print(f"{PROG}: error: {printable(e)}", file=sys.stderr)
             return 2

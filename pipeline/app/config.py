@@ -140,6 +140,13 @@ class ModelConfig:
         )
         if len(self.patch_size) != 2 or min(self.patch_size) < 1:
             raise ConfigError(f"patch_size: expected (height, width) >= 1, got {self.patch_size}")
+        _check_at_most(
+            width=self.width,
+            n_patches=self.n_patches,
+            low_res_max_side=self.low_res_max_side,
+            receptive_field=self.receptive_field,
+            patch_size=max(self.patch_size),
+        )
         for name in ("patch_level", "low_res_level"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -277,6 +284,12 @@ class TrainConfig:
         _check_positive(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, queue_depth=self.queue_depth
         )
+        _check_at_most(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            queue_depth=self.queue_depth,
+            early_patches=self.early_patches,
+        )
         if self.feature_lr is not None and not self.feature_lr >= 0:
             raise ConfigError(f"feature_lr: expected >= 0, got {self.feature_lr}")
         for name in ("color_jitter", "hed_jitter"):
@@ -361,6 +374,7 @@ class PredictConfig:
     def __post_init__(self) -> None:
         _as_ints(self, "seed", "draws")
         _check_positive(draws=self.draws)
+        _check_at_most(draws=self.draws)
 
 
 @dataclass(frozen=True)
@@ -412,6 +426,7 @@ class ReportConfig:
     def __post_init__(self) -> None:
         _as_ints(self, "heatmap_side")
         _check_positive(heatmap_side=self.heatmap_side)
+        _check_at_most(heatmap_side=self.heatmap_side)
         if self.heatmap_scale not in HEATMAP_SCALES:
             raise ConfigError(
                 f"heatmap_scale: expected one of {list(HEATMAP_SCALES)}, got {self.heatmap_scale!r}"
@@ -470,6 +485,8 @@ class RunConfig:
             )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{source}: malformed config ({e})") from None
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
 
 def model_config_from_dict(values: Any, source: str) -> ModelConfig:
@@ -512,6 +529,30 @@ def _as_ints(config: Any, *names: str) -> None:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+LIMITS = {
+    "width": 1024,
+    "n_patches": 10_000,
+    "early_patches": 10_000,
+    "low_res_max_side": 16_384,
+    "receptive_field": 4096,
+    "patch_size": 8192,
+    "epochs": 100_000,
+    "batch_size": 4096,
+    "queue_depth": 64,
+    "draws": 1000,
+    "heatmap_side": 16_384,
+}
+"""Upper bounds of the size options, far above any real use: a config file (a model
+directory from elsewhere) cannot make a process allocate terabytes (a ``width`` of
+10^6 asks for a 720 GB tensor)."""
+
+
+def _check_at_most(**values: int) -> None:
+    for name, value in values.items():
+        if value is not None and value > LIMITS[name]:
+            raise ConfigError(f"{name}: expected at most {LIMITS[name]}, got {value}")
 
 
 def _check_positive(**values: float) -> None:

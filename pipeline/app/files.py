@@ -30,6 +30,11 @@ def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a failed write (a full disk) names no file: name it
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -105,10 +110,13 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     try:
         # utf-8-sig: spreadsheets often save CSV with a byte-order mark.
         with open(path, newline="", encoding="utf-8-sig") as f:
-            return [
-                {k: v if v is None else restore(v) for k, v in row.items()}
-                for row in csv.DictReader(f)
-            ]
+            reader = csv.DictReader(f)
+            try:
+                return [{k: v if v is None else restore(v) for k, v in r.items()} for r in reader]
+            except csv.Error as e:
+                raise UserError(
+                    f"{path} near line {reader.line_num + 1}: malformed CSV ({e})"
+                ) from None
     except FileNotFoundError:
         return []
 
@@ -122,6 +130,10 @@ def printable(text: object) -> str:
     )
 
 
+MAX_TABLE_BYTES = 64 * 1024 * 1024
+"""Largest CSV ``read_table`` reads (labels, slide lists, mpp tables): 64 MiB, some
+hundred thousand rows; a larger file is refused before it is read."""
+
 DELIMITERS = ",;\t|"
 """Column separators ``read_table`` recognises (spreadsheets in many locales save
 CSV with ``;``)."""
@@ -130,12 +142,17 @@ CSV with ``;``)."""
 def read_table(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str, str]]:
     """Rows of a CSV file written by a person or a spreadsheet: the delimiter is
     detected with ``csv.Sniffer`` among ``DELIMITERS``. A missing or unreadable file,
-    or a header without the ``required`` columns, is a ``UserError`` naming the file,
-    the columns found and the delimiter used."""
+    a file over ``MAX_TABLE_BYTES``, a malformed one (e.g. a field over the csv
+    module's limit of 131,072 characters), or a header without the ``required``
+    columns is a ``UserError`` naming the file (and line), the columns found and the
+    delimiter used."""
     try:
+        size = os.stat(path).st_size
+        if size > MAX_TABLE_BYTES:
+            raise UserError(f"{path}: {size} bytes, more than a table may hold ({MAX_TABLE_BYTES})")
         # utf-8-sig: spreadsheets often save CSV with a byte-order mark.
         with open(path, newline="", encoding="utf-8-sig") as f:
-            text = f.read()
+            text = f.read(MAX_TABLE_BYTES + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -146,7 +163,11 @@ def read_table(path: str | os.PathLike, required: Sequence[str]) -> list[dict[st
         delimiter = dialect.delimiter
     except csv.Error:  # one column: nothing to detect
         delimiter = ","
-    rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise UserError(f"{path} near line {reader.line_num + 1}: malformed CSV ({e})") from None
     columns = [c.strip() for c in next(csv.reader(io.StringIO(header), delimiter=delimiter), [])]
     missing = [c for c in required if c not in columns]
     if missing:

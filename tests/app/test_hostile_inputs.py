@@ -21,6 +21,11 @@ from pipeline.app.slide.inputs import list_inputs
 CLI = [sys.executable, "-c", "import sys; from pipeline.app.cli import main; sys.exit(main())"]
 
 
+def predict_args(model, slides, out) -> list[str]:
+    """``-q predict`` of ``slides`` (one path) into ``out``."""
+    return ["-q", "predict", "--model", str(model), "--slides", str(slides), "--out", str(out)]
+
+
 def test_a_fifo_named_like_a_slide_is_an_error_row_without_blocking(run_dir, dataset, tmp_path):
     slides = tmp_path / "slides"
     slides.mkdir()
@@ -28,17 +33,7 @@ def test_a_fifo_named_like_a_slide_is_an_error_row_without_blocking(run_dir, dat
     os.mkfifo(slides / "slide.tif")  # opening it for reading would block forever
     out = tmp_path / "out"
     done = subprocess.run(
-        [
-            *CLI,
-            "-q",
-            "predict",
-            "--model",
-            str(run_dir),
-            "--slides",
-            str(slides),
-            "--out",
-            str(out),
-        ],
+        [*CLI, *predict_args(run_dir, slides, out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -80,10 +75,7 @@ def test_a_slide_named_like_a_formula_is_text_in_predictions_and_evaluates(
     shutil.copy(dataset / "slide_001.tiff", slides / "=1+1.tiff")
     (tmp_path / "labels.csv").write_text("slide,label\n=1+1.tiff,positive\n")
     out = tmp_path / "out"
-    assert (
-        main(["-q", "predict", "--model", str(run_dir), "--slides", str(slides), "--out", str(out)])
-        == 0
-    )
+    assert main(predict_args(run_dir, slides, out)) == 0
     line = (out / "predictions.csv").read_text().splitlines()[1]
     assert line.startswith("'=1+1,")
     ev = ["evaluate", "--predictions", str(out), "--labels", str(tmp_path / "labels.csv")]
@@ -144,3 +136,62 @@ def test_a_model_directory_naming_code_is_refused_without_importing_it(run_dir, 
     assert done.returncode == 2 and not marker.exists()
     assert "would import and call code" in done.stderr and "--trust-feature-net" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_a_field_over_the_csv_limit_is_one_line_naming_the_file(tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\na.tiff," + "x" * 50_000_000 + "\n")
+    args = [
+        "train",
+        "--slides",
+        str(tmp_path),
+        "--labels",
+        str(labels),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(["-q", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "labels.csv near line 2: malformed CSV" in err
+
+
+def test_absurd_sizes_in_a_model_directory_are_refused(run_dir, tmp_path, capsys):
+    hostile = tmp_path / "model"
+    shutil.copytree(run_dir, hostile)
+    config = (hostile / "config.json").read_text()
+    (hostile / "config.json").write_text(config.replace('"width": 8', '"width": 1000000'))
+    args = [
+        "predict",
+        "--model",
+        str(hostile),
+        "--slides",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "config.json: width: expected at most 1024, got 1000000" in err
+
+
+def test_a_full_disk_is_one_line_and_the_journal_stays_whole(run_dir, dataset, tmp_path):
+    out = tmp_path / "out"
+    limit = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))\n"
+        "from pipeline.app.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", limit, *predict_args(run_dir, dataset, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "File too large writing" in done.stderr
+    journal = out / "journal.jsonl"
+    lines = journal.read_text().splitlines() if journal.is_file() else []
+    assert all(line.endswith("}") for line in lines)  # whole lines only
+    assert not list(out.rglob(".*.tmp"))  # no temporary file left behind
