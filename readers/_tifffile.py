@@ -77,6 +77,8 @@ class TifffileLevel(Level):
                 f"level {self.index} tile (y={ty}, x={tx}) is "
                 f"truncated: {len(data)} of {count} bytes",
             )
+        if self._page.compression == JPEG:
+            _check_jpeg_size(self, data, ty, tx)
         pixels, _, _ = self._decode(data, index, jpegtables=self._page.jpegtables)
         return pixels[0, box[0] : box[1], box[2] : box[3]]  # [1, h, w, S] -> [h, w, S]
 
@@ -168,6 +170,45 @@ def _head(path: str) -> bytes | str:
             return fh.read(8)
     except OSError as exc:
         return exc.strerror or str(exc)
+
+
+JPEG = 7
+"""TIFF compression code of (new-style) JPEG tiles."""
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` that a JPEG stream's frame header (SOF) declares, read
+    from the markers before the scan; ``None`` when there is none."""
+    i = 2 if data[:2] == b"\xff\xd8" else 0
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker in _SOF:
+            if i + 9 > len(data):
+                return None
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(
+                data[i + 7 : i + 9], "big"
+            )
+        if marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _check_jpeg_size(level: TifffileLevel, data: bytes, ty: int, tx: int) -> None:
+    """A JPEG tile may not declare a frame larger than its TIFF tile: the decoder
+    would allocate what the header says (65500 x 65500 from a 2 KB file)."""
+    size = jpeg_frame_size(data)
+    tile_h, tile_w = level.tile_shape[:2]
+    if size is not None and (size[0] > tile_h or size[1] > tile_w):
+        raise SlideError(
+            level.slide.path,
+            f"level {level.index} tile (y={ty}, x={tx}) is a JPEG of {size[0]}x{size[1]} "
+            f"pixels in a {tile_h}x{tile_w} tile",
+        )
 
 
 def _check_page(path: str, page: tifffile.TiffPage, file_size: int) -> None:

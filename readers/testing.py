@@ -205,3 +205,27 @@ def write_ome_zarr(
             }
         ],
     }
+
+
+def write_jpeg_bomb(path: str | os.PathLike, side: int = 65500) -> None:
+    """A 512 x 512 JPEG-tiled TIFF (256 x 256 tiles) whose first level-0 tile's frame
+    header declares ``side`` x ``side`` pixels: a decoder that trusts the header
+    allocates ``3 side^2`` bytes (12 GB for 65500) from a file of a few hundred KB."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    write_tiff_pyramid(
+        path,
+        (512, 512),
+        lambda y, x, h, w, ds: rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+        tile=256,
+        compression="jpeg",
+    )
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    data = bytearray(open(path, "rb").read())
+    tile = bytes(data[offset : offset + count])
+    sof = next(i for i in range(2, len(tile) - 1) if tile[i] == 0xFF and tile[i + 1] == 0xC0)
+    data[offset + sof + 5 : offset + sof + 9] = side.to_bytes(2, "big") * 2
+    with open(path, "wb") as f:
+        f.write(bytes(data))

@@ -195,3 +195,17 @@ def test_a_full_disk_is_one_line_and_the_journal_stays_whole(run_dir, dataset, t
     lines = journal.read_text().splitlines() if journal.is_file() else []
     assert all(line.endswith("}") for line in lines)  # whole lines only
     assert not list(out.rglob(".*.tmp"))  # no temporary file left behind
+
+
+def test_a_jpeg_bomb_is_its_slides_error_row(run_dir, dataset, tmp_path):
+    from readers.testing import write_jpeg_bomb
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_jpeg_bomb(slides / "bomb.tiff")
+    shutil.copy(dataset / "slide_001.tiff", slides / "real.tiff")
+    out = tmp_path / "out"
+    assert main([*predict_args(run_dir, slides, out), "--no-report"]) == 1
+    rows = {r["slide"]: r for r in files.read_csv(out / "predictions.csv")}
+    assert rows["real"]["status"] == "ok"
+    assert rows["bomb"]["status"] == "error" and "JPEG of 65500x65500" in rows["bomb"]["error"]
