@@ -14,6 +14,7 @@ from PIL import Image
 from pipeline.app import files
 from pipeline.app.cli import build_parser, main
 from pipeline.app.results import outputs
+from tests.app.commands import predict_argv, train_argv
 
 SMALL = ["--n-patches", "4", "--patch-size", "32", "--low-res-max-side", "128"]
 
@@ -79,41 +80,15 @@ def test_user_errors_exit_2_without_traceback(dataset, run_dir, tmp_path, capsys
         (["info", str(tmp_path / "missing.svs")], "missing.svs"),
         (["info", str(tmp_path / "fake.svs")], "fake.svs"),
         (
-            [
-                "train",
-                "--slides",
-                str(dataset),
-                "--labels",
-                str(tmp_path / "nope.csv"),
-                "--out",
-                str(tmp_path / "run"),
-            ],
+            train_argv(dataset, tmp_path / "nope.csv", tmp_path / "run"),
             "nope.csv",
         ),
         (
-            [
-                "predict",
-                "--model",
-                str(tmp_path / "norun"),
-                "--slides",
-                str(dataset),
-                "--out",
-                str(tmp_path / "o"),
-            ],
+            predict_argv(tmp_path / "norun", dataset, tmp_path / "o"),
             "norun",
         ),
         (
-            [
-                "predict",
-                "--model",
-                str(run_dir),
-                "--slides",
-                str(dataset),
-                "--out",
-                str(tmp_path / "o"),
-                "--scheduler",
-                unreachable,
-            ],
+            predict_argv(run_dir, dataset, tmp_path / "o", "--scheduler", unreachable),
             unreachable,
         ),
     ]
@@ -124,17 +99,7 @@ def test_user_errors_exit_2_without_traceback(dataset, run_dir, tmp_path, capsys
 
 
 def test_bad_option_values_are_usage_errors(dataset, tmp_path, capsys):
-    argv = [
-        "train",
-        "--slides",
-        str(dataset),
-        "--labels",
-        str(dataset / "labels.csv"),
-        "--out",
-        str(tmp_path / "run"),
-        "--n-patches",
-        "0",
-    ]
+    argv = train_argv(dataset, dataset / "labels.csv", tmp_path / "run", "--n-patches", "0")
     assert main(argv) == 2
     assert "n_patches: expected > 0, got 0" in capsys.readouterr().err
 

@@ -17,13 +17,14 @@ from pipeline.app import files
 from pipeline.app.cli import main
 from pipeline.app.files import neutralise, printable, restore
 from pipeline.app.slide.inputs import list_inputs
+from tests.app.commands import predict_argv, train_argv
 
 CLI = [sys.executable, "-c", "import sys; from pipeline.app.cli import main; sys.exit(main())"]
 
 
 def predict_args(model, slides, out) -> list[str]:
     """``-q predict`` of ``slides`` (one path) into ``out``."""
-    return ["-q", "predict", "--model", str(model), "--slides", str(slides), "--out", str(out)]
+    return ["-q", *predict_argv(model, slides, out)]
 
 
 def test_a_fifo_named_like_a_slide_is_an_error_row_without_blocking(run_dir, dataset, tmp_path):
@@ -141,16 +142,7 @@ def test_a_model_directory_naming_code_is_refused_without_importing_it(run_dir, 
 def test_a_field_over_the_csv_limit_is_one_line_naming_the_file(tmp_path, capsys):
     labels = tmp_path / "labels.csv"
     labels.write_text("slide,label\na.tiff," + "x" * 50_000_000 + "\n")
-    args = [
-        "train",
-        "--slides",
-        str(tmp_path),
-        "--labels",
-        str(labels),
-        "--out",
-        str(tmp_path / "r"),
-    ]
-    assert main(["-q", *args]) == 2
+    assert main(["-q", *train_argv(tmp_path, labels, tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "labels.csv near line 2: malformed CSV" in err
 
@@ -160,16 +152,7 @@ def test_absurd_sizes_in_a_model_directory_are_refused(run_dir, tmp_path, capsys
     shutil.copytree(run_dir, hostile)
     config = (hostile / "config.json").read_text()
     (hostile / "config.json").write_text(config.replace('"width": 8', '"width": 1000000'))
-    args = [
-        "predict",
-        "--model",
-        str(hostile),
-        "--slides",
-        str(tmp_path),
-        "--out",
-        str(tmp_path / "o"),
-    ]
-    assert main(args) == 2
+    assert main(predict_argv(hostile, tmp_path, tmp_path / "o")) == 2
     err = capsys.readouterr().err
     assert "config.json: width: expected at most 1024, got 1000000" in err
 

@@ -23,6 +23,7 @@ import torch
 
 from pipeline.app.config import PredictConfig, ReportConfig
 from pipeline.app.model.networks import SlideClassifier
+from pipeline.app.results import outputs
 from pipeline.app.slide.boxes import patch_boxes
 from pipeline.app.slide.inputs import slide_name, slide_seed
 from pipeline.app.slide.roi import rasterise, read_polygons, roi_path
@@ -91,7 +92,7 @@ class SlideResult:
         if self.status == "ok":
             spread = self.probs_sd if len(self.probs_sd) else np.zeros_like(self.probs)
             for c, p, sd in zip(score_columns, self.probs, spread, strict=True):
-                row[c], row[f"{c}_sd"] = f"{p:.6f}", f"{sd:.6f}"
+                row[c], row[outputs.spread_column(c)] = f"{p:.6f}", f"{sd:.6f}"
         fraction = self.tissue_fraction
         row["tissue_fraction"] = "" if fraction is None else f"{fraction:.4f}"
         row["mpp"] = "" if self.mpp is None else f"{self.mpp:.6g}"

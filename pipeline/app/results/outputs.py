@@ -45,7 +45,7 @@ def prediction_columns(score_columns: Sequence[str]) -> list[str]:
     return [
         *BASE_COLUMNS,
         *score_columns,
-        *(f"{c}_sd" for c in score_columns),
+        *(spread_column(c) for c in score_columns),
         "tissue_fraction",
         "mpp",
         "flags",
@@ -53,14 +53,22 @@ def prediction_columns(score_columns: Sequence[str]) -> list[str]:
     ]
 
 
+SPREAD_SUFFIX = "_sd"
+
+
+def spread_column(score: str) -> str:
+    """The ``predictions.csv`` column of a score's spread over the draws."""
+    return score + SPREAD_SUFFIX
+
+
 def score_columns_of(header: Sequence[str]) -> tuple[str, ...]:
     """The score columns of a ``predictions.csv`` header: those with a spread column
     ``<score>_sd`` beside them, in order (``prediction_columns``); for files without
     spreads, the ``prob_<class>`` columns."""
-    scores = tuple(c for c in header if f"{c}_sd" in header)
+    scores = tuple(c for c in header if spread_column(c) in header)
     if scores:
         return scores
-    return tuple(c for c in header if c.startswith("prob_") and not c.endswith("_sd"))
+    return tuple(c for c in header if c.startswith("prob_") and not c.endswith(SPREAD_SUFFIX))
 
 
 def score_heading(column: str) -> str:

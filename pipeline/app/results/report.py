@@ -77,8 +77,8 @@ class Columns:
     @classmethod
     def of(cls, header: list[str]) -> Columns:
         scores = outputs.score_columns_of(header)
-        spread = frozenset(c for c in scores if f"{c}_sd" in header)
-        known = {*outputs.BASE_COLUMNS, "error", *scores, *(f"{c}_sd" for c in spread)}
+        spread = frozenset(c for c in scores if outputs.spread_column(c) in header)
+        known = {*outputs.BASE_COLUMNS, "error", *scores, *map(outputs.spread_column, spread)}
         return cls(scores, spread, tuple(c for c in header if c not in known))
 
 
@@ -165,7 +165,7 @@ def _score(row: dict[str, str], column: str, columns: Columns) -> str:
     value = row.get(column, "")
     if not value:
         return ""
-    sd = row.get(f"{column}_sd", "") if column in columns.spread else ""
+    sd = row.get(outputs.spread_column(column), "") if column in columns.spread else ""
     return _number(value) + (f" ± {_number(sd)}" if sd else "")
 
 

@@ -90,7 +90,7 @@ class Multilabel(Task):
         self, targets: Sequence[tuple[float, ...]], scores: np.ndarray
     ) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """One curve per target whose AUC is defined, on the slides where it is known."""
-        y = np.array([list(t) for t in targets], dtype=np.float64).reshape(len(targets), -1)
+        y = _matrix(targets)
         curves = []
         for k, column in enumerate(self.target_columns):
             known = ~np.isnan(y[:, k])
@@ -101,7 +101,7 @@ class Multilabel(Task):
     def metrics(
         self, targets: Sequence[tuple[float, ...]], scores: np.ndarray
     ) -> dict[str, float | None]:
-        y = np.array([list(t) for t in targets], dtype=np.float64).reshape(len(targets), -1)
+        y = _matrix(targets)
         per_target = {}
         for k, column in enumerate(self.target_columns):
             known = ~np.isnan(y[:, k])
@@ -112,3 +112,8 @@ class Multilabel(Task):
             )
         defined = [v for v in per_target.values() if v is not None]
         return {"mean_auc": float(np.mean(defined)) if defined else None, **per_target}
+
+
+def _matrix(targets: Sequence[tuple[float, ...]]) -> np.ndarray:
+    """float [n, T] of the targets, NaN where missing."""
+    return np.array([list(t) for t in targets], dtype=np.float64).reshape(len(targets), -1)

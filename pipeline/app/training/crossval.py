@@ -20,13 +20,13 @@ import torch
 from pipeline.app.config import ModelConfig, TrainConfig
 from pipeline.app.errors import UserError
 from pipeline.app.files import write_csv
-from pipeline.app.tasks import Task, task_class, task_of
+from pipeline.app.tasks import Task, task_of
 from pipeline.app.training import data, splits
 from pipeline.app.training.loop import (
     STATE_FILE,
     TrainResult,
-    complete_run,
     fit,
+    read_run_labels,
     resolve_run,
     val_metric_columns,
 )
@@ -73,10 +73,7 @@ def cross_validate(
     log = log or tqdm.write
     out = Path(out)
     run_config, resuming = resolve_run(out / "fold_1", model_config, train_config, resplit)
-    kind = task_class(run_config.model)
-    columns = kind.columns(run_config.model)
-    pool, _ = data.read_tables(labels, slides, None, None, columns, kind.empty_is_error)
-    run_config = complete_run(run_config, [r.values for r in pool.rows], resuming)
+    run_config, pool, _ = read_run_labels(run_config, resuming, labels, slides)
     if resuming:  # refuse changed labels before reading slides
         splits.saved_split(out / "fold_1", pool, None)
     task = task_of(run_config.model)

@@ -44,6 +44,7 @@ from pipeline.app.model import checkpoint, encoders
 from pipeline.app.model.networks import SlideClassifier
 from pipeline.app.runtime import resolve_device
 from pipeline.app.slide.inputs import slide_seed
+from pipeline.app.slide.labels import LabelTable
 from pipeline.app.slide.views import level0_mpp, low_res_tensor, patch_view, sampling_mask
 from pipeline.app.tasks import Task, task_class, task_of
 from pipeline.app.training import data, splits
@@ -134,6 +135,25 @@ def resolve_run(
         epochs = (train_config or saved.train).epochs
         return RunConfig(saved.model, replace(saved.train, epochs=epochs)), True
     return RunConfig(model_config or ModelConfig(), train_config or TrainConfig()), False
+
+
+def read_run_labels(
+    run_config: RunConfig,
+    resuming: bool,
+    labels: str | os.PathLike,
+    slides: str | os.PathLike,
+    val_labels: str | os.PathLike | None = None,
+    val_slides: str | os.PathLike | None = None,
+) -> tuple[RunConfig, LabelTable, LabelTable | None]:
+    """The run's label tables, read in its task's target columns (``data.read_tables``),
+    and its config completed from them (``complete_run``)."""
+    kind = task_class(run_config.model)
+    columns = kind.columns(run_config.model)
+    pool, external = data.read_tables(
+        labels, slides, val_labels, val_slides, columns, kind.empty_is_error
+    )
+    rows = pool.rows + (external.rows if external else [])
+    return complete_run(run_config, [r.values for r in rows], resuming), pool, external
 
 
 def complete_run(
@@ -375,13 +395,9 @@ def train(
     log = log or tqdm.write
     out = ensure_directory(out)
     run_config, resuming = resolve_run(out, model_config, train_config, resplit)
-    kind = task_class(run_config.model)
-    columns = kind.columns(run_config.model)
-    pool, external = data.read_tables(
-        labels, slides, val_labels, val_slides, columns, kind.empty_is_error
+    run_config, pool, external = read_run_labels(
+        run_config, resuming, labels, slides, val_labels, val_slides
     )
-    rows = pool.rows + (external.rows if external else [])
-    run_config = complete_run(run_config, [r.values for r in rows], resuming)
     sets = splits.saved_split(out, pool, external) if resuming else None
     task = task_of(run_config.model)
     labelled = data.load(pool, external, run_config.model, task, log, progress, cache_dir)

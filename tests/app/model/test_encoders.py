@@ -23,6 +23,7 @@ from pipeline.app.model.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from pipeline.app.model.networks import SlideClassifier
 from pipeline.app.prediction.batch import predict
 from pipeline.app.training.loop import make_optimizer, new_model, train
+from tests.app.commands import train_argv
 
 FACTORY = "tests.app.model.test_encoders:tiny_encoder"
 
@@ -115,21 +116,8 @@ def test_key_mismatch_is_one_line_naming_the_keys(small_model_config, tmp_path, 
 def test_cli_reports_a_bad_weights_file_in_one_line(dataset, tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    code = main(
-        [
-            "train",
-            "--slides",
-            str(dataset),
-            "--labels",
-            str(dataset / "labels.csv"),
-            "--out",
-            str(tmp_path / "run"),
-            "--feature-net",
-            FACTORY,
-            "--feature-weights",
-            str(bad),
-        ]
-    )
+    options = ["--feature-net", FACTORY, "--feature-weights", str(bad)]
+    code = main(train_argv(dataset, dataset / "labels.csv", tmp_path / "run", *options))
     last = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
     assert code == 2
     assert last == (

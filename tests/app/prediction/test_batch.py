@@ -34,6 +34,7 @@ from pipeline.app.prediction.journal import JOURNAL_FILE, MANIFEST_FILE, Journal
 from pipeline.app.progress import PlainProgress
 from pipeline.app.results import outputs
 from pipeline.app.slide.inputs import list_inputs
+from tests.app.commands import predict_argv, train_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -384,17 +385,7 @@ def test_user_errors_are_one_line_exit_2_before_any_work(case, run_dir, dataset,
         extra = ["--device", "cuda"]
     else:
         extra = ["--workers", "0"]
-    result = cli(
-        "predict",
-        "--model",
-        str(run_dir),
-        "--slides",
-        str(dataset),
-        "--out",
-        str(out),
-        *extra,
-        unprivileged=True,
-    )
+    result = cli(*predict_argv(run_dir, dataset, out, *extra), unprivileged=True)
     out.chmod(0o755) if out.is_dir() else None
     assert result.returncode == 2, result.stderr
     expected = {
@@ -412,16 +403,7 @@ def test_user_errors_are_one_line_exit_2_before_any_work(case, run_dir, dataset,
 
 def test_train_out_naming_a_file_is_a_user_error(dataset, tmp_path, capsys):
     (tmp_path / "run").write_text("")
-    argv = [
-        "train",
-        "--slides",
-        str(dataset),
-        "--labels",
-        str(dataset / "labels.csv"),
-        "--out",
-        str(tmp_path / "run"),
-    ]
-    assert main(argv) == 2
+    assert main(train_argv(dataset, dataset / "labels.csv", tmp_path / "run")) == 2
     assert "run: is a file, not a directory" in capsys.readouterr().err
 
 
