@@ -49,21 +49,33 @@ def load_slides(
     warn: Callable[[str], None],
     progress: bool,
     cache_dir: str | os.PathLike | None = None,
+    source: str = "labels CSV",
 ) -> tuple[list[LabelledSlide], list[str]]:
     """Read every labelled slide's view (through the on-disk ``ViewCache`` in
-    ``cache_dir`` when given, so the next run skips it). Unreadable or missing slides,
-    and rows whose target the task refuses (``TargetError``, e.g. a label that is not
-    one of the model's classes), are reported through ``warn`` and returned as
-    messages, not raised."""
+    ``cache_dir`` when given, so the next run skips it). Every row's target is parsed
+    first, so a malformed table (``UserError`` naming ``source`` and the line) stops
+    before any slide is read. Unreadable or missing slides, and rows whose target the
+    task refuses (``TargetError``, e.g. a label that is not one of the model's
+    classes), are reported through ``warn``, in row order, and returned as messages,
+    not raised."""
     from tqdm import tqdm
 
+    targets: list = []
+    for row in rows:
+        try:
+            targets.append(task.parse(row.values, f"{source} line {row.line}"))
+        except TargetError as e:
+            targets.append(e)
     views = ViewCache(cache_dir, config)
     slides, skipped = [], []
-    for row in tqdm(rows, desc="reading slides", unit="slide", disable=not progress):
-        try:
-            target = task.parse(row.values, f"{row.path} (labels line {row.line})")
-        except TargetError as e:
-            skipped.append(f"{row.path}: {e}")
+    for row, target in tqdm(
+        list(zip(rows, targets, strict=True)),
+        desc="reading slides",
+        unit="slide",
+        disable=not progress,
+    ):
+        if isinstance(target, TargetError):
+            skipped.append(f"{row.path}: {target}")
             warn(f"skipping {skipped[-1]}")
             continue
         try:
@@ -131,10 +143,14 @@ def load(
     for message in notes:
         log(message)
     skipped = pool.left_out + (external.left_out if external else [])
-    loaded, unread = load_slides(pool.rows, config, task, log, progress, cache_dir)
+    loaded, unread = load_slides(
+        pool.rows, config, task, log, progress, cache_dir, str(pool.source)
+    )
     val_loaded, val_unread = [], []
     if external is not None:
-        val_loaded, val_unread = load_slides(external.rows, config, task, log, progress, cache_dir)
+        val_loaded, val_unread = load_slides(
+            external.rows, config, task, log, progress, cache_dir, str(external.source)
+        )
     target_notes = task.check([s.target for s in loaded], str(pool.source))
     for message in target_notes:
         log(message)

@@ -66,3 +66,19 @@ def test_bad_configs_are_refused():
 def test_strata_are_quartiles():
     strata = Regression().strata(list(range(8)))
     np.testing.assert_array_equal(strata, [0, 0, 1, 1, 2, 2, 3, 3])
+
+
+def test_a_bad_target_stops_training_before_any_slide_is_read(tmp_path, monkeypatch, capsys):
+    from pipeline.app.cli import main
+    from pipeline.app.training import streaming
+    from tests.app.commands import train_argv
+
+    reads = []
+    monkeypatch.setattr(streaming.ViewCache, "load", lambda self, path: reads.append(path))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,value\na.tiff,0.3\nb.tiff,high\n")
+    argv = train_argv(tmp_path, labels, tmp_path / "run", "--task", "regression")
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "labels.csv line 3: value 'high' is not a finite" in err
+    assert reads == []  # a spy: no slide view was read
