@@ -11,11 +11,13 @@ Synthetic slides for tests, demos and benchmarks are written by
 
 from readers.base import Level, Slide
 from readers.errors import SlideError
+from readers.limits import Limits
 from readers.registry import BACKENDS, open_slide
 
 __all__ = [
     "BACKENDS",
     "Level",
+    "Limits",
     "Slide",
     "SlideError",
     "open_slide",

@@ -77,8 +77,7 @@ class TifffileLevel(Level):
                 f"level {self.index} tile (y={ty}, x={tx}) is "
                 f"truncated: {len(data)} of {count} bytes",
             )
-        if self._page.compression == JPEG:
-            _check_jpeg_size(self, data, ty, tx)
+        _check_declared_size(self, data, ty, tx)
         pixels, _, _ = self._decode(data, index, jpegtables=self._page.jpegtables)
         return pixels[0, box[0] : box[1], box[2] : box[3]]  # [1, h, w, S] -> [h, w, S]
 
@@ -172,8 +171,6 @@ def _head(path: str) -> bytes | str:
         return exc.strerror or str(exc)
 
 
-JPEG = 7
-"""TIFF compression code of (new-style) JPEG tiles."""
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -186,27 +183,87 @@ def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
         if marker in _SOF:
             if i + 9 > len(data):
                 return None
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(
-                data[i + 7 : i + 9], "big"
-            )
+            return _be(data, i + 5, 2), _be(data, i + 7, 2)
         if marker == 0xDA:  # start of scan: no frame header before it
             return None
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        i += 2 + _be(data, i + 2, 2)
     return None
 
 
-def _check_jpeg_size(level: TifffileLevel, data: bytes, ty: int, tx: int) -> None:
-    """A JPEG tile may not declare a frame larger than its TIFF tile: the decoder
+def jpeg2000_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of a JPEG 2000 codestream (raw or in a JP2 file) from its
+    SIZ segment: the image area ``(Ysiz - YOsiz, Xsiz - XOsiz)``."""
+    siz = data.find(b"\xff\x4f\xff\x51", 0, 1 << 16)  # SOC then SIZ
+    if siz < 0 or siz + 24 > len(data):
+        return None
+    x, y, x0, y0 = (_be(data, siz + 8 + 4 * k, 4) for k in range(4))
+    return y - y0, x - x0
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from a PNG's IHDR chunk."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or len(data) < 24:
+        return None
+    return _be(data, 20, 4), _be(data, 16, 4)
+
+
+def webp_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from a WebP's first chunk (VP8X canvas, VP8L or VP8 frame)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP" or len(data) < 30:
+        return None
+    kind = data[12:16]
+    if kind == b"VP8X":
+        return _le(data, 27, 3) + 1, _le(data, 24, 3) + 1
+    if kind == b"VP8L":
+        bits = _le(data, 21, 4)
+        return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+    if kind == b"VP8 ":
+        return _le(data, 28, 2) & 0x3FFF, _le(data, 26, 2) & 0x3FFF
+    return None
+
+
+def _be(data: bytes, at: int, n: int) -> int:
+    return int.from_bytes(data[at : at + n], "big")
+
+
+def _le(data: bytes, at: int, n: int) -> int:
+    return int.from_bytes(data[at : at + n], "little")
+
+
+DECLARED_SIZE = {
+    6: jpeg_frame_size,  # old-style JPEG
+    7: jpeg_frame_size,
+    34892: jpeg_frame_size,  # lossy JPEG (DNG)
+    33003: jpeg2000_size,  # Aperio JPEG 2000, YCbCr
+    33004: jpeg2000_size,
+    33005: jpeg2000_size,  # Aperio JPEG 2000, RGB
+    34712: jpeg2000_size,
+    34933: png_size,
+    34927: webp_size,
+    50001: webp_size,
+}
+"""Readers of the image size a tile's header declares, by TIFF compression code.
+
+Byte-stream codecs (deflate, LZW, zstd, ...) decode into a buffer of the tile's size,
+so a stream that expands further is an error, not an allocation. Image codecs
+allocate what their header declares: those here are checked first. JPEG XR, JPEG XL
+and LERC are decoded trusting their headers (docs/security.md)."""
+
+
+def _check_declared_size(level: TifffileLevel, data: bytes, ty: int, tx: int) -> None:
+    """An image-codec tile may not declare more pixels than its TIFF tile: the decoder
     would allocate what the header says (65500 x 65500 from a 2 KB file)."""
-    size = jpeg_frame_size(data)
+    read = DECLARED_SIZE.get(int(level._page.compression))
+    size = None if read is None else read(data)
     tile_h, tile_w = level.tile_shape[:2]
     if size is not None and (size[0] > tile_h or size[1] > tile_w):
         raise SlideError(
             level.slide.path,
-            f"level {level.index} tile (y={ty}, x={tx}) is a JPEG of {size[0]}x{size[1]} "
+            f"level {level.index} tile (y={ty}, x={tx}) is a "
+            f"{level._page.compression.name.replace('_', ' ')} image of {size[0]}x{size[1]} "
             f"pixels in a {tile_h}x{tile_w} tile",
         )
 
@@ -242,6 +299,8 @@ def _mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> tuple[float, float]
         if pixels is not None and "PhysicalSizeX" in pixels.attrib:
             mpp = (_ome_um(pixels, "PhysicalSizeY"), _ome_um(pixels, "PhysicalSizeX"))
             return None if None in mpp else mpp
+    if "XResolution" not in page.tags or "YResolution" not in page.tags:
+        return None  # tifffile would give 1 pixel per inch, the tags' defaults
     per_unit = _UM_PER_RESUNIT.get(page.resolutionunit)
     xres, yres = page.resolution
     if per_unit is None or not xres > 0 or not yres > 0:

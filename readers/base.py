@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -23,6 +24,7 @@ import numpy as np
 
 from readers._types import HW, HWC, YX, as_hw, as_int, as_yx
 from readers.errors import SlideError
+from readers.limits import Limits, over
 
 Box = tuple[int, int, int, int]
 """Rows and columns ``(y0, y1, x0, x1)`` of a tile, relative to its top-left corner."""
@@ -101,6 +103,19 @@ class Level(ABC):
                 f"level {index} has shape {tuple(shape[:2])} and tiles {tuple(tile_shape)}, "
                 f"expected positive heights and widths",
             )
+        limits = slide.limits
+        if over(max(shape[0], shape[1]), limits.side):
+            raise SlideError(
+                slide.path,
+                f"level {index} is {shape[0]} x {shape[1]} pixels, more than the limit of "
+                f"{limits.side} per side (readers.Limits.side)",
+            )
+        if over(tile_shape[0] * tile_shape[1], limits.tile_pixels):
+            raise SlideError(
+                slide.path,
+                f"level {index} has tiles of {tile_shape[0]} x {tile_shape[1]} pixels, more "
+                f"than the limit of {limits.tile_pixels} (readers.Limits.tile_pixels)",
+            )
         self.slide = slide
         self.index = index
         self.shape: HWC = (int(shape[0]), int(shape[1]), 3)
@@ -160,6 +175,7 @@ class Level(ABC):
         if box is None:
             th, tw = self.tile_shape
             box = (0, min(th, self.shape[0] - ty * th), 0, min(tw, self.shape[1] - tx * tw))
+        self.slide.check_time(f"level {self.index} tile (y={ty}, x={tx})")
         try:
             data = self._read_tile(ty, tx, box)
         except SlideError:
@@ -304,7 +320,8 @@ class Level(ABC):
                     _bin_starts(y, block.shape[0], factor),
                     _bin_starts(x, block.shape[1], factor),
                 )
-                part = np.add.reduceat(np.add.reduceat(block.astype(np.uint64), rows, 0), cols, 1)
+                # Summed in uint64 without a uint64 copy of the block (8x its bytes).
+                part = np.add.reduceat(np.add.reduceat(block, rows, 0, dtype=np.uint64), cols, 1)
                 r0, c0 = (y + rows[0]) // factor, (x + cols[0]) // factor
                 sums[r0 : r0 + len(rows), c0 : c0 + len(cols)] += part
         rows = np.minimum(factor, H - factor * np.arange(sums.shape[0]))
@@ -362,6 +379,8 @@ class Slide(ABC):
         mpp: ``(y, x)`` microns per level-0 pixel, or ``None`` when the file does not say.
         properties: ``dict[str, str]`` of the file's metadata.
         threads: threads used to decode the tiles of one ``read_patches`` call.
+        limits: the ``readers.Limits`` the file is held to (tile size, level size,
+            thumbnail streaming, read time).
 
     A slide is a context manager; it pickles as ``(backend class, path, options)``
     and reopens the file when unpickled (file handles are never pickled), so it
@@ -370,8 +389,13 @@ class Slide(ABC):
 
     backend: ClassVar[str]
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(
+        self, path: str | os.PathLike, threads: int | None = None, limits: Limits | None = None
+    ):
         """Open ``path``: the base state first, then the backend's ``_open``.
+
+        ``limits`` bound what the file may cost (``readers.Limits``; the defaults
+        when ``None``): a file over one raises :class:`SlideError` naming it.
 
         Anything ``_open`` raises becomes a :class:`SlideError` naming the path and,
         in its reason, the backend (``"zarr: array has dtype float32, expected
@@ -381,9 +405,13 @@ class Slide(ABC):
             threads = as_int(threads, "threads")
             if threads < 1:
                 raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a readers.Limits or None, got {limits!r}")
         self.path = os.fspath(path)
         self.threads = threads or default_threads()
-        self._options: dict[str, Any] = {"threads": threads}
+        self.limits = limits or Limits()
+        self._deadline = self.limits.deadline()
+        self._options: dict[str, Any] = {"threads": threads, "limits": limits}
         self.closed = False
         self.mpp: tuple[float, float] | None = None
         self.properties: dict[str, str] = {}
@@ -426,6 +454,21 @@ class Slide(ABC):
 
     def _close(self) -> None:  # noqa: B027 - backends without handles keep the no-op
         """Release the backend's handles."""
+
+    def start_clock(self) -> None:
+        """Restart the ``limits.seconds`` clock: later reads get the whole limit again
+        (a slide read ahead, then used, gets it once for each stage)."""
+        self._deadline = self.limits.deadline()
+
+    def check_time(self, what: str) -> None:
+        """Raise :class:`SlideError` when the ``limits.seconds`` clock has run out;
+        ``what`` names the read that was about to start."""
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise SlideError(
+                self.path,
+                f"reading took more than the time limit of {self.limits.seconds:g} s "
+                f"(stopped before {what})",
+            )
 
     def __enter__(self) -> Slide:
         return self
@@ -508,7 +551,8 @@ class Slide(ABC):
         downsample ``d >= 1``). It is reduced from the coarsest stored level that is
         at least as fine; when that level is much larger (a slide without a pyramid),
         it is first block-averaged in streamed blocks (``Level.downsampled``), so
-        memory stays bounded by the output, never by the level.
+        memory stays bounded by the output, never by the level. A level to stream
+        over ``limits.stream_pixels`` is a :class:`SlideError`.
 
         A stored level that fits in ``max_size`` and reaches it in one dimension
         is returned as stored: ``thumbnail(level.shape[:2])`` is that whole level
@@ -523,6 +567,14 @@ class Slide(ABC):
         d = max(H / mh, W / mw, 1.0)
         out_hw = (max(1, min(mh, round(H / d))), max(1, min(mw, round(W / d))))
         level = self.levels[self.level_for_downsample(d)]
+        pixels = level.shape[0] * level.shape[1]
+        if over(pixels, self.limits.stream_pixels):
+            raise SlideError(
+                self.path,
+                f"a thumbnail would stream level {level.index} of {level.shape[0]} x "
+                f"{level.shape[1]} pixels (no coarser level stored), more than the limit "
+                f"of {self.limits.stream_pixels} pixels (readers.Limits.stream_pixels)",
+            )
         factor = max(1, int(d / level.downsample))
         small = level.downsampled(factor)
         if small.shape[:2] == out_hw:

@@ -10,6 +10,7 @@ from readers._tifffile import TifffileSlide
 from readers._zarr import ZarrSlide
 from readers.base import Slide
 from readers.errors import SlideError
+from readers.limits import Limits
 
 BACKENDS: dict[str, type[Slide]] = {
     "openslide": OpenSlideSlide,
@@ -59,7 +60,12 @@ def special_file_kind(path: str | os.PathLike) -> str | None:
     return "not a file"
 
 
-def open_slide(path: str | os.PathLike, backend: str = "auto", threads: int | None = None) -> Slide:
+def open_slide(
+    path: str | os.PathLike,
+    backend: str = "auto",
+    threads: int | None = None,
+    limits: Limits | None = None,
+) -> Slide:
     """Open a slide lazily.
 
     Args:
@@ -72,6 +78,8 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", threads: int | No
             tifffile for other TIFFs). ``Slide.backend`` says which one did.
         threads: threads decoding the tiles of one ``read_patches`` call
             (default: the number of CPUs, at most 8).
+        limits: what the file may cost (``readers.Limits``: tile and level sizes,
+            thumbnail streaming, read time); the defaults when ``None``.
 
     Raises:
         FileNotFoundError: nothing exists at ``path``.
@@ -91,11 +99,11 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", threads: int | No
             raise ValueError(
                 f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}"
             )
-        return BACKENDS[backend](path, threads=threads)
+        return BACKENDS[backend](path, threads=threads, limits=limits)
     reasons = []
     for name in auto_order(path):
         try:
-            return BACKENDS[name](path, threads=threads)
+            return BACKENDS[name](path, threads=threads, limits=limits)
         except SlideError as exc:
             reasons.append(exc.reason)  # "<backend>: <what is wrong>"
     if not reasons:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -207,25 +208,87 @@ def write_ome_zarr(
     }
 
 
-def write_jpeg_bomb(path: str | os.PathLike, side: int = 65500) -> None:
-    """A 512 x 512 JPEG-tiled TIFF (256 x 256 tiles) whose first level-0 tile's frame
-    header declares ``side`` x ``side`` pixels: a decoder that trusts the header
+BOMB_COMPRESSIONS = ("jpeg", "jpeg2000", "png", "webp")
+"""Codecs ``write_decoder_bomb`` can write: image codecs whose header states the size."""
+
+
+def write_decoder_bomb(
+    path: str | os.PathLike, compression: str = "jpeg", side: int = 65500
+) -> None:
+    """A 512 x 512 tiled TIFF (256 x 256 tiles, ``compression`` one of
+    ``BOMB_COMPRESSIONS``) whose first level-0 tile's header declares ``side`` x
+    ``side`` pixels (at most 16,383 for WebP): a decoder that trusts the header
     allocates ``3 side^2`` bytes (12 GB for 65500) from a file of a few hundred KB."""
     import tifffile
 
-    rng = np.random.default_rng(0)
-    write_tiff_pyramid(
-        path,
-        (512, 512),
-        lambda y, x, h, w, ds: rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
-        tile=256,
-        compression="jpeg",
+    if compression not in BOMB_COMPRESSIONS:
+        raise ValueError(f"compression must be one of {BOMB_COMPRESSIONS}, got {compression!r}")
+    pixels = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    tifffile.imwrite(
+        path, pixels, tile=(256, 256), photometric="rgb", compression=compression, metadata=None
     )
     with tifffile.TiffFile(path) as tif:
         offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
-    data = bytearray(open(path, "rb").read())
-    tile = bytes(data[offset : offset + count])
-    sof = next(i for i in range(2, len(tile) - 1) if tile[i] == 0xFF and tile[i + 1] == 0xC0)
-    data[offset + sof + 5 : offset + sof + 9] = side.to_bytes(2, "big") * 2
-    with open(path, "wb") as f:
-        f.write(bytes(data))
+    data = bytearray(Path(path).read_bytes())
+    tile = memoryview(data)[offset : offset + count]
+    _declare_size(tile, compression, side)
+    Path(path).write_bytes(bytes(data))
+
+
+def _declare_size(tile: memoryview, compression: str, side: int) -> None:
+    """Overwrite, in place, the image size that ``tile``'s header declares."""
+    data = bytes(tile)
+    if compression == "jpeg":
+        at = next(i for i in range(2, len(data) - 1) if data[i : i + 2] == b"\xff\xc0") + 5
+        tile[at : at + 4] = side.to_bytes(2, "big") * 2
+    elif compression == "jpeg2000":
+        at = data.index(b"\xff\x4f\xff\x51") + 8  # Xsiz, Ysiz
+        tile[at : at + 8] = side.to_bytes(4, "big") * 2
+    elif compression == "png":
+        tile[16:24] = side.to_bytes(4, "big") * 2
+    else:  # webp: sizes minus one, little-endian, as the first chunk lays them out
+        side = min(side, 16383)
+        kind = data[12:16]
+        if kind == b"VP8L":
+            bits = int.from_bytes(data[21:25], "little") & ~0xFFFFFFF
+            bits |= (side - 1) << 14 | (side - 1)
+            tile[21:25] = bits.to_bytes(4, "little")
+        elif kind == b"VP8X":
+            tile[24:30] = (side - 1).to_bytes(3, "little") * 2
+        else:
+            tile[26:30] = side.to_bytes(2, "little") * 2
+
+
+def write_sparse_tiff(path: str | os.PathLike, side: int = 1_000_000, tile: int = 4096) -> None:
+    """A single-level ``side`` x ``side`` RGB TIFF that stores no tile at all (every
+    tile offset and byte count 0: read as empty), written by hand in a few hundred KB:
+    a slide without a pyramid that declares 10^12 pixels."""
+    import struct
+
+    n = math.ceil(side / tile) ** 2
+    entries = [  # (tag, type, count, value or offset); types 3 SHORT, 4 LONG
+        (256, 4, 1, side),  # ImageWidth
+        (257, 4, 1, side),  # ImageLength
+        (258, 3, 3, None),  # BitsPerSample 8, 8, 8
+        (259, 3, 1, 1),  # Compression none
+        (262, 3, 1, 2),  # Photometric RGB
+        (277, 3, 1, 3),  # SamplesPerPixel
+        (284, 3, 1, 1),  # PlanarConfiguration contiguous
+        (322, 4, 1, tile),  # TileWidth
+        (323, 4, 1, tile),  # TileLength
+        (324, 4, n, None),  # TileOffsets
+        (325, 4, n, None),  # TileByteCounts
+    ]
+    ifd = 8  # SHORT values sit in the low bytes of their field (little-endian)
+    extra = ifd + 2 + 12 * len(entries) + 4
+    bits_at, tables_at = extra, extra + 6
+    out = bytearray(b"II*\x00" + struct.pack("<I", ifd) + struct.pack("<H", len(entries)))
+    for tag, kind, count, value in entries:
+        if tag == 258:
+            value = bits_at
+        elif tag in (324, 325):
+            value = tables_at if tag == 324 else tables_at + 4 * n
+        out += struct.pack("<HHII", tag, kind, count, value)
+    out += struct.pack("<I", 0) + struct.pack("<3H", 8, 8, 8)
+    out += bytes(8 * n)  # every offset and byte count 0
+    Path(path).write_bytes(bytes(out))

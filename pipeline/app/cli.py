@@ -73,6 +73,19 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+def _skips_only(line: str) -> None:
+    """train's log under ``--quiet``: a slide left out of training is an error worth
+    seeing (on stderr); epoch lines are not."""
+    if line.startswith("skipping "):
+        print(f"{PROG}: {printable(line)}", file=sys.stderr)
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    """Print a command's summary ``line`` unless ``--quiet``."""
+    if not args.quiet:
+        print(line)
+
+
 def _default(config: type, name: str) -> str:
     """``"(default X)"`` for field ``name`` of a config dataclass."""
     return f"(default {next(f.default for f in dataclasses.fields(config) if f.name == name)})"
@@ -110,11 +123,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
         n=args.n,
         size=args.size,
         seed=args.seed,
-        progress=True,
+        progress=not args.quiet,
         workers=args.workers,
         task=args.task,
     )
-    print(f"wrote {args.n} slides and {labels}")
+    _say(args, f"wrote {args.n} slides and {labels}")
     return 0
 
 
@@ -203,12 +216,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         resplit=args.resplit,
         cache_dir=None if args.no_view_cache else args.cache_dir or default_cache_dir(),
+        progress=not args.quiet,
+        log=_skips_only if args.quiet else None,
     )
     if args.folds is not None:
         cv = cross_validate(args.slides, args.labels, args.out, args.folds, **options)
-        print(
+        _say(
+            args,
             f"{args.folds} fold models in {cv.run_dir}/fold_<k>; "
-            f"summary in {cv.run_dir / CV_SUMMARY_FILE}"
+            f"summary in {cv.run_dir / CV_SUMMARY_FILE}",
         )
         return 0
     result = train(
@@ -219,9 +235,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_slides=args.val_slides,
         **options,
     )
-    print(
+    _say(
+        args,
         f"model saved in {result.run_dir} (best epoch {result.best_epoch} of "
-        f"{len(result.history)}; {len(result.skipped)} slides skipped)"
+        f"{len(result.history)}; {len(result.skipped)} slides skipped)",
     )
     return 0
 
@@ -244,13 +261,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     counts = m["counts"]
     missed = ", ".join(f"{n} {why}" for why, n in counts["not_evaluated"].items())
-    print(
+    _say(
+        args,
         f"{counts['evaluated']} of {counts['labelled_slides']} labelled slides evaluated"
         + (f" (not evaluated: {missed})" if missed else "")
-        + f"; {counts['predictions_without_label']} predictions without a label"
+        + f"; {counts['predictions_without_label']} predictions without a label",
     )
-    print(", ".join(show(n) for n in m["summary"]))
-    print(f"written: {', '.join(str(f) for f in result.files)}")
+    _say(args, ", ".join(show(n) for n in m["summary"]))
+    _say(args, f"written: {', '.join(str(f) for f in result.files)}")
     return 0
 
 
@@ -276,6 +294,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 slides_csv=args.slides_csv,
                 assume_mpp=args.assume_mpp,
                 slide_mpp=_slide_mpp(args),
+                # SUPPRESS-ed when not given: "none" gives None, which means no limit.
+                **{k: v for k, v in vars(args).items() if k == "slide_time_limit"},
             ),
             overwrite=args.overwrite,
             device=args.device,
@@ -301,14 +321,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.app.results.report import write_report
 
-    print(f"wrote {write_report(args.out_dir)}")
+    _say(args, f"wrote {write_report(args.out_dir)}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.app.demo import run_demo
 
-    run_demo(**_given(args, DEMO_OPTIONS))
+    run_demo(
+        **_given(args, DEMO_OPTIONS),
+        progress=not args.quiet,
+        log=(lambda line: None) if args.quiet else print,
+    )
     return 0
 
 
@@ -322,6 +346,18 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _seconds_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0 or 'none', got {text!r}")
     return value
 
 
@@ -690,6 +726,15 @@ def _add_predict(sub) -> None:
         metavar="MODULE:CALLABLE",
         help="build the run's encoder with this factory, which the model directory names: "
         "without it, a directory naming module:callable code is refused (docs/security.md)",
+    )
+    p.add_argument(
+        "--slide-time-limit",
+        type=_seconds_or_none,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help="a slide whose reading takes longer, for its attention view or for its "
+        "patches, becomes an error row; 'none' for no limit "
+        f"{_default(InputConfig, 'slide_time_limit')}",
     )
     _add_mpp_options(p)
     _add_cluster_options(p)

@@ -388,14 +388,20 @@ class InputConfig:
         assume_mpp / slide_mpp: microns per level-0 pixel of slides whose files
             state none (as ``ModelConfig``'s); they replace the model config's own,
             so slides of unknown mpp get error rows unless given here.
+        slide_time_limit: seconds each stage of a slide (reading its attention
+            view, then classifying it) may spend reading the file before that slide
+            becomes an error row (``readers.Limits.seconds``); ``None``: no limit.
     """
 
     recursive: bool = False
     slides_csv: str | None = None
     assume_mpp: float | None = None
     slide_mpp: tuple[tuple[str, float], ...] = ()
+    slide_time_limit: float | None = 900.0
 
     def __post_init__(self) -> None:
+        if self.slide_time_limit is not None:
+            _check_positive(slide_time_limit=self.slide_time_limit)
         if self.slides_csv is not None:
             object.__setattr__(self, "slides_csv", str(self.slides_csv))
         object.__setattr__(self, "slide_mpp", tuple((str(n), float(m)) for n, m in self.slide_mpp))

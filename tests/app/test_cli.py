@@ -61,6 +61,43 @@ def test_quiet_before_or_after_the_command(command, flag):
     assert parse([flag, *argv, flag]).quiet is True
 
 
+def test_quiet_silences_every_command(dataset, run_dir, tmp_path, capsys):
+    """No bar, no epoch line, no summary: nothing on stdout or stderr."""
+    labels = str(dataset / "labels.csv")
+    runs = [
+        ["synth", str(tmp_path / "d"), "--n", "2", "--size", "256"],
+        [*train_argv(dataset, labels, tmp_path / "r", "--epochs", "1"), *SMALL],
+        [*predict_argv(run_dir, dataset / "slide_000.tiff", tmp_path / "p")],
+        ["evaluate", "--predictions", str(tmp_path / "p" / "predictions.csv")]
+        + ["--labels", labels, "--out", str(tmp_path / "m"), "--bootstrap", "10"],
+        ["report", str(tmp_path / "p")],
+    ]
+    for argv in runs:
+        assert main([*argv, "-q"]) == 0, argv
+        assert capsys.readouterr() == ("", ""), argv
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [([], 900.0), (["5"], 5.0), (["none"], None), (["NONE"], None)]
+)
+def test_slide_time_limit_option(given, expected):
+    argv = ["predict", *MINIMAL_ARGV["predict"]]
+    argv += ["--slide-time-limit", *given] if given else []
+    args = build_parser().parse_args(argv)
+    from pipeline.app.config import InputConfig
+
+    limit = vars(args).get("slide_time_limit", InputConfig.slide_time_limit)
+    assert limit == expected
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "inf", "soon"])
+def test_slide_time_limit_must_be_positive_seconds(bad, capsys):
+    argv = ["predict", *MINIMAL_ARGV["predict"], "--slide-time-limit", bad]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "expected seconds > 0 or 'none'" in capsys.readouterr().err
+
+
 def test_info_text_and_json(dataset):
     slide = str(dataset / "slide_000.tiff")
     out = run_cli("info", slide, "--json")

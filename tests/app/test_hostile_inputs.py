@@ -180,15 +180,53 @@ def test_a_full_disk_is_one_line_and_the_journal_stays_whole(run_dir, dataset, t
     assert not list(out.rglob(".*.tmp"))  # no temporary file left behind
 
 
-def test_a_jpeg_bomb_is_its_slides_error_row(run_dir, dataset, tmp_path):
-    from readers.testing import write_jpeg_bomb
+BOUNDED = (
+    "import resource, sys\n"
+    "resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))\n"
+    "resource.setrlimit(resource.RLIMIT_CPU, (300, 300))\n"
+    "from pipeline.app.cli import main\n"
+    "code = main()\n"
+    "print('peak RSS KiB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+"""A CLI process that the kernel stops past 8 GiB of address space (a 12 GB allocation
+ends it, not the machine) or 300 s of CPU, and prints its peak RSS last."""
+PEAK_RSS_BOUND = 2 << 30
+"""What such a batch may take: ~1.0 GB for a real slide alone, ~1.3 GB with the
+hostile slides (torch, the model and Dask included; docs/security.md)."""
+
+
+def test_hostile_slides_are_error_rows_in_bounded_memory_and_time(run_dir, dataset, tmp_path):
+    """Decoder bombs (12 GB declared), a 480 KB TIFF declaring 10^6 x 10^6 pixels
+    without a pyramid, one declaring 150,000^2 (under the streaming bound: stopped by
+    the time limit) and a FIFO, next to a real slide: each bad one is its error row
+    naming the limit, the real one is predicted, the process stays within its resource
+    limits and its peak RSS within ``PEAK_RSS_BOUND``."""
+    from readers.testing import write_decoder_bomb, write_sparse_tiff
 
     slides = tmp_path / "slides"
     slides.mkdir()
-    write_jpeg_bomb(slides / "bomb.tiff")
+    write_decoder_bomb(slides / "bomb_jpeg.tiff", "jpeg")
+    write_decoder_bomb(slides / "bomb_j2k.tiff", "jpeg2000")
+    write_sparse_tiff(slides / "huge.tiff")
+    write_sparse_tiff(slides / "slow.tiff", 150_000)
+    os.mkfifo(slides / "fifo.tif")
     shutil.copy(dataset / "slide_001.tiff", slides / "real.tiff")
     out = tmp_path / "out"
-    assert main([*predict_args(run_dir, slides, out), "--no-report"]) == 1
+    argv = [*predict_args(run_dir, slides, out), "--no-report", "--slide-time-limit", "2"]
+    done = subprocess.run(
+        [sys.executable, "-c", BOUNDED, *argv], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 1, done.stderr
+    assert int(done.stderr.split()[-1]) * 1024 < PEAK_RSS_BOUND
     rows = {r["slide"]: r for r in files.read_csv(out / "predictions.csv")}
-    assert rows["real"]["status"] == "ok"
-    assert rows["bomb"]["status"] == "error" and "JPEG of 65500x65500" in rows["bomb"]["error"]
+    real = rows.pop("real")
+    assert real["status"] == "ok", real
+    assert {name: row["status"] for name, row in rows.items()} == dict.fromkeys(
+        ["bomb_jpeg", "bomb_j2k", "huge", "slow", "fifo"], "error"
+    )
+    assert "JPEG image of 65500x65500 pixels in a 256x256 tile" in rows["bomb_jpeg"]["error"]
+    assert "JPEG2000 image of 65500x65500" in rows["bomb_j2k"]["error"]
+    assert "more than the limit of 40000000000 pixels" in rows["huge"]["error"]
+    assert "took more than the time limit of 2 s" in rows["slow"]["error"]
+    assert "not a regular file (a FIFO)" in rows["fifo"]["error"]

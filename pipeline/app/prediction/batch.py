@@ -274,6 +274,7 @@ class Batch:
     inputs: list[SlideInput]
     store: PredictionStore
     report: ReportConfig = ReportConfig()  # noqa: RUF009 (frozen)
+    time_limit: float | None = InputConfig.slide_time_limit
 
     def run(self, runner: Runner | None = None, progress: bool = True) -> PredictSummary:
         """Predict every input not done yet; see ``predict``."""
@@ -292,6 +293,7 @@ class Batch:
                 self.model,
                 [i.path for i in todo],
                 self.config.seed,
+                time_limit=self.time_limit,
                 display_side=self.report.heatmap_side,
                 draws=self.config.draws,
                 roi_dir=self.config.roi_dir,
@@ -377,7 +379,7 @@ def prepare_batch(
     with PredictionStore(
         out_dir, model.task.score_columns, manifest, overwrite, report.heatmap_scale
     ) as store:
-        yield Batch(model, config, listed, store, report)
+        yield Batch(model, config, listed, store, report, inputs.slide_time_limit)
 
 
 def predict(

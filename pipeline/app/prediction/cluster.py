@@ -215,8 +215,9 @@ def predict_on_client(
         paths: slide files, readable at the same paths on every worker.
         seed: run seed, as for ``predict_slide``; results equal a local run's.
         device: torch device on the workers; default CUDA where a worker has it.
-        options: ``display_side``, ``draws``, ``roi_dir``, as for ``classify_view``
-            (a ``roi_dir`` must be readable by the workers at the same path).
+        options: ``time_limit`` as for ``open_view``; ``display_side``, ``draws``,
+            ``roi_dir`` as for ``classify_view`` (a ``roi_dir`` must be readable by
+            the workers at the same path).
 
     Slides are submitted a window at a time (``IN_FLIGHT_PER_THREAD`` per worker
     thread), so memory on the workers does not grow with the batch however slowly the

@@ -102,9 +102,9 @@ class SlideResult:
 
 
 Runner = Callable[..., Iterator[SlideResult]]
-"""``runner(model, paths, seed, **options)`` yields one ``SlideResult`` per path, in
-any order; ``options`` (``display_side``, ``draws``, ``roi_dir``) as for
-``classify_view``."""
+"""``runner(model, paths, seed, time_limit=None, **options)`` yields one
+``SlideResult`` per path, in any order; ``time_limit`` as for ``open_view``,
+``options`` (``display_side``, ``draws``, ``roi_dir``) as for ``classify_view``."""
 
 LOW_TISSUE = 0.01
 """Tissue fraction of the attention view under which a slide is flagged ``low_tissue``."""
@@ -128,8 +128,9 @@ def classify_view(
     once). Boxes, gallery and attention reported
     are the first draw's. ``roi_dir`` restricts sampling to the slide's region of
     interest (``roi``). The ``display`` thumbnail has a longer side of at most
-    ``display_side``.
+    ``display_side``. The slide's read-time clock restarts here (``open_view``).
     """
+    view.slide.start_clock()
     name = slide_name(view.path)
     tissue, flags = view.tissue, []
     if roi_dir is not None:
@@ -207,26 +208,36 @@ def error_result(path: str | os.PathLike, error: BaseException) -> SlideResult:
 
 
 def predict_slide(
-    model: SlideClassifier, path: str | os.PathLike, seed: int = 0, **options
+    model: SlideClassifier,
+    path: str | os.PathLike,
+    seed: int = 0,
+    time_limit: float | None = None,
+    **options,
 ) -> SlideResult:
     """Open, classify and close one slide; a failure becomes an ``error`` result.
 
     Pure in the sense needed for distributing it: the result depends only on the
-    model, the file, ``seed`` and ``options`` (``classify_view``'s).
+    model, the file, ``seed`` and ``options`` (``classify_view``'s); ``time_limit``
+    as for ``open_view``.
     """
     try:
-        with open_view(path, model.config) as view:
+        with open_view(path, model.config, time_limit) as view:
             return classify_view(model, view, seed, **options)
     except Exception as e:  # a batch reports every slide's failure and goes on
         return error_result(path, e)
 
 
 def run_here(
-    model: SlideClassifier, paths: Sequence[Path], seed: int, **options
+    model: SlideClassifier,
+    paths: Sequence[Path],
+    seed: int,
+    time_limit: float | None = None,
+    **options,
 ) -> Iterator[SlideResult]:
     """The local ``Runner``: results of ``paths`` in order, in this process, the
     next slide's view read in a background thread while this one is classified."""
-    for path, view, error in prefetch(paths, lambda p: open_view(p, model.config)):
+    views = prefetch(paths, lambda p: open_view(p, model.config, time_limit))
+    for path, view, error in views:
         if error is not None:
             yield error_result(path, error)
             continue

@@ -145,15 +145,21 @@ def level0_mpp(slide: readers.Slide, config: ModelConfig) -> float | None:
     return resolution.slide_mpp(slide, slide.path, config.assume_mpp, config.slide_mpp)
 
 
-def open_view(path: str | os.PathLike, config: ModelConfig) -> SlideView:
+def open_view(
+    path: str | os.PathLike, config: ModelConfig, time_limit: float | None = None
+) -> SlideView:
     """Open ``path`` and read its attention view; the caller closes the view.
+
+    ``time_limit``: seconds the slide's reads may take from its opening, and again
+    from each ``view.slide.start_clock()`` (``readers.Limits.seconds``); the other
+    ``readers.Limits`` are the defaults.
 
     Raises what ``readers.open_slide`` raises (``FileNotFoundError``,
     ``readers.SlideError``) for files that cannot be read.
     """
     import readers
 
-    slide = readers.open_slide(path)
+    slide = readers.open_slide(path, limits=readers.Limits(seconds=time_limit))
     try:
         mpp0 = level0_mpp(slide, config)
         thumbnail = attention_view(slide, config, mpp0)
