@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from .expectation import _check_estimator, expectation
-from .patches import HighResolution, gather_patches
+from .patches import HighResolution, PatchSource, gather_patches
 from .proposals import Weight, explore, weight_at
 from .sampling import mask_attention, sample
 
@@ -283,7 +283,13 @@ class AttentionSampling(nn.Module):
         )
         patches, offsets = self.read(x_low, x_high, samples, attention.shape[1:])
         return self._estimate(
-            attention, patches, offsets, samples, sampled_attention, sampled_proposal
+            attention,
+            patches,
+            offsets,
+            samples,
+            sampled_attention,
+            sampled_proposal,
+            _image_ids(x_high, len(x_low), offsets.device),
         )
 
     def plan(
@@ -390,7 +396,14 @@ class AttentionSampling(nn.Module):
         return samples, sampled_attention, proposed[0] if proposed else None
 
     def _estimate(
-        self, attention, patches, offsets, samples, sampled_attention, sampled_proposal
+        self,
+        attention,
+        patches,
+        offsets,
+        samples,
+        sampled_attention,
+        sampled_proposal,
+        images: Tensor | None = None,
     ) -> Draw:
         regularizer = (
             attention.new_zeros(())
@@ -398,7 +411,10 @@ class AttentionSampling(nn.Module):
             else self.attention_regularizer(attention)
         )
         batch, n = sampled_attention.shape
-        features = self.feature(patches.flatten(0, 1))  # [B * N, ...]
+        if self.training or images is None:
+            features = self.feature(patches.flatten(0, 1))  # [B * N, ...]
+        else:
+            features = _features_once(self.feature, patches, offsets, images)
         features = features.reshape(batch, n, *features.shape[1:])  # [B, N, ...]
         features = expectation(
             features,
@@ -410,6 +426,36 @@ class AttentionSampling(nn.Module):
         return Draw(
             features, attention, patches, offsets, sampled_attention, regularizer, sampled_proposal
         )
+
+
+def _image_ids(x_high: HighResolution, batch: int, device: torch.device) -> Tensor:
+    """LongTensor[B]: equal for batch items whose patches come from the same image (one
+    ``PatchSource`` shared by the batch, or the same object listed twice)."""
+    if isinstance(x_high, Tensor):
+        return torch.arange(batch, device=device)
+    if isinstance(x_high, PatchSource):
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    first: dict[int, int] = {}
+    ids = [first.setdefault(id(item), i) for i, item in enumerate(x_high)]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _features_once(
+    feature: Callable[[Tensor], Tensor], patches: Tensor, offsets: Tensor, images: Tensor
+) -> Tensor:
+    """``feature`` of ``patches [B, N, C, *size]`` as ``[B * N, ...]``, computed once
+    per distinct (image ``images [B]``, position ``offsets [B, N, d]``)."""
+    batch, n = offsets.shape[:2]
+    keys = torch.cat([images.view(batch, 1, 1).expand(batch, n, 1), offsets], -1).flatten(0, 1)
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    distinct = int(inverse.max()) + 1
+    flat = patches.flatten(0, 1)
+    if distinct == len(keys):
+        return feature(flat)
+    order = torch.arange(len(keys), device=keys.device)
+    first = torch.full((distinct,), len(keys), device=keys.device)
+    first = first.scatter_reduce(0, inverse, order, "amin")  # one patch per position
+    return feature(flat[first])[inverse]
 
 
 def _explores(exploration: Weight, prior_weight: Weight) -> bool:
@@ -489,7 +535,11 @@ def attention_sampling(
         attention: maps ``x_low [B, C, *low]`` to probabilities ``[B, *att]`` or
             ``[B, 1, *att]`` (e.g. a CNN ending in ``SampleSoftmax``).
         feature: maps patches ``[M, C, *patch_size]`` to features ``[M, D]`` (any
-            trailing shape); called once on all ``M = B * N`` patches.
+            trailing shape); called once per draw. In training mode on all ``M = B *
+            N`` patches; in eval mode on the distinct ones only, those at the same
+            position of the same image computed once (repeats come from draws with
+            replacement, and from batch items that share one ``PatchSource``, such as
+            several draws on one slide), so it must be a function of the patch alone.
         patch_size: ``(height, width)`` in ``x_high`` pixels; ``None`` means the size
             of ``x_low``, as in the reference library.
         n_patches: ``N`` per batch item.

@@ -60,11 +60,14 @@ def extract_patches(
     Returns:
         Tensor[B, N, C, *size] of ``x``'s dtype on ``x``'s device.
 
-    Nothing image-sized is copied or padded: patches that lie inside ``x`` are read in
-    one indexing of a sliding-window view of ``x`` (whole rows at a time), and only the
-    patches that leave ``x`` go through a per-pixel gather with clamped index grids and
-    a mask. Example: ``offsets = [[[-2, 5]]]``, ``size = (4, 4)`` gives rows -2..1 (the
-    first two are ``fill``) and columns 5..8.
+    Nothing image-sized is copied or padded: the patches that lie inside ``x`` are
+    copied row by row (each a run of ``size[-1]`` pixels along the last axis) by one
+    ``index_select`` over a view of ``x`` whose rows start at every element, so each
+    row is one block copy, not a per-pixel gather; only the patches that leave ``x``
+    go through a per-pixel gather with clamped index grids and a mask. The offsets
+    are read on the CPU (a synchronisation when they are on a GPU). Example:
+    ``offsets = [[[-2, 5]]]``, ``size = (4, 4)`` gives rows -2..1 (the first two are
+    ``fill``) and columns 5..8.
     """
     _checks.tensor(x, "x", min_dim=3)
     _checks.tensor(offsets, "offsets")
@@ -80,21 +83,46 @@ def extract_patches(
     size = _checks.size_tuple(size, ndim, "size")
     _checks.fits(size, spatial, "the image x")
     offsets = offsets.to(device=x.device, dtype=torch.long)
+    batch, n, channels = offsets.shape[0], offsets.shape[1], x.shape[1]
+    if batch * n * channels == 0:
+        return x.new_empty((batch, n, channels, *size))
 
-    # windows[b, c, *start] is the patch at `start`; the view shares x's memory.
-    last_start = torch.tensor([e - s for e, s in zip(spatial, size, strict=True)], device=x.device)
-    windows = x.as_strided(
-        (*x.shape[:2], *(e - s + 1 for e, s in zip(spatial, size, strict=True)), *size),
-        (*x.stride(), *x.stride()[2:]),
-    )
-    start = torch.minimum(offsets.clamp_min(0), last_start)  # [B, N, ndim], patch inside x
-    batch = torch.arange(x.shape[0], device=x.device).view(-1, 1)
-    patches = windows[(batch, slice(None), *start.unbind(-1))]  # [B, N, C, *size]
-    leaving = (start != offsets).any(-1)  # [B, N]
-    if leaving.any():
-        b, n = leaving.nonzero(as_tuple=True)
-        patches[b, n] = _gather_with_fill(x, b, offsets[b, n], size, fill)
+    # The row index is arithmetic on a few hundred numbers: numpy's per-operation
+    # cost is a fraction of torch's, which would dominate small calls.
+    wanted = offsets.cpu().numpy()
+    last = np.array(spatial) - np.array(size)
+    start = np.minimum(np.maximum(wanted, 0), last)  # [B, N, ndim], the patch inside x
+    index = torch.from_numpy(_row_index(x.stride(), channels, start, size)).to(x.device)
+    patches = _rows(x, size[-1]).index_select(0, index).view(batch, n, channels, *size)
+    moved = start != wanted
+    if moved.any():  # some patches leave x
+        leaving = np.flatnonzero(moved.any(-1))  # flat [B * N] indices
+        b, i = (torch.from_numpy(v).to(x.device) for v in np.divmod(leaving, n))
+        patches[b, i] = _gather_with_fill(x, b, offsets[b, i], size, fill)
     return patches
+
+
+def _rows(x: Tensor, width: int) -> Tensor:
+    """``rows[k]``: the ``width`` elements of ``x`` along its last axis from element
+    ``k`` of its storage on: an overlapping view, no copy, in which every row of every
+    patch is one row."""
+    step = x.stride(-1)
+    span = int(np.dot(np.subtract(x.shape, 1), x.stride()))  # x's last element
+    return x.as_strided((span - (width - 1) * step + 1, width), (1, step))
+
+
+def _row_index(
+    strides: tuple[int, ...], channels: int, start: np.ndarray, size: tuple[int, ...]
+) -> np.ndarray:
+    """int64 ``[B * N * C * prod(size[:-1])]``: the ``_rows`` of the patches at ``start
+    [B, N, ndim]`` of an ``x`` of ``strides`` and ``channels``, in output order."""
+    within = np.arange(channels) * strides[1]  # a patch's rows relative to its first
+    for length, stride in zip(size[:-1], strides[2:-1], strict=True):
+        within = within[..., None] + np.arange(length) * stride  # [C, *size[:-1]]
+    first = start @ np.array(strides[2:])  # [B, N]
+    if len(start) > 1:
+        first += np.arange(len(start))[:, None] * strides[0]
+    return (first.reshape(*first.shape, *(1,) * within.ndim) + within).reshape(-1)
 
 
 def _gather_with_fill(

@@ -8,9 +8,10 @@ For each encoder (``timm:resnet18`` and ``timm:vit_small_patch16_224``, random
 weights: timing does not depend on them) on the generated slide of
 ``scripts/bench_e2e.py`` (0.25 µm/px, written once into ``--cache``):
 
-- **ATS prediction** per slide: open, thumbnail, tissue mask, attention, N = 16
-  (``--patches``) patches of 224² (``--patch``) at exactly 0.5 µm/px, encoder, head
-  (``classify_view``);
+- **ATS prediction** per slide: open, thumbnail, tissue mask, attention, K = 8
+  draws (``PredictConfig.draws``) of N = 16 (``--patches``) patches of 224²
+  (``--patch``) at exactly 0.5 µm/px, the encoder on each distinct position, head
+  (``classify_view``); the table gives the distinct positions of the last run;
 - **ATS training step** per slide: what ``ats-wsi train`` does for a batch of one
   slide (``streaming.stream_epoch``, serial): attention, sampling, the patches read,
   the forward, the backward and an optimizer step, the encoder fine-tuned and frozen;
@@ -37,6 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import make_slide  # noqa: E402  (the same generated slide)
+
+from pipeline.app.config import PredictConfig  # noqa: E402
 
 if TYPE_CHECKING:
     from pipeline.app.training.streaming import CachedView
@@ -85,17 +88,19 @@ def median_time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def predict_seconds(model, path: Path, repeats: int) -> float:
+def predict_seconds(model, path: Path, repeats: int) -> tuple[float, int]:
+    """(median seconds, distinct positions of the last run) of ATS prediction."""
     from pipeline.app.prediction.inference import classify_view
     from pipeline.app.slide.views import open_view
 
     model.eval()
+    distinct = []
 
     def once(seed: int) -> None:
         with open_view(path, model.config) as view:
-            classify_view(model, view, seed)
+            distinct.append(classify_view(model, view, seed).distinct_patches)
 
-    return median_time(once, repeats)
+    return median_time(once, repeats), distinct[-1]
 
 
 def train_step_seconds(model, path: Path, repeats: int) -> float:
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patches", type=int, default=N_PATCHES, help="patches per slide (N)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    draws = PredictConfig.draws
     load_before = os.getloadavg()[0]
     args.cache.mkdir(parents=True, exist_ok=True)
     path = args.cache / f"mosaic-{args.side}.tiff"
@@ -179,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{MPP} µm/px; torch {torch.__version__}, 1 thread"
     )
     print(
-        "| encoder | ATS predict / slide | ATS train step, fine-tuned / frozen | "
+        "| encoder | ATS predict / slide | distinct patches (of K x N) | "
+        "ATS train step, fine-tuned / frozen | "
         "full tiling / slide | tissue tiles | ratio (tiling / ATS predict) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for encoder in args.encoders.split(","):
         model = build(encoder, False, args.patch, args.patches)
-        predict = predict_seconds(model, path, args.repeats)
+        predict, distinct = predict_seconds(model, path, args.repeats)
         per_tile, n_tiles = tiling(model, path, args.tiles)
         tuned = train_step_seconds(model, path, args.repeats)
         frozen_model = build(encoder, True, args.patch, args.patches)
@@ -193,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         frozen = train_step_seconds(frozen_model, path, args.repeats)
         full = per_tile * n_tiles
         print(
-            f"| `{encoder}` | {predict:.2f} s | {tuned:.2f} s / {frozen:.2f} s | "
+            f"| `{encoder}` | {predict:.2f} s | {distinct} (of {draws * args.patches}) | "
+            f"{tuned:.2f} s / {frozen:.2f} s | "
             f"{full:,.0f} s ({per_tile * 1e3:.0f} ms/tile, {args.tiles} timed) | "
             f"{n_tiles:,} | **{full / predict:,.0f}×** |",
             flush=True,

@@ -5,8 +5,9 @@ class probability for K = 1, 2, 4, 8, 16, and the time per slide.
 
 For every slide and K, ``predict_slide`` runs with ``--seeds`` different run seeds;
 the table gives the standard deviation across seeds of the last class's probability
-(mean over slides), the share of slides whose label changes with the seed, and the
-seconds per slide (this process, one thread).
+(mean over slides), the share of slides whose label changes with the seed, the
+distinct positions the feature network computed per slide (mean; at most K x N), and
+the seconds per slide (this process, one thread).
 """
 
 from __future__ import annotations
@@ -40,24 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(paths)} slides, {args.seeds} seeds per K\n")
     print(
         "| draws K | sd of p across seeds (mean over slides) | slides whose label flips "
-        "| s / slide |\n|---|---|---|---|"
+        "| distinct patches / slide (of K x N) | s / slide |\n|---|---|---|---|---|"
     )
     for draws in args.draws:
         began = time.perf_counter()
         # A tiny display thumbnail: only the probabilities are looked at here.
-        probs = np.array(
+        results = [
             [
-                [
-                    predict_slide(model, p, seed, draws=draws, display_side=32).probs[-1]
-                    for seed in range(args.seeds)
-                ]
-                for p in paths
+                predict_slide(model, p, seed, draws=draws, display_side=32)
+                for seed in range(args.seeds)
             ]
-        )
-        seconds = (time.perf_counter() - began) / probs.size
+            for p in paths
+        ]
+        seconds = (time.perf_counter() - began) / (len(paths) * args.seeds)
+        probs = np.array([[r.probs[-1] for r in row] for row in results])
+        distinct = np.mean([r.distinct_patches for row in results for r in row])
         flips = np.mean([len({bool(v > 0.5) for v in row}) > 1 for row in probs])
         print(
-            f"| {draws} | {probs.std(axis=1, ddof=1).mean():.4f} | {flips:.0%} | {seconds:.3f} |",
+            f"| {draws} | {probs.std(axis=1, ddof=1).mean():.4f} | {flips:.0%} | "
+            f"{distinct:.1f} (of {draws * model.config.n_patches}) | {seconds:.3f} |",
             flush=True,
         )
     return 0

@@ -50,6 +50,34 @@ def test_forward_shapes_and_one_feature_call():
     assert model.feature.linear.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("replace", [False, True])
+def test_eval_runs_the_feature_network_once_per_distinct_position(replace):
+    """K draws on one image (one object listed K times, as a PatchSource shared by the
+    batch is) repeat positions: in eval mode each is computed once, and the estimate
+    equals that of K separate copies of the image, where nothing is shared."""
+    torch.manual_seed(0)
+    model = _model(replace=replace).eval()
+    k, image = 4, torch.rand(3, 40, 40)
+    x_low = torch.rand(1, 3, 4, 4).expand(k, -1, -1, -1)  # 16 cells, 4 x 5 patches
+
+    def draw(x_high):
+        return model.draw(x_low, x_high, generator=torch.Generator().manual_seed(3))
+
+    shared = draw([image] * k)
+    distinct = len(torch.unique(shared.offsets.flatten(0, 1), dim=0))
+    assert model.feature.calls[-1][0] == distinct < k * 5
+    separate = draw([image.clone() for _ in range(k)])
+    items = torch.arange(k).view(k, 1, 1).expand(k, 5, 1)
+    per_item = len(torch.unique(torch.cat([items, separate.offsets], -1).flatten(0, 1), dim=0))
+    assert model.feature.calls[-1][0] == per_item  # repeats within a draw: with replacement
+    assert (per_item < k * 5) if replace else (per_item == k * 5)
+    torch.testing.assert_close(shared.features, separate.features)
+    torch.testing.assert_close(shared.offsets, separate.offsets)
+    model.train()
+    draw([image] * k)
+    assert model.feature.calls[-1][0] == k * 5  # training: every patch, as the batch is
+
+
 def test_attention_with_a_channel_axis_and_default_patch_size():
     torch.manual_seed(0)
     attention = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), SampleSoftmax())  # [B, 1, h, w]

@@ -59,9 +59,44 @@ def test_extract_patches_matches_pad_and_slice(spatial, size, dtype):
     low = torch.tensor([-s for s in size])
     high = torch.tensor([e + 1 for e in spatial])
     offsets = low + (torch.rand(2, 40, len(spatial), generator=g) * (high - low)).long()
-    got = extract_patches(x, offsets, size, fill=7)
-    assert got.shape == (2, 40, 3, *size) and got.dtype == dtype
-    assert torch.equal(got, _naive_patches(x, offsets, size, fill=7))
+    for few_or_many in (offsets[:, :1], offsets):
+        got = extract_patches(x, few_or_many, size, fill=7)
+        assert got.shape == (*few_or_many.shape[:2], 3, *size) and got.dtype == dtype
+        assert torch.equal(got, _naive_patches(x, few_or_many, size, fill=7))
+
+
+def _slice_loop(x, offsets, size):
+    """The loop a user would write: one slice per patch (offsets inside ``x``)."""
+    h, w = size
+    return torch.stack(
+        [
+            torch.stack([x[b, :, y : y + h, c : c + w] for y, c in offsets[b].tolist()])
+            for b in range(len(x))
+        ]
+    )
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 13), (9, 1), (9, 13), (4, 6)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "expanded"])
+@pytest.mark.parametrize("n", [1, 30])
+def test_extract_patches_equals_the_slice_loop_with_its_gradients(size, layout, n):
+    """Bit for bit, every patch size from one pixel to the whole image, in any memory
+    layout; overlapping patches accumulate their gradients as the loop's do."""
+    g = torch.Generator().manual_seed(1)
+    leaf = torch.rand(1 if layout == "expanded" else 2, 3, 9, 13, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        leaf = leaf.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    leaf.requires_grad_(True)
+    x = leaf.expand(2, -1, -1, -1)  # the batch's two items share memory when expanded
+    span = torch.tensor([9 - size[0] + 1, 13 - size[1] + 1])
+    offsets = (torch.rand(2, n, 2, generator=g) * span).long()  # repeats: overlaps
+    weights = torch.rand(2, n, 3, *size, generator=g, dtype=torch.float64)
+    got = extract_patches(x, offsets, size)
+    (grad,) = torch.autograd.grad((got * weights).sum(), leaf)
+    expected = _slice_loop(x, offsets, size)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), leaf)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(grad, expected_grad)
 
 
 def test_extract_patches_reads_any_layout_in_place():

@@ -34,6 +34,8 @@ def test_bench_encoders_prints_one_row_per_encoder(slide, capsys):
     assert all(finite(cell) for cell in (row["ATS predict / slide"], tuned, frozen))
     assert "3 timed" in row["full tiling / slide"] and number(row["tissue tiles"]) > 3
     assert finite(row["ratio (tiling / ATS predict)"])
+    distinct = row["distinct patches (of K x N)"]
+    assert distinct.endswith("(of 32)") and 0 < number(distinct) <= 32
     assert "N = 4 patches of 64²" in out and "load average (1 min):" in out
 
 

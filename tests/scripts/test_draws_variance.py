@@ -37,6 +37,9 @@ def test_draws_variance_prints_one_row_per_k(run_and_slides, capsys):
         assert 0 < number(row["sd of p across seeds (mean over slides)"]) < 0.5
         assert 0 <= number(row["slides whose label flips"]) <= 100
         assert number(row["s / slide"]) > 0
+        distinct = row["distinct patches / slide (of K x N)"]
+        k = int(row["draws K"])
+        assert distinct.endswith(f"(of {k * 4})") and 0 < number(distinct) <= k * 4
 
 
 def test_draws_variance_needs_two_seeds_for_a_spread(run_and_slides):

@@ -65,6 +65,8 @@ class SlideResult:
             network saw them (patch level, draw order, same rows as ``boxes``).
         slide_shape: level-0 ``(H, W)``.
         mpp: microns per pixel of the patches the model saw (None when unknown).
+        distinct_patches: distinct positions among all draws' patches: what the
+            feature network computed (``draws x n_patches`` at most; 0 unless ok).
     """
 
     slide: str
@@ -84,6 +86,7 @@ class SlideResult:
     patches: np.ndarray | None = None
     slide_shape: tuple[int, int] = (0, 0)
     mpp: float | None = None
+    distinct_patches: int = 0
 
     def row(self, score_columns: Sequence[str]) -> dict[str, str]:
         """This result as a ``predictions.csv`` row; ``score_columns`` name the scores
@@ -96,6 +99,7 @@ class SlideResult:
         fraction = self.tissue_fraction
         row["tissue_fraction"] = "" if fraction is None else f"{fraction:.4f}"
         row["mpp"] = "" if self.mpp is None else f"{self.mpp:.6g}"
+        row["distinct_patches"] = str(self.distinct_patches) if self.status == "ok" else ""
         row["flags"] = ";".join(self.flags)
         row["error"] = self.error
         return row
@@ -162,6 +166,8 @@ def classify_view(
         out = model.classify(x_low, view.patch_level, mask, generator)
     draw = out.draw
     each = model.task.scores(out.logits)  # [K, n_scores]
+    # What the feature network computed (layers: once per distinct position in eval).
+    distinct = len(torch.unique(draw.offsets.flatten(0, 1), dim=0))
     # Copies, not views of the tensors: a view would keep its tensor alive, and a
     # batch keeps every slide's probabilities for the whole run. In one process those
     # small, aligned blocks pinned between the next slides' large buffers fragmented
@@ -193,6 +199,7 @@ def classify_view(
         patches=patches[kept],
         slide_shape=tuple(int(s) for s in view.slide.shape[:2]),
         mpp=view.patch_mpp,
+        distinct_patches=distinct,
     )
 
 

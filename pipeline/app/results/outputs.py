@@ -40,14 +40,15 @@ SCALE_KEY = "Description"
 def prediction_columns(score_columns: Sequence[str]) -> list[str]:
     """``slide, path, status, label``, the task's scores (``Task.score_columns``, e.g.
     ``prob_<class>...``), their spreads (``<score>_sd...``), ``tissue_fraction, mpp,
-    flags, error`` (``inference.SlideResult`` documents them; ``mpp``: microns per
-    pixel of the patches, empty when the slide's is unknown)."""
+    distinct_patches, flags, error`` (``inference.SlideResult`` documents them;
+    ``mpp``: microns per pixel of the patches, empty when the slide's is unknown)."""
     return [
         *BASE_COLUMNS,
         *score_columns,
         *(spread_column(c) for c in score_columns),
         "tissue_fraction",
         "mpp",
+        "distinct_patches",
         "flags",
         "error",
     ]

@@ -3,12 +3,14 @@ interest (issue "evaluation protocol", items 4 and 5)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
+import pipeline
 from pipeline.app import files
 from pipeline.app.cli import main
 from pipeline.app.config import PredictConfig
@@ -16,6 +18,8 @@ from pipeline.app.model.networks import SlideClassifier
 from pipeline.app.prediction.batch import predict
 from pipeline.app.prediction.inference import predict_slide
 from pipeline.app.results import outputs
+from pipeline.app.slide.inputs import slide_seed
+from pipeline.app.slide.views import open_view, sampling_mask
 from readers.testing import write_tiff_pyramid
 
 
@@ -132,3 +136,45 @@ def test_one_read_for_all_draws(untrained, dataset, monkeypatch):
     predict_slide(untrained, dataset / "slide_001.tiff", 0, draws=5)
     # (The views are read region by region: the single-offset calls.)
     assert [n for n in calls if n > 1] == [5 * untrained.config.n_patches]
+
+
+class _Counting(torch.nn.Module):
+    """The model's own feature network, counting the patches it is given (a spy)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net, self.seen = net, 0
+
+    def forward(self, patches):
+        self.seen += len(patches)
+        return self.net(patches)
+
+
+def test_k_draws_compute_each_distinct_position_once(untrained, dataset, tmp_path):
+    """8 draws of 48 patches repeat cells: the feature network
+    sees each distinct position once, predictions.csv reports that count, and the
+    probabilities equal those of the feature network run on every patch of every draw."""
+    # 48 patches a draw from a few hundred cells: the 8 draws share many.
+    model = SlideClassifier(dataclasses.replace(untrained.config, n_patches=48)).eval()
+    model.load_state_dict(untrained.state_dict())
+    spy = _Counting(model.sampler.feature)
+    model.sampler.feature = spy
+    slide = dataset / "slide_001.tiff"
+    summary = predict(model, [slide], tmp_path / "out", PredictConfig(draws=8), progress=False)
+    (row,) = files.read_csv(tmp_path / "out" / outputs.PREDICTIONS)
+    assert int(row["distinct_patches"]) == spy.seen < 8 * model.config.n_patches
+    (result,) = summary.results
+
+    # Today's computation, by hand: the same draws, every patch through the network.
+    with open_view(slide, model.config) as view, torch.no_grad():
+        x_low = view.x_low().expand(8, -1, -1, -1)
+        mask = sampling_mask(view.tissue)
+        mask = None if mask is None else mask.expand(8, -1, -1)
+        generator = torch.Generator().manual_seed(slide_seed(0, slide))
+        draw = model.sampler.draw(x_low, view.patch_level, mask, generator)
+        every = spy.net(draw.patches.flatten(0, 1)).reshape(8, model.config.n_patches, -1)
+        features = pipeline.expectation(
+            every, draw.sampled_attention, model.sampler.replace, model.sampler.estimator
+        )
+        probs = model.task.scores(model.head(features)).mean(0).numpy()
+    np.testing.assert_allclose(result.probs, probs, rtol=1e-5, atol=1e-6)

@@ -35,6 +35,7 @@ def test_csv_round_trip(tmp_path):
         "prob_pos_sd",
         "tissue_fraction",
         "mpp",
+        "distinct_patches",
         "flags",
         "error",
     ]
