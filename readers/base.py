@@ -25,6 +25,7 @@ import numpy as np
 from readers._types import HW, HWC, YX, as_hw, as_int, as_yx
 from readers.errors import SlideError
 from readers.limits import Limits, over
+from readers.pool import run_each
 
 Box = tuple[int, int, int, int]
 """Rows and columns ``(y0, y1, x0, x1)`` of a tile, relative to its top-left corner."""
@@ -210,9 +211,9 @@ class Level(ABC):
             ``uint8 [N, h, w, 3]`` RGB.
 
         Each touched tile is decoded once per call, whatever the number of patches
-        sharing it; the tiles are split into about ``slide.threads`` batches, one
-        Dask task per batch, computed with the local threaded scheduler (so a call
-        inside a Dask worker or with a distributed Client active stays in-process).
+        sharing it, on ``slide.threads`` threads: the caller and helpers of the
+        process's decode pool (``readers.pool``), each taking the next tile, so a
+        call inside a Dask worker stays in-process and starts no thread.
         """
         offsets = _as_offsets(offsets)
         h, w = as_hw(size)
@@ -220,30 +221,26 @@ class Level(ABC):
         jobs = self._paste_jobs(offsets, h, w)
         if not jobs:
             return out
-        tiles = sorted(jobs)  # row-major: neighbouring tiles share file pages
-        n_batches = min(len(tiles), self.slide.threads)
-        batches = [b.tolist() for b in np.array_split(np.arange(len(tiles)), n_batches)]
 
-        def paste(batch: list[int]) -> None:
-            # Threads write disjoint (patch, rows, cols) regions of `out`.
-            for j in batch:
-                key = tiles[j]
-                # Only the part of the tile some patch needs is returned (and painted).
-                box = (
-                    min(job[5] for job in jobs[key]),
-                    max(job[6] for job in jobs[key]),
-                    min(job[7] for job in jobs[key]),
-                    max(job[8] for job in jobs[key]),
-                )
-                data = self.tile(*key, box)
-                if data is None:
-                    continue
-                for i, py0, py1, px0, px1, ty0, ty1, tx0, tx1 in jobs[key]:
-                    out[i, py0:py1, px0:px1] = data[
-                        ty0 - box[0] : ty1 - box[0], tx0 - box[2] : tx1 - box[2]
-                    ]
+        def paste(key: YX) -> None:
+            # Threads write disjoint (patch, rows, cols) regions of `out`; only the part
+            # of the tile some patch needs is returned (and painted).
+            box = (
+                min(job[5] for job in jobs[key]),
+                max(job[6] for job in jobs[key]),
+                min(job[7] for job in jobs[key]),
+                max(job[8] for job in jobs[key]),
+            )
+            data = self.tile(*key, box)
+            if data is None:
+                return
+            for i, py0, py1, px0, px1, ty0, ty1, tx0, tx1 in jobs[key]:
+                out[i, py0:py1, px0:px1] = data[
+                    ty0 - box[0] : ty1 - box[0], tx0 - box[2] : tx1 - box[2]
+                ]
 
-        _run_threaded([(paste, batch) for batch in batches], self.slide.threads)
+        # Row-major: neighbouring tiles share file pages.
+        run_each(paste, sorted(jobs), self.slide.threads)
         return out
 
     def _paste_jobs(self, offsets: np.ndarray, h: int, w: int) -> dict[YX, list[_Paste]]:
@@ -349,15 +346,6 @@ class _TileBlock:
             w = min(tw, self.level.shape[1] - tx * tw)
             return np.zeros((h, w, 3), np.uint8)
         return data
-
-
-def _run_threaded(calls: list[tuple[Any, Any]], threads: int) -> None:
-    """Run ``f(arg)`` for each pair, one Dask task each, on the local thread pool."""
-    import dask
-
-    tasks = [dask.delayed(f, pure=False, traverse=False)(arg) for f, arg in calls]
-    # Explicit local threads: never ship tile reads to a distributed cluster.
-    dask.compute(*tasks, scheduler="threads", num_workers=threads)
 
 
 def _level_of(slide: Slide, index: int) -> Level:

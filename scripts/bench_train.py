@@ -31,8 +31,9 @@ it reports slides per second of:
   in the same run (read: the patches of a planned batch alone; compute: a training step
   on patches already in memory);
 
-and the peak RSS after 10 %, 50 % and 100 % of the slides of a streaming epoch. The
-1-minute load average before and after is printed: the machine may be shared.
+and the peak RSS after 10 %, 50 % and 100 % of the slides of a streaming epoch.
+``--busy`` keeps one other CPU-bound process running for the whole measurement (a
+shared machine). The 1-minute load average before and after is printed.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import busy_core  # noqa: E402
 from bench_e2e import TILE, MosaicSlide  # noqa: E402
 
 from pipeline.app.config import ModelConfig  # noqa: E402
@@ -285,18 +287,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the host waits for every simulated kernel, not only for the features it reads",
     )
+    parser.add_argument(
+        "--busy", action="store_true", help="keep one other CPU-bound process running"
+    )
     args = parser.parse_args(argv)
     paths = make_slides(args.cache, args.slides, args.distinct, args.side)
     load_before = os.getloadavg()[0]
-    rows = [
-        bench("simulated accelerator", Stream(args.blocking), paths, args, args.cache / "views"),
-        bench("CPU (small CNN)", None, paths, args, args.cache / "views"),
-    ]
+    with busy_core(args.busy):
+        rows = [
+            bench(
+                "simulated accelerator", Stream(args.blocking), paths, args, args.cache / "views"
+            ),
+            bench("CPU (small CNN)", None, paths, args, args.cache / "views"),
+        ]
     print(
         f"\n{args.slides} slides of {args.side}^2, N={args.patches} patches of {args.patch}^2, "
         f"batch {args.batch}, depth {args.depth}, simulated latency {args.latency} ms/16 "
         f"patches forward, x{args.backward} backward, "
-        f"{'blocking' if args.blocking else 'asynchronous'} kernels\n"
+        f"{'blocking' if args.blocking else 'asynchronous'} kernels"
+        f"{', one other CPU-bound process running' if args.busy else ''}\n"
     )
     print(
         "| network | serial slides/s | streaming slides/s | speed-up | bound slides/s "

@@ -12,8 +12,9 @@ from tests.scripts.helpers import finite, markdown_tables
 def test_bench_train_compares_serial_streaming_and_bound(tmp_path, capsys):
     argv = ["--cache", str(tmp_path), "--slides", "4", "--distinct", "1", "--side", "1024"]
     argv += ["--patches", "2", "--patch", "32", "--batch", "2", "--depth", "2", "--latency", "1"]
-    assert bench_train.main(argv) == 0
+    assert bench_train.main([*argv, "--busy"]) == 0
     out = capsys.readouterr().out
+    assert "one other CPU-bound process running" in out
     links = sorted((tmp_path / "slides_1024").iterdir())
     assert len(links) == 4 and len({p.stat().st_ino for p in links}) == 1  # one file on disk
     (table,) = markdown_tables(out)
