@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
+import threading
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -98,8 +100,17 @@ class TifffileSlide(Slide):
     def _open(self) -> None:
         if not is_tiff(self.path):
             raise SlideError(self.path, f"not a TIFF file (first bytes {_head(self.path)!r})")
-        self._tif = tifffile.TiffFile(self.path)
-        pages = [level.keyframe for level in self._tif.series[0].levels]
+        with _tifffile_messages() as messages:
+            self._tif = tifffile.TiffFile(self.path)
+            series = self._tif.series
+        if not series:
+            said = "; ".join(m.split("> ", 1)[-1] for m in messages)  # without the repr
+            raise SlideError(
+                self.path,
+                f"no image in the file ({os.path.getsize(self.path)} bytes: truncated or "
+                f"damaged?)" + (f": {said}" if said else ""),
+            )
+        pages = [level.keyframe for level in series[0].levels]
         self._fd = os.open(self.path, os.O_RDONLY)
         for page in pages:
             _check_page(self.path, page, os.fstat(self._fd).st_size)
@@ -161,6 +172,34 @@ def _break_cycles(tif: tifffile.TiffFile) -> None:
             for name in (slots,) if isinstance(slots, str) else slots:
                 with contextlib.suppress(AttributeError, TypeError):
                     delattr(obj, name)
+
+
+_capturing: dict[int, list[str]] = {}
+
+
+class _Capture(logging.Filter):
+    """Keeps tifffile's log records of the threads in ``_tifffile_messages`` off the
+    terminal (a stray line beside the one-line error) and in their list instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        messages = _capturing.get(record.thread)
+        if messages is None:
+            return True
+        messages.append(record.getMessage())
+        return False
+
+
+logging.getLogger("tifffile").addFilter(_Capture())
+
+
+@contextlib.contextmanager
+def _tifffile_messages():
+    """The messages tifffile logs in this thread during the block."""
+    messages = _capturing[threading.get_ident()] = []
+    try:
+        yield messages
+    finally:
+        del _capturing[threading.get_ident()]
 
 
 def _head(path: str) -> bytes | str:

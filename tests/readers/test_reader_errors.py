@@ -293,3 +293,13 @@ def test_unknown_backend(jpeg_tiff):
 def test_slide_error_pickles():
     error = pickle.loads(pickle.dumps(SlideError("a/b.svs", "bad tile")))
     assert (error.path, error.reason, str(error)) == ("a/b.svs", "bad tile", "a/b.svs: bad tile")
+
+
+def test_a_tiff_whose_first_page_lies_past_its_end_is_one_clear_error(jpeg_tiff, tmp_path, capfd):
+    """A truncated SVS as users meet it: the header points past the end of the file.
+    One SlideError saying so, and nothing of tifffile's own logging on stderr."""
+    path = damaged_copy(jpeg_tiff, tmp_path, "cut.tif")
+    overwrite(path, 4, (os.path.getsize(path) + 1000).to_bytes(4, "little"))
+    with pytest.raises(SlideError, match=r"no image in the file \(.* truncated or damaged\?\)"):
+        open_slide(path, backend="tifffile")
+    assert capfd.readouterr().err == ""  # tifffile's "invalid offset" line is kept off it
