@@ -82,14 +82,13 @@ def extract_patches(
     _checks.same_batch(x.shape[0], offsets.shape[0], "offsets")
     size = _checks.size_tuple(size, ndim, "size")
     _checks.fits(size, spatial, "the image x")
-    offsets = offsets.to(device=x.device, dtype=torch.long)
     batch, n, channels = offsets.shape[0], offsets.shape[1], x.shape[1]
     if batch * n * channels == 0:
         return x.new_empty((batch, n, channels, *size))
 
     # The row index is arithmetic on a few hundred numbers: numpy's per-operation
     # cost is a fraction of torch's, which would dominate small calls.
-    wanted = offsets.cpu().numpy()
+    wanted = offsets.to("cpu", torch.long).numpy()
     last = np.array(spatial) - np.array(size)
     start = np.minimum(np.maximum(wanted, 0), last)  # [B, N, ndim], the patch inside x
     index = torch.from_numpy(_row_index(x.stride(), channels, start, size)).to(x.device)
@@ -98,7 +97,8 @@ def extract_patches(
     if moved.any():  # some patches leave x
         leaving = np.flatnonzero(moved.any(-1))  # flat [B * N] indices
         b, i = (torch.from_numpy(v).to(x.device) for v in np.divmod(leaving, n))
-        patches[b, i] = _gather_with_fill(x, b, offsets[b, i], size, fill)
+        moving = offsets.to(x.device, torch.long)[b, i]
+        patches[b, i] = _gather_with_fill(x, b, moving, size, fill)
     return patches
 
 

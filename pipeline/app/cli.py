@@ -294,8 +294,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 slides_csv=args.slides_csv,
                 assume_mpp=args.assume_mpp,
                 slide_mpp=_slide_mpp(args),
-                # SUPPRESS-ed when not given: "none" gives None, which means no limit.
-                **{k: v for k, v in vars(args).items() if k == "slide_time_limit"},
+                slide_time_limit=args.slide_time_limit,
             ),
             overwrite=args.overwrite,
             device=args.device,
@@ -730,7 +729,7 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "--slide-time-limit",
         type=_seconds_or_none,
-        default=argparse.SUPPRESS,
+        default=InputConfig.slide_time_limit,  # not _given: "none" (None) means no limit
         metavar="SECONDS",
         help="a slide whose reading takes longer, for its attention view or for its "
         "patches, becomes an error row; 'none' for no limit "
